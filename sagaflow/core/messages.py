@@ -1,0 +1,138 @@
+"""The wire envelope: what travels between coordinator and participants.
+
+Bodies are JSON (orjson) validated by pydantic on both sides. The same model
+serves commands, compensations and replies; ``docs/protocol.md`` is the
+language-neutral description of it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sagaflow.core.errors import MessageRejected
+
+SCHEMA_VERSION = 1
+CONTENT_TYPE = "application/json"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+
+
+class MessageKind(StrEnum):
+    COMMAND = "command"
+    COMPENSATION = "compensation"
+    REPLY = "reply"
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"  # the action (or compensation) took effect
+    FAILURE = "failure"  # business refusal: the saga compensates
+    ERROR = "error"  # transient: retried by the step's policy
+
+
+class Envelope(BaseModel):
+    """One message. ``message_id`` is deterministic; ``command_id`` is the dedup key.
+
+    A command's id is the same for every attempt of a step, so a participant that
+    already applied it answers a retry with the stored reply instead of applying
+    it again. ``trace`` holds W3C trace context; it travels in AMQP headers, not
+    in the body.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    schema_version: int = Field(default=SCHEMA_VERSION, alias="schema")
+    message_id: str = Field(min_length=1, max_length=512)
+    command_id: str = Field(min_length=1, max_length=512)
+    saga_id: str = Field(min_length=1, max_length=200)
+    saga_name: str = Field(min_length=1, max_length=200)
+    saga_version: int = Field(default=1, ge=1)
+    step: str = Field(min_length=1, max_length=200)
+    step_index: int = Field(ge=0)
+    kind: MessageKind
+    attempt: int = Field(ge=1)
+    type: str = Field(min_length=3, max_length=400)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    for_kind: MessageKind | None = None  # replies: the kind of message answered
+    outcome: Outcome | None = None  # replies only
+    reason: str | None = Field(default=None, max_length=2000)
+    trace: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @property
+    def service(self) -> str:
+        return self.type.split(".", 1)[0]
+
+    @property
+    def is_reply(self) -> bool:
+        return self.kind is MessageKind.REPLY
+
+    def reply(
+        self, outcome: Outcome, payload: dict[str, Any] | None = None, reason: str | None = None
+    ) -> Envelope:
+        """The reply to this command or compensation."""
+        return Envelope(
+            message_id=f"{self.message_id}:reply",
+            command_id=self.command_id,
+            saga_id=self.saga_id,
+            saga_name=self.saga_name,
+            saga_version=self.saga_version,
+            step=self.step,
+            step_index=self.step_index,
+            kind=MessageKind.REPLY,
+            attempt=self.attempt,
+            type=self.type,
+            payload=payload or {},
+            for_kind=self.kind,
+            outcome=outcome,
+            reason=reason,
+            trace=self.trace,
+        )
+
+
+def command_id(saga_id: str, step: str, kind: MessageKind) -> str:
+    """The dedup key of a step's command or compensation: the same for every attempt."""
+    return f"{saga_id}:{step}:{kind.value}"
+
+
+def encode(envelope: Envelope) -> bytes:
+    """The JSON body of an envelope (trace context excluded: it goes in headers)."""
+    return orjson.dumps(envelope.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def decode(
+    body: bytes, trace: dict[str, str] | None = None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Envelope:
+    """Parse and validate a body.
+
+    Raises:
+        MessageRejected: the body is too large, not JSON, or not a valid envelope.
+    """
+    if len(body) > max_bytes:
+        raise MessageRejected(f"too_large: {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MessageRejected(f"not_json: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MessageRejected("invalid: body must be a JSON object")
+    version = raw.get("schema", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise MessageRejected(f"unsupported_schema: {version!r}")
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise MessageRejected(f"invalid: {_summary(exc)}") from None
+    if envelope.is_reply and (envelope.outcome is None or envelope.for_kind is None):
+        raise MessageRejected("invalid: a reply needs 'outcome' and 'for_kind'")
+    if not envelope.is_reply and envelope.outcome is not None:
+        raise MessageRejected("invalid: only replies carry an 'outcome'")
+    if trace:
+        envelope = envelope.model_copy(update={"trace": dict(trace)})
+    return envelope
+
+
+def _summary(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors()]
+    return "; ".join(parts[:5])

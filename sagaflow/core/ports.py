@@ -1,0 +1,255 @@
+"""The ports: the small protocols the runtime talks to, and nothing else.
+
+Adapters come in pairs, technology + role: ``RabbitMQTransport`` /
+``InMemoryTransport``, ``PostgresSagaStore`` / ``InMemorySagaStore``,
+``PostgresParticipantStore`` / ``InMemoryParticipantStore``. A contract test
+suite runs against both members of each pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from sagaflow.core.messages import Envelope
+from sagaflow.core.state import LogEntry, SagaState, SagaStatus
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class IdFactory(Protocol):
+    def new_saga_id(self) -> str: ...
+
+
+# --------------------------------------------------------------------------- transport
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names of the broker objects; one namespace per deployment (``prefix``)."""
+
+    prefix: str = "sagaflow"
+    delivery_limit: int = 5
+
+    @property
+    def commands_exchange(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def replies_exchange(self) -> str:
+        return f"{self.prefix}.replies"
+
+    @property
+    def replies_queue(self) -> str:
+        return f"{self.prefix}.replies"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.dead-letter"
+
+    def service_queue(self, service: str) -> str:
+        return f"{self.prefix}.service.{service}"
+
+
+class Delivery(Protocol):
+    """One received message, not yet settled."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """String AMQP headers (``traceparent``, ``x-saga-*``...)."""
+        ...
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    async def ack(self) -> None: ...
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Return the message; each return counts toward the queue's delivery limit."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead-lettered message as the operator sees it."""
+
+    id: str
+    reason: str
+    source_queue: str
+    body: bytes
+    headers: Mapping[str, str]
+
+
+DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+
+
+class Transport(Protocol):
+    """Moves envelopes. Publishing is confirmed; consuming is acknowledged."""
+
+    topology: Topology
+
+    async def start(self, services: Sequence[str]) -> None:
+        """Connect and declare the topology, with a durable queue per service."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish persistently; return only when every message is confirmed.
+
+        Commands and compensations go to the commands exchange with the service
+        as routing key; replies to the replies exchange.
+
+        Raises:
+            TransportError: a message was nacked, unroutable or the link failed.
+        """
+        ...
+
+    async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> None:
+        """Start a consumer that survives reconnects and consumer cancellation."""
+        ...
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a delivery to the dead-letter queue with ``reason`` in its headers."""
+        ...
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Peek at dead-lettered messages without removing them."""
+        ...
+
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Re-publish dead-lettered messages to where they came from; returns how many."""
+        ...
+
+
+# --------------------------------------------------------------------------- saga store
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    envelope: Envelope
+
+
+class SagaTransaction(Protocol):
+    """One atomic unit of coordinator work: state, log and outbox commit together."""
+
+    async def insert(self, state: SagaState) -> None:
+        """Add a new saga. Raises ``StoreError`` when the id exists."""
+        ...
+
+    async def lock(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
+        """Load and lock sagas (in id order, so concurrent lockers never deadlock)."""
+        ...
+
+    async def lock_due(self, now: float, limit: int) -> list[SagaState]:
+        """Lock up to ``limit`` sagas whose timer is due, skipping ones locked elsewhere."""
+        ...
+
+    async def save(self, state: SagaState) -> None:
+        """Write back a state loaded in this transaction (its ``version`` is bumped)."""
+        ...
+
+    async def append_log(self, entries: Sequence[LogEntry]) -> None: ...
+
+    async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
+        """Queue messages; the relay publishes any still there after ``publish_after``."""
+        ...
+
+
+class SagaStore(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def transaction(self, connection: Any = None) -> AbstractAsyncContextManager[SagaTransaction]:
+        """A transaction; with ``connection`` (the caller's, already in a transaction)
+        the work joins the caller's transaction and commits with it."""
+        ...
+
+    def claim_outbox(
+        self, now: float, limit: int
+    ) -> AbstractAsyncContextManager[list[OutboxItem]]:
+        """Claim due outbox rows; they are deleted when the block exits without error."""
+        ...
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None: ...
+
+    async def wait_for_outbox(self, timeout: float) -> None:
+        """Return when new outbox rows may be due (a hint), or after ``timeout``."""
+        ...
+
+    async def get(self, saga_id: str) -> SagaState | None: ...
+
+    async def list(
+        self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
+    ) -> list[SagaState]: ...
+
+    async def log(self, saga_id: str) -> list[LogEntry]: ...
+
+    async def outbox_stats(self, now: float) -> tuple[int, float]:
+        """Backlog size and age in seconds of its oldest row."""
+        ...
+
+
+# --------------------------------------------------------------------------- participant store
+
+Tombstone = Literal["tombstone"]
+TOMBSTONE: Tombstone = "tombstone"
+
+
+class ParticipantTransaction(Protocol):
+    """A participant's transaction: the business effect and the inbox commit together."""
+
+    @property
+    def connection(self) -> Any:
+        """The database connection handed to handlers (``None`` in memory)."""
+        ...
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        """Undo everything done inside the block if it raises."""
+        ...
+
+    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
+        """Claim a command id; ``None`` if new, else what was stored for it.
+
+        A concurrent claim of the same id waits until the first commits.
+        """
+        ...
+
+    async def complete(self, command_id: str, reply: Envelope) -> None:
+        """Store the reply of a claimed command."""
+        ...
+
+    async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
+        """Mark a command as never to be applied, unless it already was.
+
+        Returns what was stored before (``None`` if nothing: the tombstone is now set).
+        """
+        ...
+
+
+class ParticipantStore(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[ParticipantTransaction]: ...

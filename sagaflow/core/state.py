@@ -1,0 +1,117 @@
+"""The persisted state of a saga instance and the entries of its log."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sagaflow.core.messages import MessageKind
+
+
+class SagaStatus(StrEnum):
+    RUNNING = "RUNNING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    COMPENSATED = "COMPENSATED"
+    FAILED = "FAILED"  # needs an operator: `sagaflow sagas retry <id>` resumes it
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset(
+    {SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED, SagaStatus.CANCELLED}
+)
+
+
+class Timer(BaseModel):
+    """The one timer a saga can have pending: a step timeout or a retry back-off."""
+
+    model_config = ConfigDict(frozen=True)
+
+    purpose: Literal["timeout", "retry"]
+    step_index: int
+    kind: MessageKind
+    attempt: int
+    due_at: float
+
+
+class Failure(BaseModel):
+    """Why a saga left the happy path."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str | None
+    reason: str
+    cause: Literal["failure", "timeout", "retries_exhausted", "cancelled", "compensation"]
+
+
+class SagaState(BaseModel):
+    """Everything the engine needs to decide the next move of one saga.
+
+    ``step_index``/``kind``/``attempt`` name the message the saga is waiting on
+    (or about to retry). ``to_compensate`` is the stack of steps still to undo,
+    next first. ``round_start`` is the first attempt of the current retry round,
+    so an operator's retry gets a fresh budget without reusing attempt numbers.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    saga_id: str
+    saga_name: str
+    saga_version: int
+    status: SagaStatus
+    data: dict[str, Any]
+    step_index: int = 0
+    kind: MessageKind = MessageKind.COMMAND
+    attempt: int = 1
+    round_start: int = 1
+    awaiting: bool = False
+    completed: tuple[int, ...] = ()
+    to_compensate: tuple[int, ...] = ()
+    failure: Failure | None = None
+    cancelled: bool = False
+    timer: Timer | None = None
+    trace: dict[str, str] = Field(default_factory=dict)
+    created_at: float
+    updated_at: float
+    version: int = 0
+
+    @property
+    def wake_at(self) -> float | None:
+        return None if self.timer is None else self.timer.due_at
+
+
+class LogEvent(StrEnum):
+    STARTED = "saga_started"
+    COMMAND_SENT = "command_sent"
+    COMPENSATION_SENT = "compensation_sent"
+    REPLY_RECEIVED = "reply_received"
+    RETRY_SCHEDULED = "retry_scheduled"
+    TIMED_OUT = "timed_out"
+    COMPENSATION_STARTED = "compensation_started"
+    CANCEL_REQUESTED = "cancel_requested"
+    RETRY_REQUESTED = "retry_requested"
+    COMPLETED = "saga_completed"
+    COMPENSATED = "saga_compensated"
+    FAILED = "saga_failed"
+    CANCELLED = "saga_cancelled"
+
+
+class LogEntry(BaseModel):
+    """One line of a saga's append-only log."""
+
+    model_config = ConfigDict(frozen=True)
+
+    saga_id: str
+    at: float
+    event: LogEvent
+    step: str | None = None
+    step_index: int | None = None
+    kind: MessageKind | None = None
+    attempt: int | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
