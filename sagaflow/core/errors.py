@@ -83,7 +83,7 @@ class StepTimedOut(SagaError):
     """A step exhausted its attempts by timing out."""
 
 
-class BusinessFailure(Exception):  # noqa: N818 - the literature's name, not an "error"
+class BusinessFailure(Exception):
     """Raised by a participant handler to refuse a command; the saga compensates.
 
     Args:

@@ -8,6 +8,8 @@ suite runs against both members of each pair.
 
 from __future__ import annotations
 
+import builtins
+
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -185,9 +187,7 @@ class SagaStore(Protocol):
         the work joins the caller's transaction and commits with it."""
         ...
 
-    def claim_outbox(
-        self, now: float, limit: int
-    ) -> AbstractAsyncContextManager[list[OutboxItem]]:
+    def claim_outbox(self, now: float, limit: int) -> AbstractAsyncContextManager[list[OutboxItem]]:
         """Claim due outbox rows; they are deleted when the block exits without error."""
         ...
 
@@ -203,7 +203,7 @@ class SagaStore(Protocol):
         self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
     ) -> list[SagaState]: ...
 
-    async def log(self, saga_id: str) -> list[LogEntry]: ...
+    async def log(self, saga_id: str) -> builtins.list[LogEntry]: ...
 
     async def outbox_stats(self, now: float) -> tuple[int, float]:
         """Backlog size and age in seconds of its oldest row."""

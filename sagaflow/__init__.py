@@ -1,0 +1,46 @@
+"""sagaflow: orchestrated sagas for Python services over RabbitMQ and PostgreSQL.
+
+The public API is what ``__all__`` lists; adapters live in ``sagaflow.transport``
+and ``sagaflow.store``, the test harness in ``sagaflow.testing``.
+"""
+
+from sagaflow.core.definition import Action, RetryPolicy, Saga, Step
+from sagaflow.core.errors import (
+    BusinessFailure,
+    ConcurrencyConflict,
+    ConfigurationError,
+    DefinitionError,
+    MessageRejected,
+    SagaflowError,
+    StoreError,
+    TransportError,
+)
+from sagaflow.core.state import SagaState, SagaStatus
+from sagaflow.runtime.coordinator import Coordinator, SagaClient, SagaHandle
+from sagaflow.runtime.hooks import Hooks
+from sagaflow.runtime.participant import HandlerContext, Participant, Worker
+
+__all__ = [
+    "Action",
+    "BusinessFailure",
+    "ConcurrencyConflict",
+    "ConfigurationError",
+    "Coordinator",
+    "DefinitionError",
+    "HandlerContext",
+    "Hooks",
+    "MessageRejected",
+    "Participant",
+    "RetryPolicy",
+    "Saga",
+    "SagaClient",
+    "SagaHandle",
+    "SagaState",
+    "SagaStatus",
+    "SagaflowError",
+    "Step",
+    "StoreError",
+    "TransportError",
+    "Worker",
+]
+__version__ = "0.1.0"

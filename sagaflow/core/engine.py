@@ -1,0 +1,516 @@
+"""The saga state machine, as pure functions.
+
+``start`` and ``decide`` take a definition, a state and an event and return a
+``Decision``: the next state, the messages to send and the log entries to
+append. They do no I/O and read no clock (``now`` is an argument), so the
+coordinator only loads, decides, saves and publishes, and every path is tested
+without a broker or a database.
+
+Rules worth knowing (docs/concepts.md explains them):
+
+* One message in flight per saga: the next command is sent only after the
+  reply to the previous one, so per-saga order needs no broker ordering.
+* A step is *abandoned* when it times out for good, exhausts transient
+  retries, or the saga is cancelled while it is in flight. Its effect is then
+  unknown, so its compensation is sent too; participants record a tombstone
+  for the command, so a late delivery of it never takes effect, and the
+  compensation handler runs only when the command did take effect.
+* A business failure is definitive (participants record it), so the failing
+  step itself is not compensated.
+* A pivot that times out is retried until it answers: its outcome decides
+  whether the saga can still be undone. Retriable steps are retried forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from sagaflow.core.definition import Saga, Step, StepKind
+from sagaflow.core.messages import Envelope, MessageKind, Outcome, command_id
+from sagaflow.core.state import Failure, LogEntry, LogEvent, SagaState, SagaStatus, Timer
+
+
+@dataclass(frozen=True)
+class ReplyReceived:
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    """The saga's timer is due (the engine checks ``state.timer`` against ``now``)."""
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetryRequested:
+    by: str
+    reason: str
+
+
+Event = ReplyReceived | TimerFired | CancelRequested | RetryRequested
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after an event.
+
+    ``ignored`` (a duplicate or stale event: settle it, change nothing) and
+    ``rejected`` (an invalid event: dead-letter it, change nothing) leave
+    ``state`` as it was.
+    """
+
+    state: SagaState
+    messages: tuple[Envelope, ...] = ()
+    log: tuple[LogEntry, ...] = ()
+    ignored: str | None = None
+    rejected: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.ignored is None and self.rejected is None
+
+
+def start(
+    saga: Saga[Any],
+    saga_id: str,
+    data: BaseModel | dict[str, Any],
+    now: float,
+    trace: dict[str, str] | None = None,
+) -> Decision:
+    """Create a saga instance and send its first command.
+
+    Raises:
+        pydantic.ValidationError: ``data`` does not fit the saga's data model.
+    """
+    model = data if isinstance(data, saga.data_model) else saga.data_model.model_validate(data)
+    state = SagaState(
+        saga_id=saga_id,
+        saga_name=saga.name,
+        saga_version=saga.version,
+        status=SagaStatus.RUNNING,
+        data=model.model_dump(mode="json"),
+        created_at=now,
+        updated_at=now,
+        trace=dict(trace or {}),
+    )
+    entry = _entry(saga, state, now, LogEvent.STARTED, detail={"data": state.data})
+    return _dispatch(saga, state, 0, MessageKind.COMMAND, 1, now, [entry], new_round=True)
+
+
+def decide(saga: Saga[Any], state: SagaState, event: Event, now: float) -> Decision:
+    """Apply one event to a saga instance."""
+    if isinstance(event, ReplyReceived):
+        return _on_reply(saga, state, event.envelope, now)
+    if isinstance(event, TimerFired):
+        return _on_timer(saga, state, now)
+    if isinstance(event, CancelRequested):
+        return _on_cancel(saga, state, event, now)
+    return _on_retry_requested(saga, state, event, now)
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _on_reply(saga: Saga[Any], state: SagaState, env: Envelope, now: float) -> Decision:
+    if env.saga_name != state.saga_name:
+        return Decision(
+            state, rejected=f"reply names saga {env.saga_name!r}, not {state.saga_name!r}"
+        )
+    if not 0 <= env.step_index < len(saga.steps) or saga.steps[env.step_index].name != env.step:
+        return Decision(state, rejected=f"unknown step {env.step!r} at index {env.step_index}")
+    if state.status.terminal:
+        return Decision(state, ignored=f"saga is {state.status.value}")
+    expected = (
+        MessageKind.COMMAND if state.status is SagaStatus.RUNNING else MessageKind.COMPENSATION
+    )
+    if env.for_kind is not expected or env.step_index != state.step_index:
+        return Decision(state, ignored="stale reply: the saga has moved on")
+    if env.attempt > state.attempt:
+        return Decision(state, rejected=f"forged attempt {env.attempt} > {state.attempt}")
+    if env.outcome is Outcome.ERROR and (env.attempt != state.attempt or not state.awaiting):
+        return Decision(state, ignored="stale error reply from an earlier attempt")
+
+    step = saga.steps[state.step_index]
+    log = [
+        _entry(
+            saga,
+            state,
+            now,
+            LogEvent.REPLY_RECEIVED,
+            attempt=env.attempt,
+            detail={"outcome": env.outcome.value if env.outcome else None, "reason": env.reason},
+        )
+    ]
+    if expected is MessageKind.COMPENSATION:
+        if env.outcome is Outcome.SUCCESS:
+            rest = _with(state, to_compensate=state.to_compensate[1:])
+            return _next_compensation(saga, _touch(rest, now), now, log)
+        return _retry_or_fail_compensation(saga, state, now, log, env.reason or "failed")
+
+    if env.outcome is Outcome.SUCCESS:
+        try:
+            reply = step.action.reply.model_validate(env.payload)
+        except ValidationError as exc:
+            return Decision(state, rejected=f"reply payload invalid for {step.action.type}: {exc}")
+        return _step_succeeded(saga, state, step, reply, now, log)
+    if env.outcome is Outcome.FAILURE:
+        failure = Failure(step=step.name, reason=env.reason or "failed", cause="failure")
+        if step.kind is StepKind.RETRIABLE:
+            return _fail(saga, state, failure, now, log)
+        return _begin_compensation(saga, state, failure, now, log, abandon_current=False)
+    return _retry_or_abandon(saga, state, step, now, log, env.reason or "error", timed_out=False)
+
+
+def _on_timer(saga: Saga[Any], state: SagaState, now: float) -> Decision:
+    timer = state.timer
+    if state.status.terminal or timer is None:
+        return Decision(state, ignored="no timer pending")
+    if timer.due_at > now:
+        return Decision(state, ignored="timer not due yet")
+    step = saga.steps[state.step_index]
+    if timer.purpose == "retry":
+        return _dispatch(saga, state, state.step_index, state.kind, state.attempt, now, [])
+    log = [_entry(saga, state, now, LogEvent.TIMED_OUT, detail={"timeout": step.timeout})]
+    reason = f"no reply within {step.timeout:g}s"
+    if state.kind is MessageKind.COMPENSATION:
+        return _retry_or_fail_compensation(saga, state, now, log, reason, immediate=True)
+    return _retry_or_abandon(saga, state, step, now, log, reason, timed_out=True)
+
+
+def _on_cancel(saga: Saga[Any], state: SagaState, event: CancelRequested, now: float) -> Decision:
+    if state.status is not SagaStatus.RUNNING:
+        return Decision(state, rejected=f"cannot cancel a saga that is {state.status.value}")
+    step = saga.steps[state.step_index]
+    if step.kind is not StepKind.COMPENSATABLE:
+        return Decision(state, rejected=f"cannot cancel: step {step.name!r} is past the pivot")
+    log = [
+        _entry(
+            saga,
+            state,
+            now,
+            LogEvent.CANCEL_REQUESTED,
+            detail={"by": event.by, "reason": event.reason},
+        )
+    ]
+    failure = Failure(
+        step=step.name, reason=f"cancelled by {event.by}: {event.reason}", cause="cancelled"
+    )
+    cancelled = _with(state, cancelled=True)
+    return _begin_compensation(saga, cancelled, failure, now, log, abandon_current=True)
+
+
+def _on_retry_requested(
+    saga: Saga[Any], state: SagaState, event: RetryRequested, now: float
+) -> Decision:
+    if state.status is not SagaStatus.FAILED:
+        return Decision(
+            state, rejected=f"only a FAILED saga can be retried; it is {state.status.value}"
+        )
+    log = [
+        _entry(
+            saga,
+            state,
+            now,
+            LogEvent.RETRY_REQUESTED,
+            detail={"by": event.by, "reason": event.reason},
+        )
+    ]
+    status = (
+        SagaStatus.COMPENSATING if state.kind is MessageKind.COMPENSATION else SagaStatus.RUNNING
+    )
+    resumed = _with(state, status=status)
+    return _dispatch(
+        saga, resumed, state.step_index, state.kind, state.attempt + 1, now, log, new_round=True
+    )
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+def _step_succeeded(
+    saga: Saga[Any],
+    state: SagaState,
+    step: Step[Any],
+    reply: BaseModel,
+    now: float,
+    log: list[LogEntry],
+) -> Decision:
+    data = state.data
+    if step.on_reply is not None:
+        try:
+            merged = step.on_reply(saga.data_model.model_validate(state.data), reply)
+            data = merged.model_dump(mode="json")
+        except Exception as exc:  # user code: a bug here must not wedge the saga
+            failure = Failure(step=step.name, reason=f"on_reply raised {exc!r}", cause="failure")
+            return _begin_compensation(saga, state, failure, now, log, abandon_current=True)
+    completed = state.completed + ((state.step_index,) if step.compensation is not None else ())
+    done = _touch(_with(state, data=data, completed=completed, awaiting=False, timer=None), now)
+    following = state.step_index + 1
+    if following < len(saga.steps):
+        return _dispatch(saga, done, following, MessageKind.COMMAND, 1, now, log, new_round=True)
+    final = _with(done, status=SagaStatus.COMPLETED)
+    log.append(_entry(saga, final, now, LogEvent.COMPLETED))
+    return Decision(final, log=tuple(log))
+
+
+def _retry_or_abandon(
+    saga: Saga[Any],
+    state: SagaState,
+    step: Step[Any],
+    now: float,
+    log: list[LogEntry],
+    reason: str,
+    *,
+    timed_out: bool,
+) -> Decision:
+    used = state.attempt - state.round_start + 1
+    forever = step.kind is StepKind.RETRIABLE or (timed_out and step.kind is StepKind.PIVOT)
+    if forever or used < step.retry.max_attempts:
+        if timed_out:
+            nxt = _with(state, attempt=state.attempt + 1)
+            return _dispatch(saga, nxt, state.step_index, state.kind, nxt.attempt, now, log)
+        return _schedule_retry(
+            saga, state, step.retry.backoff(used, _seed(state)), now, log, reason
+        )
+    cause = "timeout" if timed_out else "retries_exhausted"
+    failure = Failure(step=step.name, reason=f"{reason} (after {used} attempts)", cause=cause)
+    return _begin_compensation(saga, state, failure, now, log, abandon_current=True)
+
+
+def _retry_or_fail_compensation(
+    saga: Saga[Any],
+    state: SagaState,
+    now: float,
+    log: list[LogEntry],
+    reason: str,
+    *,
+    immediate: bool = False,
+) -> Decision:
+    step = saga.steps[state.step_index]
+    policy = step.compensation_retry
+    used = state.attempt - state.round_start + 1
+    if used < policy.max_attempts:
+        if immediate:
+            nxt = _with(state, attempt=state.attempt + 1)
+            return _dispatch(saga, nxt, state.step_index, state.kind, nxt.attempt, now, log)
+        return _schedule_retry(saga, state, policy.backoff(used, _seed(state)), now, log, reason)
+    failure = Failure(
+        step=step.name,
+        reason=f"compensation {_compensation_type(step)} failed after {used} attempts: {reason}",
+        cause="compensation",
+    )
+    return _fail(saga, state, failure, now, log)
+
+
+def _schedule_retry(
+    saga: Saga[Any], state: SagaState, delay: float, now: float, log: list[LogEntry], reason: str
+) -> Decision:
+    attempt = state.attempt + 1
+    timer = Timer(
+        purpose="retry",
+        step_index=state.step_index,
+        kind=state.kind,
+        attempt=attempt,
+        due_at=now + delay,
+    )
+    nxt = _touch(_with(state, attempt=attempt, awaiting=False, timer=timer), now)
+    log.append(
+        _entry(
+            saga,
+            nxt,
+            now,
+            LogEvent.RETRY_SCHEDULED,
+            detail={"delay": round(delay, 3), "reason": reason},
+        )
+    )
+    return Decision(nxt, log=tuple(log))
+
+
+def _begin_compensation(
+    saga: Saga[Any],
+    state: SagaState,
+    failure: Failure,
+    now: float,
+    log: list[LogEntry],
+    *,
+    abandon_current: bool,
+) -> Decision:
+    undo = list(state.completed)
+    current = saga.steps[state.step_index]
+    if abandon_current and current.compensation is not None and state.step_index not in undo:
+        undo.append(state.step_index)
+    nxt = _with(
+        state,
+        status=SagaStatus.COMPENSATING,
+        failure=failure,
+        to_compensate=tuple(reversed(undo)),
+        awaiting=False,
+        timer=None,
+    )
+    log.append(
+        _entry(
+            saga,
+            nxt,
+            now,
+            LogEvent.COMPENSATION_STARTED,
+            detail={
+                "cause": failure.cause,
+                "reason": failure.reason,
+                "undo": [saga.steps[i].name for i in nxt.to_compensate],
+            },
+        )
+    )
+    return _next_compensation(saga, _touch(nxt, now), now, log)
+
+
+def _next_compensation(
+    saga: Saga[Any], state: SagaState, now: float, log: list[LogEntry]
+) -> Decision:
+    if state.to_compensate:
+        index = state.to_compensate[0]
+        return _dispatch(saga, state, index, MessageKind.COMPENSATION, 1, now, log, new_round=True)
+    status = SagaStatus.CANCELLED if state.cancelled else SagaStatus.COMPENSATED
+    final = _with(state, status=status, awaiting=False, timer=None)
+    event = LogEvent.CANCELLED if state.cancelled else LogEvent.COMPENSATED
+    reason = state.failure.reason if state.failure else None
+    step = state.failure.step if state.failure else None
+    log.append(_entry(saga, final, now, event, step=step, detail={"reason": reason}))
+    return Decision(final, log=tuple(log))
+
+
+def _fail(
+    saga: Saga[Any], state: SagaState, failure: Failure, now: float, log: list[LogEntry]
+) -> Decision:
+    final = _touch(
+        _with(state, status=SagaStatus.FAILED, failure=failure, awaiting=False, timer=None), now
+    )
+    log.append(
+        _entry(
+            saga,
+            final,
+            now,
+            LogEvent.FAILED,
+            detail={"cause": failure.cause, "reason": failure.reason},
+        )
+    )
+    return Decision(final, log=tuple(log))
+
+
+def _dispatch(
+    saga: Saga[Any],
+    state: SagaState,
+    index: int,
+    kind: MessageKind,
+    attempt: int,
+    now: float,
+    log: list[LogEntry],
+    *,
+    new_round: bool = False,
+) -> Decision:
+    """Send attempt ``attempt`` of step ``index``'s command or compensation."""
+    step = saga.steps[index]
+    moved = _with(
+        state,
+        step_index=index,
+        kind=kind,
+        attempt=attempt,
+        round_start=attempt if new_round else state.round_start,
+    )
+    try:
+        action, payload = _build(saga, step, kind, state.data)
+    except Exception as exc:  # user code building a command: fail the step, never crash
+        reason = f"building the {kind.value} raised {exc!r}"
+        if kind is MessageKind.COMPENSATION:
+            return _fail(
+                saga, moved, Failure(step=step.name, reason=reason, cause="compensation"), now, log
+            )
+        failure = Failure(step=step.name, reason=reason, cause="failure")
+        return _begin_compensation(saga, moved, failure, now, log, abandon_current=False)
+    cid = command_id(state.saga_id, step.name, kind)
+    envelope = Envelope(
+        message_id=f"{cid}:{attempt}",
+        command_id=cid,
+        saga_id=state.saga_id,
+        saga_name=state.saga_name,
+        saga_version=state.saga_version,
+        step=step.name,
+        step_index=index,
+        kind=kind,
+        attempt=attempt,
+        type=action,
+        payload=payload,
+        trace=state.trace,
+    )
+    timer = Timer(
+        purpose="timeout", step_index=index, kind=kind, attempt=attempt, due_at=now + step.timeout
+    )
+    sent = _touch(_with(moved, awaiting=True, timer=timer), now)
+    event = LogEvent.COMMAND_SENT if kind is MessageKind.COMMAND else LogEvent.COMPENSATION_SENT
+    log.append(
+        _entry(saga, sent, now, event, detail={"type": action, "message_id": envelope.message_id})
+    )
+    return Decision(sent, messages=(envelope,), log=tuple(log))
+
+
+def _build(
+    saga: Saga[Any], step: Step[Any], kind: MessageKind, data: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    model = saga.data_model.model_validate(data)
+    if kind is MessageKind.COMMAND:
+        command = step.command(model)
+        return step.action.type, step.action.command.model_validate(command).model_dump(mode="json")
+    assert step.compensation is not None  # only compensatable steps are compensated
+    if step.compensation_command is not None:
+        command = step.compensation_command(model)
+    else:
+        command = step.compensation.command.model_validate(step.command(model).model_dump())
+    return step.compensation.type, step.compensation.command.model_validate(command).model_dump(
+        mode="json"
+    )
+
+
+def _compensation_type(step: Step[Any]) -> str:
+    return step.compensation.type if step.compensation is not None else "<none>"
+
+
+def _seed(state: SagaState) -> str:
+    return f"{state.saga_id}:{state.step_index}:{state.kind.value}:{state.attempt}"
+
+
+def _touch(state: SagaState, now: float) -> SagaState:
+    return _with(state, updated_at=now)
+
+
+def _with(state: SagaState, **changes: Any) -> SagaState:
+    return state.model_copy(update=changes)
+
+
+def _entry(
+    saga: Saga[Any],
+    state: SagaState,
+    now: float,
+    event: LogEvent,
+    *,
+    step: str | None = None,
+    attempt: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> LogEntry:
+    on_step = event not in (LogEvent.STARTED, LogEvent.COMPLETED)
+    return LogEntry(
+        saga_id=state.saga_id,
+        at=now,
+        event=event,
+        step=step if step is not None else (saga.steps[state.step_index].name if on_step else None),
+        step_index=state.step_index if on_step else None,
+        kind=state.kind if on_step else None,
+        attempt=attempt if attempt is not None else (state.attempt if on_step else None),
+        detail=detail or {},
+    )

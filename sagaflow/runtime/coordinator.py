@@ -1,0 +1,525 @@
+"""The coordinator: consumes replies, runs the engine, commits, publishes.
+
+Per batch of replies it does exactly: decode; lock the sagas concerned (one
+query); ``decide`` each event; write states, log and outbox rows in the same
+transaction; commit; then publish the new commands and delete their outbox
+rows. The outbox relay publishes whatever a crash left behind (rows become
+due ``outbox_grace`` seconds after commit), and the timer loop fires due step
+timeouts and retry back-offs. Several coordinators may run against one
+database: row locks serialize each saga, ``SKIP LOCKED`` shares timers and
+outbox rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from sagaflow.core import engine
+from sagaflow.core.definition import Saga
+from sagaflow.core.errors import ConfigurationError, MessageRejected, SagaflowError
+from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, decode
+from sagaflow.core.ports import (
+    Clock,
+    Delivery,
+    IdFactory,
+    SagaStore,
+    SagaTransaction,
+    Transport,
+)
+from sagaflow.core.state import LogEntry, SagaState
+from sagaflow.runtime.batching import Batcher, retry_forever
+from sagaflow.runtime.clock import SystemClock, UUIDFactory
+from sagaflow.runtime.hooks import Hooks
+
+log = logging.getLogger("sagaflow.coordinator")
+
+
+class SagaRegistry:
+    """The saga definitions a process knows, by name and version."""
+
+    def __init__(self, sagas: Iterable[Saga[Any]]) -> None:
+        self._by_key: dict[tuple[str, int], Saga[Any]] = {}
+        self._latest: dict[str, Saga[Any]] = {}
+        for saga in sagas:
+            key = (saga.name, saga.version)
+            if key in self._by_key:
+                raise ConfigurationError(
+                    f"saga {saga.name!r} version {saga.version} registered twice"
+                )
+            self._by_key[key] = saga
+            if saga.name not in self._latest or self._latest[saga.name].version < saga.version:
+                self._latest[saga.name] = saga
+
+    def get(self, name: str, version: int | None = None) -> Saga[Any] | None:
+        if version is None:
+            return self._latest.get(name)
+        return self._by_key.get((name, version))
+
+    def of(self, state: SagaState) -> Saga[Any] | None:
+        return self.get(state.saga_name, state.saga_version)
+
+    @property
+    def services(self) -> list[str]:
+        return sorted({s for saga in self._by_key.values() for s in saga.services})
+
+    def __iter__(self) -> Any:
+        return iter(self._by_key.values())
+
+
+@dataclass
+class _Changes:
+    """What a batch of decisions writes in one transaction."""
+
+    states: dict[str, SagaState] = field(default_factory=dict)
+    log: list[LogEntry] = field(default_factory=list)
+    messages: list[Envelope] = field(default_factory=list)
+
+    def add(self, decision: engine.Decision) -> None:
+        self.states[decision.state.saga_id] = decision.state
+        self.log.extend(decision.log)
+        self.messages.extend(decision.messages)
+
+    async def write(self, tx: SagaTransaction, publish_after: float) -> list[int]:
+        for state in self.states.values():
+            await tx.save(state)
+        if self.log:
+            await tx.append_log(self.log)
+        if not self.messages:
+            return []
+        return await tx.add_outbox(self.messages, publish_after=publish_after)
+
+
+@dataclass(frozen=True)
+class SagaHandle:
+    """A started saga: its id, and the state as committed when it started."""
+
+    saga_id: str
+    state: SagaState
+
+
+class SagaClient:
+    """Starts, cancels and retries sagas through the store alone.
+
+    Use it from application code that is not a coordinator: messages it queues
+    are published by a running coordinator's outbox relay (woken at once by a
+    notification on commit). ``Coordinator`` offers the same calls and also
+    publishes right after commit.
+    """
+
+    def __init__(
+        self,
+        sagas: Iterable[Saga[Any]] | SagaRegistry,
+        *,
+        store: SagaStore,
+        clock: Clock | None = None,
+        ids: IdFactory | None = None,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.registry = sagas if isinstance(sagas, SagaRegistry) else SagaRegistry(sagas)
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.ids: IdFactory = ids or UUIDFactory()
+        self.hooks = hooks or Hooks()
+
+    async def start_saga(
+        self,
+        saga: Saga[Any],
+        data: BaseModel | dict[str, Any],
+        *,
+        saga_id: str | None = None,
+        connection: Any = None,
+    ) -> SagaHandle:
+        """Start a saga; with ``connection`` inside the caller's open transaction.
+
+        Raises:
+            pydantic.ValidationError: ``data`` does not fit the saga's data model.
+            ConfigurationError: the saga is not registered with this client.
+        """
+        handle, _, _ = await self._start(saga, data, saga_id, connection, publish_now=False)
+        return handle
+
+    async def _start(
+        self,
+        saga: Saga[Any],
+        data: BaseModel | dict[str, Any],
+        saga_id: str | None,
+        connection: Any,
+        *,
+        publish_now: bool,
+        grace: float = 0.0,
+    ) -> tuple[SagaHandle, tuple[Envelope, ...], list[int]]:
+        if self.registry.get(saga.name, saga.version) is not saga:
+            raise ConfigurationError(f"saga {saga.name!r} v{saga.version} is not registered here")
+        now = self.clock.now()
+        sid = saga_id or self.ids.new_saga_id()
+        decision = engine.start(saga, sid, data, now, trace=self.hooks.saga_started(saga, sid))
+        # published at once by the caller when it can; otherwise due for the relay now
+        publish_after = now + grace if publish_now and connection is None else now
+        async with self.store.transaction(connection) as tx:
+            await tx.insert(decision.state)
+            await tx.append_log(decision.log)
+            ids = await tx.add_outbox(decision.messages, publish_after=publish_after)
+        self.hooks.decided(saga, None, decision)
+        return SagaHandle(sid, decision.state), decision.messages, ids
+
+    async def cancel_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
+        """Compensate a running saga as a business decision (ends CANCELLED)."""
+        return (await self._event(saga_id, engine.CancelRequested(by=by, reason=reason)))[0]
+
+    async def retry_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
+        """Resume a FAILED saga where it stopped, with a fresh retry budget."""
+        return (await self._event(saga_id, engine.RetryRequested(by=by, reason=reason)))[0]
+
+    async def _event(
+        self, saga_id: str, event: engine.Event, *, grace: float | None = None
+    ) -> tuple[SagaState, list[Envelope], list[int]]:
+        now = self.clock.now()
+        async with self.store.transaction() as tx:
+            states = await tx.lock([saga_id])
+            if saga_id not in states:
+                raise SagaflowError(f"no saga with id {saga_id!r}")
+            state = states[saga_id]
+            saga = self.registry.of(state)
+            if saga is None:
+                raise ConfigurationError(
+                    f"saga {state.saga_name!r} v{state.saga_version} is not registered here"
+                )
+            decision = engine.decide(saga, state, event, now)
+            if decision.rejected:
+                raise SagaflowError(decision.rejected)
+            changes = _Changes()
+            changes.add(decision)
+            ids = await changes.write(tx, now if grace is None else now + grace)
+        self.hooks.decided(saga, state, decision)
+        return decision.state, changes.messages, ids
+
+    async def get(self, saga_id: str) -> SagaState | None:
+        return await self.store.get(saga_id)
+
+    async def wait_for(
+        self, saga_id: str, *, timeout: float = 60.0, poll: float = 0.05
+    ) -> SagaState:
+        """Poll until the saga is terminal (``run_*``-style helpers build on this)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                state = await self.store.get(saga_id)
+                if state is not None and state.status.terminal:
+                    return state
+                await asyncio.sleep(poll)
+
+
+class Coordinator(SagaClient):
+    """Runs sagas: reply consumer, outbox relay and timer loop in one process.
+
+    Args:
+        sagas: The saga definitions this coordinator runs.
+        store: Where state, log and outbox live.
+        transport: The broker.
+        max_batch: Replies handled per transaction at most.
+        outbox_grace: Seconds after commit before the relay publishes a message
+            the coordinator has not (it publishes right after commit itself).
+        timer_interval: Seconds between scans for due timers.
+        max_message_bytes: Larger replies are dead-lettered.
+    """
+
+    def __init__(
+        self,
+        sagas: Iterable[Saga[Any]] | SagaRegistry,
+        *,
+        store: SagaStore,
+        transport: Transport,
+        clock: Clock | None = None,
+        ids: IdFactory | None = None,
+        hooks: Hooks | None = None,
+        max_batch: int = 200,
+        prefetch: int = 400,
+        concurrency: int = 2,
+        outbox_grace: float = 5.0,
+        timer_interval: float = 0.25,
+        relay_interval: float = 1.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(sagas, store=store, clock=clock, ids=ids, hooks=hooks)
+        self.transport = transport
+        self.prefetch = prefetch
+        self.outbox_grace = outbox_grace
+        self.timer_interval = timer_interval
+        self.relay_interval = relay_interval
+        self.max_message_bytes = max_message_bytes
+        self._batcher = Batcher(
+            self._handle_batch, max_batch=max_batch, concurrency=concurrency, name="coordinator"
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._settling: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, declare, and start consumer, relay and timers (all eagerly)."""
+        await retry_forever(self.store.start, what="store start", sleep=self.clock.sleep)
+        await retry_forever(
+            lambda: self.transport.start(self.registry.services),
+            what="transport start",
+            sleep=self.clock.sleep,
+        )
+        self._batcher.start()
+        await self.transport.consume(
+            self.transport.topology.replies_queue, self._batcher.put, prefetch=self.prefetch
+        )
+        self._tasks = [
+            asyncio.create_task(self._relay_loop(), name="outbox-relay"),
+            asyncio.create_task(self._timer_loop(), name="timers"),
+        ]
+        log.info("coordinator started: sagas=%s", [f"{s.name}@{s.version}" for s in self.registry])
+
+    async def stop(self) -> None:
+        """Stop consuming, finish batches in hand, publish what they produced, close."""
+        self._stopped.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._batcher.stop()
+        await asyncio.gather(*self._settling, return_exceptions=True)
+        await self.transport.close()
+        await self.store.close()
+        log.info("coordinator stopped")
+
+    async def run(self) -> None:
+        """Start, then run until ``stop()`` is called or the task is cancelled."""
+        await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            if self._tasks:
+                await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    @property
+    def idle(self) -> bool:
+        return self._batcher.idle and not self._settling
+
+    # ------------------------------------------------------------------ starting
+
+    async def start_saga(
+        self,
+        saga: Saga[Any],
+        data: BaseModel | dict[str, Any],
+        *,
+        saga_id: str | None = None,
+        connection: Any = None,
+    ) -> SagaHandle:
+        """Start a saga and publish its first command right after commit.
+
+        With ``connection`` (the caller's open transaction) the command can only
+        go once the caller commits: the relay publishes it then.
+        """
+        handle, messages, ids = await self._start(
+            saga, data, saga_id, connection, publish_now=True, grace=self.outbox_grace
+        )
+        if connection is None:
+            self._settle([], [], messages, ids)
+        return handle
+
+    async def run_saga(
+        self, saga: Saga[Any], data: BaseModel | dict[str, Any], *, timeout: float = 60.0
+    ) -> SagaState:
+        """Start a saga and wait for its terminal state."""
+        handle = await self.start_saga(saga, data)
+        return await self.wait_for(handle.saga_id, timeout=timeout)
+
+    async def cancel_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
+        state, messages, ids = await self._event(
+            saga_id, engine.CancelRequested(by=by, reason=reason), grace=self.outbox_grace
+        )
+        self._settle([], [], messages, ids)
+        return state
+
+    async def retry_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
+        state, messages, ids = await self._event(
+            saga_id, engine.RetryRequested(by=by, reason=reason), grace=self.outbox_grace
+        )
+        self._settle([], [], messages, ids)
+        return state
+
+    # ------------------------------------------------------------------ replies
+
+    async def _handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+        events: list[tuple[Delivery, Envelope]] = []
+        rejects: list[tuple[Delivery, str]] = []
+        for delivery in deliveries:
+            try:
+                envelope = decode(delivery.body, dict(delivery.headers), self.max_message_bytes)
+                if envelope.kind is not MessageKind.REPLY:
+                    raise MessageRejected(
+                        f"not_a_reply: {envelope.kind.value} on the replies queue"
+                    )
+                if self.registry.get(envelope.saga_name, envelope.saga_version) is None:
+                    raise MessageRejected(
+                        f"unknown_saga: {envelope.saga_name!r} v{envelope.saga_version}"
+                    )
+                events.append((delivery, envelope))
+            except MessageRejected as exc:
+                rejects.append((delivery, exc.reason))
+
+        async def transact() -> tuple[
+            list[Delivery], list[tuple[Delivery, str]], _Changes, list[int]
+        ]:
+            return await self._apply_replies(events)
+
+        acks: list[Delivery] = []
+        changes = _Changes()
+        ids: list[int] = []
+        if events:
+            acks, more_rejects, changes, ids = await retry_forever(
+                transact, what="reply transaction", sleep=self.clock.sleep
+            )
+            rejects.extend(more_rejects)
+        self._settle(acks, rejects, changes.messages, ids)
+
+    async def _apply_replies(
+        self, events: Sequence[tuple[Delivery, Envelope]]
+    ) -> tuple[list[Delivery], list[tuple[Delivery, str]], _Changes, list[int]]:
+        now = self.clock.now()
+        acks: list[Delivery] = []
+        rejects: list[tuple[Delivery, str]] = []
+        changes = _Changes()
+        decided: list[tuple[Saga[Any], SagaState, engine.Decision]] = []
+        async with self.store.transaction() as tx:
+            states = await tx.lock(sorted({env.saga_id for _, env in events}))
+            for delivery, env in events:
+                state = changes.states.get(env.saga_id) or states.get(env.saga_id)
+                saga = self.registry.get(env.saga_name, env.saga_version)
+                if state is None or saga is None:
+                    rejects.append((delivery, f"unknown_saga_id: {env.saga_id!r}"))
+                    continue
+                decision = engine.decide(saga, state, engine.ReplyReceived(env), now)
+                if decision.rejected:
+                    rejects.append((delivery, f"rejected: {decision.rejected}"))
+                    continue
+                acks.append(delivery)
+                if decision.changed:
+                    changes.add(decision)
+                decided.append((saga, state, decision))
+            ids = await changes.write(tx, now + self.outbox_grace)
+        for saga, before, decision in decided:
+            self.hooks.decided(saga, before, decision)
+        return acks, rejects, changes, ids
+
+    # ------------------------------------------------------------------ settle
+
+    def _settle(
+        self,
+        acks: Sequence[Delivery],
+        rejects: Sequence[tuple[Delivery, str]],
+        messages: Sequence[Envelope],
+        outbox_ids: Sequence[int],
+    ) -> None:
+        """After commit: publish, drop the outbox rows, settle deliveries (in the background)."""
+        task = asyncio.create_task(self._settle_now(acks, rejects, messages, outbox_ids))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_now(
+        self,
+        acks: Sequence[Delivery],
+        rejects: Sequence[tuple[Delivery, str]],
+        messages: Sequence[Envelope],
+        outbox_ids: Sequence[int],
+    ) -> None:
+        if messages:
+            try:
+                await self.transport.publish(messages)
+                self.hooks.published(messages)
+                await self.store.delete_outbox(outbox_ids)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the relay publishes them once the outbox rows are due
+                log.warning("publish after commit failed; the relay will retry: %r", exc)
+        for delivery in acks:
+            await delivery.ack()
+        for delivery, reason in rejects:
+            await self._dead_letter(delivery, reason)
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)
+        self.hooks.dead_lettered(delivery.queue, reason)
+        try:
+            await self.transport.dead_letter(delivery, reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # not acked: it comes back and is judged again
+            log.warning("dead-lettering failed: %r", exc)
+
+    # ------------------------------------------------------------------ relay and timers
+
+    async def _relay_loop(self) -> None:
+        while True:
+            try:
+                await self.store.wait_for_outbox(self.relay_interval)
+                while await self.relay_once() > 0:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay failed, retrying: %r", exc)
+                await self.clock.sleep(self.relay_interval)
+
+    async def relay_once(self, limit: int = 500) -> int:
+        """Publish due outbox rows once; returns how many were published."""
+        async with self.store.claim_outbox(self.clock.now(), limit) as items:
+            if items:
+                envelopes = [item.envelope for item in items]
+                await self.transport.publish(envelopes)
+                self.hooks.published(envelopes)
+            return len(items)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            try:
+                while await self.fire_timers() > 0:
+                    pass
+                await self.clock.sleep(self.timer_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("timer loop failed, retrying: %r", exc)
+                await self.clock.sleep(self.timer_interval)
+
+    async def fire_timers(self, limit: int = 200) -> int:
+        """Apply every due timer once; returns how many fired."""
+        now = self.clock.now()
+        changes = _Changes()
+        decided: list[tuple[Saga[Any], SagaState, engine.Decision]] = []
+        async with self.store.transaction() as tx:
+            for state in await tx.lock_due(now, limit):
+                saga = self.registry.of(state)
+                if saga is None:
+                    log.error(
+                        "saga %s: definition %s v%s not registered here",
+                        state.saga_id,
+                        state.saga_name,
+                        state.saga_version,
+                    )
+                    continue
+                decision = engine.decide(saga, state, engine.TimerFired(), now)
+                if decision.changed:
+                    changes.add(decision)
+                    decided.append((saga, state, decision))
+            ids = await changes.write(tx, now + self.outbox_grace)
+        for saga, before, decision in decided:
+            self.hooks.decided(saga, before, decision)
+        if changes.messages:
+            self._settle([], [], changes.messages, ids)
+        return len(decided)
+
+
+__all__ = ["Coordinator", "SagaClient", "SagaHandle", "SagaRegistry"]

@@ -1,0 +1,350 @@
+"""Participants: typed handlers for a service's actions, and the worker that runs them.
+
+Per batch of commands the worker opens one transaction. For each command it
+claims the command id in the participant's inbox and runs the handler on the
+same connection, inside a savepoint: the business effect and the dedup record
+commit together. A redelivered command finds its id claimed and is answered
+with the stored reply, with no second effect. After commit the worker
+publishes the replies and then acknowledges the commands.
+
+A compensation first records a tombstone for the command it undoes: if that
+command never ran, it never will (a late delivery finds the tombstone), and
+the compensation handler is skipped since there is nothing to undo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from sagaflow.core.definition import Action
+from sagaflow.core.errors import BusinessFailure, DefinitionError, MessageRejected
+from sagaflow.core.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Envelope,
+    MessageKind,
+    Outcome,
+    command_id,
+    decode,
+)
+from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
+from sagaflow.runtime.batching import Batcher, retry_forever
+from sagaflow.runtime.hooks import Hooks
+
+log = logging.getLogger("sagaflow.worker")
+
+C = TypeVar("C", bound=BaseModel)
+R = TypeVar("R", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """What a handler knows besides its command.
+
+    ``connection`` is the participant database connection, inside the
+    transaction that also records the command id: write the business effect
+    on it. It is ``None`` with the in-memory store.
+    """
+
+    saga_id: str
+    saga_name: str
+    step: str
+    attempt: int
+    command_id: str
+    compensation: bool
+    connection: Any
+
+
+Handler = Callable[[C, HandlerContext], Awaitable[R]]
+
+
+@dataclass(frozen=True)
+class _Registration(Generic[C, R]):
+    action: Action[C, R]
+    handler: Handler[C, R]
+
+
+class Participant:
+    """A participant service: its name and the handlers of its actions.
+
+    Example::
+
+        inventory = Participant("inventory")
+
+        @inventory.handler(reserve_stock)
+        async def reserve(cmd: ReserveStock, ctx: HandlerContext) -> Reservation: ...
+    """
+
+    def __init__(self, service: str) -> None:
+        Action(service, "probe", BaseModel, BaseModel)  # validates the name the same way
+        self.service = service
+        self._handlers: dict[str, _Registration[Any, Any]] = {}
+
+    def handler(self, action: Action[C, R]) -> Callable[[Handler[C, R]], Handler[C, R]]:
+        """Register the handler of ``action`` (an action or a compensation).
+
+        Raises:
+            DefinitionError: the action belongs to another service, already has a
+                handler, or the function is not ``async def f(command, ctx)``.
+        """
+        if not isinstance(action, Action):
+            raise DefinitionError("Participant.handler takes an Action")
+        if action.service != self.service:
+            raise DefinitionError(
+                f"{action.type} belongs to {action.service!r}, not {self.service!r}"
+            )
+        if action.type in self._handlers:
+            raise DefinitionError(f"{action.type} already has a handler")
+
+        def register(fn: Handler[C, R]) -> Handler[C, R]:
+            if not inspect.iscoroutinefunction(fn):
+                raise DefinitionError(f"handler of {action.type} must be an async function")
+            if len(inspect.signature(fn).parameters) != 2:
+                raise DefinitionError(f"handler of {action.type} must take (command, ctx)")
+            self._handlers[action.type] = _Registration(action, fn)
+            return fn
+
+        return register
+
+    def registration(self, action_type: str) -> _Registration[Any, Any] | None:
+        return self._handlers.get(action_type)
+
+    @property
+    def actions(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+class _Transient(Exception):
+    """Rolls back the claim of a command whose handler failed transiently."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Worker:
+    """Runs a participant: consumes its service queue and answers every command.
+
+    Args:
+        participant: The handlers.
+        transport: The broker.
+        store: The participant's database (its inbox lives there).
+        max_batch: Commands per transaction at most.
+        after_commit: Called after each batch commits, before replies go out.
+            Fault-injection tests use it to kill the process at the worst moment.
+    """
+
+    def __init__(
+        self,
+        participant: Participant,
+        *,
+        transport: Transport,
+        store: ParticipantStore,
+        hooks: Hooks | None = None,
+        max_batch: int = 50,
+        prefetch: int = 200,
+        concurrency: int = 2,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        after_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.participant = participant
+        self.transport = transport
+        self.store = store
+        self.hooks = hooks or Hooks()
+        self.prefetch = prefetch
+        self.max_message_bytes = max_message_bytes
+        self.after_commit = after_commit
+        self._batcher = Batcher(
+            self._handle_batch,
+            max_batch=max_batch,
+            concurrency=concurrency,
+            name=participant.service,
+        )
+        self._stopped = asyncio.Event()
+        self._started = False
+
+    async def start(self) -> None:
+        await retry_forever(self.store.start, what="store start")
+        await retry_forever(
+            lambda: self.transport.start([self.participant.service]), what="transport start"
+        )
+        self._batcher.start()
+        queue = self.transport.topology.service_queue(self.participant.service)
+        await self.transport.consume(queue, self._batcher.put, prefetch=self.prefetch)
+        self._started = True
+        log.info(
+            "worker %s started: actions=%s", self.participant.service, self.participant.actions
+        )
+
+    async def stop(self) -> None:
+        """Stop consuming, finish the batches in hand (commit, reply, ack), close."""
+        self._stopped.set()
+        if not self._started:
+            return
+        self._started = False
+        await self._batcher.stop()
+        await self.transport.close()
+        await self.store.close()
+        log.info("worker %s stopped", self.participant.service)
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    @property
+    def idle(self) -> bool:
+        return self._batcher.idle
+
+    async def _handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+        commands: list[tuple[Delivery, Envelope, _Registration[Any, Any], BaseModel]] = []
+        rejects: list[tuple[Delivery, str]] = []
+        for delivery in deliveries:
+            try:
+                commands.append((delivery, *self._parse(delivery)))
+            except MessageRejected as exc:
+                rejects.append((delivery, exc.reason))
+        replies: list[tuple[Delivery, Envelope | None]] = []
+        if commands:
+            replies = await retry_forever(
+                lambda: self._transact(commands), what=f"{self.participant.service} transaction"
+            )
+            if self.after_commit is not None:
+                self.after_commit()
+        outgoing = [reply for _, reply in replies if reply is not None]
+        if outgoing:
+            try:
+                await self.transport.publish(outgoing)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # not acked: redelivered, then answered from the inbox
+                log.warning("%s: publishing replies failed: %r", self.participant.service, exc)
+                return
+        for delivery, _ in replies:
+            await delivery.ack()
+        for delivery, reason in rejects:
+            log.warning("%s: dead-lettering a command: %s", self.participant.service, reason)
+            self.hooks.dead_lettered(delivery.queue, reason)
+            try:
+                await self.transport.dead_letter(delivery, reason)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("dead-lettering failed: %r", exc)
+
+    def _parse(self, delivery: Delivery) -> tuple[Envelope, _Registration[Any, Any], BaseModel]:
+        envelope = decode(delivery.body, dict(delivery.headers), self.max_message_bytes)
+        if envelope.kind is MessageKind.REPLY:
+            raise MessageRejected("not_a_command: a reply on a service queue")
+        if envelope.service != self.participant.service:
+            raise MessageRejected(
+                f"wrong_service: {envelope.type} sent to {self.participant.service!r}"
+            )
+        registration = self.participant.registration(envelope.type)
+        if registration is None:
+            raise MessageRejected(f"unknown_action: {envelope.type}")
+        try:
+            command = registration.action.command.model_validate(envelope.payload)
+        except ValidationError as exc:
+            raise MessageRejected(f"invalid_command: {envelope.type}: {exc.errors()[:3]}") from None
+        return envelope, registration, command
+
+    async def _transact(
+        self, commands: Sequence[tuple[Delivery, Envelope, _Registration[Any, Any], BaseModel]]
+    ) -> list[tuple[Delivery, Envelope | None]]:
+        replies: list[tuple[Delivery, Envelope | None]] = []
+        async with self.store.transaction() as tx:
+            for delivery, envelope, registration, command in commands:
+                started = time.perf_counter()
+                reply = await self._handle_one(tx, envelope, registration, command)
+                self.hooks.handled(envelope, reply, time.perf_counter() - started)
+                replies.append((delivery, reply))
+        return replies
+
+    async def _handle_one(
+        self,
+        tx: ParticipantTransaction,
+        envelope: Envelope,
+        registration: _Registration[Any, Any],
+        command: BaseModel,
+    ) -> Envelope | None:
+        compensation = envelope.kind is MessageKind.COMPENSATION
+        try:
+            async with tx.savepoint():
+                forward_applied = True
+                if compensation:
+                    forward = await tx.tombstone(
+                        command_id(envelope.saga_id, envelope.step, MessageKind.COMMAND)
+                    )
+                    forward_applied = (
+                        isinstance(forward, Envelope) and forward.outcome is Outcome.SUCCESS
+                    )
+                stored = await tx.claim(envelope.command_id)
+                if isinstance(stored, Envelope):
+                    return stored  # a duplicate: answer as before, no second effect
+                if stored is not None:
+                    return None  # tombstoned: compensated before it ran; the saga moved on
+                if not forward_applied:
+                    reply = envelope.reply(
+                        Outcome.SUCCESS, reason="nothing to undo: the command never took effect"
+                    )
+                else:
+                    reply = await self._run_handler(tx, envelope, registration, command)
+                await tx.complete(envelope.command_id, reply)
+                return reply
+        except asyncio.CancelledError:
+            raise
+        except _Transient as exc:
+            return envelope.reply(Outcome.ERROR, reason=exc.reason)
+
+    async def _run_handler(
+        self,
+        tx: ParticipantTransaction,
+        envelope: Envelope,
+        registration: _Registration[Any, Any],
+        command: BaseModel,
+    ) -> Envelope:
+        ctx = HandlerContext(
+            saga_id=envelope.saga_id,
+            saga_name=envelope.saga_name,
+            step=envelope.step,
+            attempt=envelope.attempt,
+            command_id=envelope.command_id,
+            compensation=envelope.kind is MessageKind.COMPENSATION,
+            connection=tx.connection,
+        )
+        try:
+            async with tx.savepoint():
+                result = await registration.handler(command, ctx)
+                payload = registration.action.reply.model_validate(result).model_dump(mode="json")
+        except asyncio.CancelledError:
+            raise
+        except BusinessFailure as exc:
+            if ctx.compensation:  # a compensation cannot refuse: retried until it succeeds
+                raise _Transient(f"compensation refused: {exc.reason}") from exc
+            return envelope.reply(Outcome.FAILURE, reason=exc.reason)  # definitive: stored
+        except ValidationError as exc:
+            raise _Transient(f"handler returned an invalid reply: {exc.errors()[:3]}") from exc
+        except Exception as exc:
+            log.warning(
+                "%s failed transiently (saga %s attempt %d): %r",
+                envelope.type,
+                envelope.saga_id,
+                envelope.attempt,
+                exc,
+            )
+            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+        return envelope.reply(Outcome.SUCCESS, payload)
