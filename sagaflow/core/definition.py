@@ -25,7 +25,7 @@ R = TypeVar("R", bound=BaseModel)
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
 
-def _check_name(what: str, name: str) -> None:
+def check_name(what: str, name: str) -> None:
     if not _NAME.match(name):
         raise DefinitionError(
             f"{what} {name!r} must be lower case letters, digits, '_' or '-', starting with a letter"
@@ -72,8 +72,8 @@ class Action(Generic[C, R]):
     reply: type[R]
 
     def __post_init__(self) -> None:
-        _check_name("service", self.service)
-        _check_name("action", self.name)
+        check_name("service", self.service)
+        check_name("action", self.name)
         for label, model in (("command", self.command), ("reply", self.reply)):
             if not (isinstance(model, type) and issubclass(model, BaseModel)):
                 raise DefinitionError(f"{self.type}: {label} must be a pydantic model class")
@@ -150,7 +150,7 @@ class Saga(Generic[D]):
         steps: Sequence[Step[D]],
         version: int = 1,
     ) -> None:
-        _check_name("saga", name)
+        check_name("saga", name)
         if not (isinstance(data, type) and issubclass(data, BaseModel)):
             raise DefinitionError(f"saga {name!r}: data must be a pydantic model class")
         if version < 1:
@@ -168,7 +168,7 @@ class Saga(Generic[D]):
         past_pivot: str | None = None
         for step in self.steps:
             where = f"saga {self.name!r} step {step.name!r}"
-            _check_name("step", step.name)
+            check_name("step", step.name)
             if step.name in seen:
                 raise DefinitionError(f"saga {self.name!r}: duplicate step name {step.name!r}")
             seen.add(step.name)

@@ -21,12 +21,16 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 
 
 class MessageKind(StrEnum):
+    """What a message is: a step's command, its compensation, or a reply."""
+
     COMMAND = "command"
     COMPENSATION = "compensation"
     REPLY = "reply"
 
 
 class Outcome(StrEnum):
+    """A reply's verdict."""
+
     SUCCESS = "success"  # the action (or compensation) took effect
     FAILURE = "failure"  # business refusal: the saga compensates
     ERROR = "error"  # transient: retried by the step's policy

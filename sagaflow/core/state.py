@@ -11,6 +11,8 @@ from sagaflow.core.messages import MessageKind
 
 
 class SagaStatus(StrEnum):
+    """Where a saga is. COMPLETED, COMPENSATED, FAILED and CANCELLED are terminal."""
+
     RUNNING = "RUNNING"
     COMPENSATING = "COMPENSATING"
     COMPLETED = "COMPLETED"
@@ -87,6 +89,8 @@ class SagaState(BaseModel):
 
 
 class LogEvent(StrEnum):
+    """The kinds of entries in a saga's log."""
+
     STARTED = "saga_started"
     COMMAND_SENT = "command_sent"
     COMPENSATION_SENT = "compensation_sent"

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from sagaflow.core.definition import Action
+from sagaflow.core.definition import Action, check_name
 from sagaflow.core.errors import BusinessFailure, DefinitionError, MessageRejected
 from sagaflow.core.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -82,9 +82,19 @@ class Participant:
         async def reserve(cmd: ReserveStock, ctx: HandlerContext) -> Reservation: ...
     """
 
-    def __init__(self, service: str) -> None:
-        Action(service, "probe", BaseModel, BaseModel)  # validates the name the same way
+    def __init__(
+        self, service: str, *, setup: Callable[[Any], Awaitable[None]] | None = None
+    ) -> None:
+        """Args:
+        service: The service name (its queue is named after it).
+        setup: Called once when a worker starts, with the participant database
+            connection inside a transaction (``None`` in memory): create the
+            service's tables, seed data. It must be idempotent: every worker
+            process of the service runs it.
+        """
+        check_name("service", service)
         self.service = service
+        self.setup = setup
         self._handlers: dict[str, _Registration[Any, Any]] = {}
 
     def handler(self, action: Action[C, R]) -> Callable[[Handler[C, R]], Handler[C, R]]:
@@ -172,6 +182,8 @@ class Worker:
 
     async def start(self) -> None:
         await retry_forever(self.store.start, what="store start")
+        if self.participant.setup is not None:
+            await retry_forever(self._setup, what=f"{self.participant.service} setup")
         await retry_forever(
             lambda: self.transport.start([self.participant.service]), what="transport start"
         )
@@ -182,6 +194,11 @@ class Worker:
         log.info(
             "worker %s started: actions=%s", self.participant.service, self.participant.actions
         )
+
+    async def _setup(self) -> None:
+        assert self.participant.setup is not None
+        async with self.store.transaction() as tx:
+            await self.participant.setup(tx.connection)
 
     async def stop(self) -> None:
         """Stop consuming, finish the batches in hand (commit, reply, ack), close."""
