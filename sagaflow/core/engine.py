@@ -160,7 +160,7 @@ def _on_reply(saga: Saga[Any], state: SagaState, env: Envelope, now: float) -> D
             reply = step.action.reply.model_validate(env.payload)
         except ValidationError as exc:
             return Decision(state, rejected=f"reply payload invalid for {step.action.type}: {exc}")
-        return _step_succeeded(saga, state, step, reply, now, log)
+        return _step_succeeded(saga, state, step, reply, env.trace, now, log)
     if env.outcome is Outcome.FAILURE:
         failure = Failure(step=step.name, reason=env.reason or "failed", cause="failure")
         if step.kind is StepKind.RETRIABLE:
@@ -240,6 +240,7 @@ def _step_succeeded(
     state: SagaState,
     step: Step[Any],
     reply: BaseModel,
+    reply_trace: dict[str, str],
     now: float,
     log: list[LogEntry],
 ) -> Decision:
@@ -252,7 +253,20 @@ def _step_succeeded(
             failure = Failure(step=step.name, reason=f"on_reply raised {exc!r}", cause="failure")
             return _begin_compensation(saga, state, failure, now, log, abandon_current=True)
     completed = state.completed + ((state.step_index,) if step.compensation is not None else ())
-    done = _touch(_with(state, data=data, completed=completed, awaiting=False, timer=None), now)
+    step_traces = state.step_traces
+    if step.compensation is not None and TRACEPARENT in reply_trace:
+        step_traces = {**step_traces, str(state.step_index): reply_trace[TRACEPARENT]}
+    done = _touch(
+        _with(
+            state,
+            data=data,
+            completed=completed,
+            step_traces=step_traces,
+            awaiting=False,
+            timer=None,
+        ),
+        now,
+    )
     following = state.step_index + 1
     if following < len(saga.steps):
         return _dispatch(saga, done, following, MessageKind.COMMAND, 1, now, log, new_round=True)
@@ -447,7 +461,7 @@ def _dispatch(
         attempt=attempt,
         type=action,
         payload=payload,
-        trace=state.trace,
+        trace=_trace_for(state, index, kind),
     )
     timer = Timer(
         purpose="timeout", step_index=index, kind=kind, attempt=attempt, due_at=now + step.timeout
@@ -475,6 +489,15 @@ def _build(
     return step.compensation.type, step.compensation.command.model_validate(command).model_dump(
         mode="json"
     )
+
+
+TRACEPARENT = "traceparent"
+LINK = "sagaflow-link"  # the traceparent of the step a compensation undoes
+
+
+def _trace_for(state: SagaState, index: int, kind: MessageKind) -> dict[str, str]:
+    link = state.step_traces.get(str(index)) if kind is MessageKind.COMPENSATION else None
+    return {**state.trace, LINK: link} if link else state.trace
 
 
 def _compensation_type(step: Step[Any]) -> str:

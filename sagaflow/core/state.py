@@ -59,6 +59,9 @@ class SagaState(BaseModel):
     (or about to retry). ``to_compensate`` is the stack of steps still to undo,
     next first. ``round_start`` is the first attempt of the current retry round,
     so an operator's retry gets a fresh budget without reusing attempt numbers.
+    ``trace`` is the W3C context of the saga's start span; ``step_traces`` keeps,
+    per completed step, the ``traceparent`` its reply came with, so the
+    compensation that undoes the step can link to it.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -79,6 +82,7 @@ class SagaState(BaseModel):
     cancelled: bool = False
     timer: Timer | None = None
     trace: dict[str, str] = Field(default_factory=dict)
+    step_traces: dict[str, str] = Field(default_factory=dict)
     created_at: float
     updated_at: float
     version: int = 0

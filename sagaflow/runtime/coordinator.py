@@ -401,7 +401,8 @@ class Coordinator(SagaClient):
                 if state is None or saga is None:
                     rejects.append((delivery, f"unknown_saga_id: {env.saga_id!r}"))
                     continue
-                decision = engine.decide(saga, state, engine.ReplyReceived(env), now)
+                with self.hooks.processing(env, delivery.queue):
+                    decision = engine.decide(saga, state, engine.ReplyReceived(env), now)
                 if decision.rejected:
                     rejects.append((delivery, f"rejected: {decision.rejected}"))
                     continue
@@ -437,8 +438,7 @@ class Coordinator(SagaClient):
     ) -> None:
         if messages:
             try:
-                await self.transport.publish(messages)
-                self.hooks.published(messages)
+                await self._publish(messages)
                 await self.store.delete_outbox(outbox_ids)
             except asyncio.CancelledError:
                 raise
@@ -448,6 +448,10 @@ class Coordinator(SagaClient):
             await delivery.ack()
         for delivery, reason in rejects:
             await self._dead_letter(delivery, reason)
+
+    async def _publish(self, envelopes: Sequence[Envelope]) -> None:
+        with self.hooks.publishing(envelopes) as outgoing:
+            await self.transport.publish(outgoing)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)
@@ -478,8 +482,7 @@ class Coordinator(SagaClient):
         async with self.store.claim_outbox(self.clock.now(), limit) as items:
             if items:
                 envelopes = [item.envelope for item in items]
-                await self.transport.publish(envelopes)
-                self.hooks.published(envelopes)
+                await self._publish(envelopes)
             return len(items)
 
     async def _timer_loop(self) -> None:

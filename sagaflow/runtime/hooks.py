@@ -2,12 +2,14 @@
 
 The engine stays free of observability code; the coordinator and the worker
 call these methods, and ``sagaflow.tracing`` / ``sagaflow.metrics`` implement
-them. The default does nothing and costs a method call.
+them. The default does nothing and costs a method call; ``CompositeHooks``
+runs several.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sagaflow.core.messages import Envelope
@@ -25,14 +27,66 @@ class Hooks:
         """Return the trace context to store with a new saga (W3C headers)."""
         return {}
 
+    @contextmanager
+    def publishing(self, envelopes: Sequence[Envelope]) -> Iterator[Sequence[Envelope]]:
+        """Wrap a confirmed publish; yield the envelopes to send (e.g. with the
+        trace context of a PRODUCER span in ``trace``). An exception raised in
+        the block is the publish failing."""
+        yield envelopes
+
+    @contextmanager
+    def processing(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
+        """Wrap the handling of one received message (a command in a worker, a
+        reply in the coordinator); yield the trace context that messages sent
+        because of it (a participant's reply) should carry."""
+        yield envelope.trace
+
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: Decision) -> None:
         """A transition committed (``before`` is None for a start)."""
-
-    def published(self, envelopes: Sequence[Envelope]) -> None:
-        """Messages were confirmed by the broker."""
 
     def dead_lettered(self, queue: str, reason: str) -> None:
         """A message was dead-lettered."""
 
     def handled(self, envelope: Envelope, reply: Envelope | None, seconds: float) -> None:
         """A participant handled a command (``reply`` None when nothing is sent)."""
+
+
+class CompositeHooks(Hooks):
+    """Runs several hooks in order (tracing first, so metrics see its context)."""
+
+    def __init__(self, hooks: Sequence[Hooks]) -> None:
+        self.hooks = list(hooks)
+
+    def saga_started(self, saga: Saga[Any], saga_id: str) -> dict[str, str]:
+        trace: dict[str, str] = {}
+        for hook in self.hooks:
+            trace.update(hook.saga_started(saga, saga_id))
+        return trace
+
+    @contextmanager
+    def publishing(self, envelopes: Sequence[Envelope]) -> Iterator[Sequence[Envelope]]:
+        with ExitStack() as stack:
+            for hook in self.hooks:
+                envelopes = stack.enter_context(hook.publishing(envelopes))
+            yield envelopes
+
+    @contextmanager
+    def processing(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
+        with ExitStack() as stack:
+            trace = envelope.trace
+            for hook in self.hooks:
+                trace = stack.enter_context(hook.processing(envelope, queue))
+                envelope = envelope.model_copy(update={"trace": trace})
+            yield trace
+
+    def decided(self, saga: Saga[Any], before: SagaState | None, decision: Decision) -> None:
+        for hook in self.hooks:
+            hook.decided(saga, before, decision)
+
+    def dead_lettered(self, queue: str, reason: str) -> None:
+        for hook in self.hooks:
+            hook.dead_lettered(queue, reason)
+
+    def handled(self, envelope: Envelope, reply: Envelope | None, seconds: float) -> None:
+        for hook in self.hooks:
+            hook.handled(envelope, reply, seconds)

@@ -243,7 +243,8 @@ class Worker:
         outgoing = [reply for _, reply in replies if reply is not None]
         if outgoing:
             try:
-                await self.transport.publish(outgoing)
+                with self.hooks.publishing(outgoing) as traced:
+                    await self.transport.publish(traced)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -286,7 +287,10 @@ class Worker:
         async with self.store.transaction() as tx:
             for delivery, envelope, registration, command in commands:
                 started = time.perf_counter()
-                reply = await self._handle_one(tx, envelope, registration, command)
+                with self.hooks.processing(envelope, delivery.queue) as trace:
+                    # replies carry the context of this handling (its CONSUMER span)
+                    traced = envelope.model_copy(update={"trace": trace})
+                    reply = await self._handle_one(tx, traced, registration, command)
                 self.hooks.handled(envelope, reply, time.perf_counter() - started)
                 replies.append((delivery, reply))
         return replies

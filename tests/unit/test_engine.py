@@ -326,3 +326,18 @@ def test_any_history_ends_terminal_with_exact_reverse_compensation(
         if e.event is LogEvent.REPLY_RECEIVED and e.detail["outcome"] == "success"
     ]
     assert len(outcomes) == len(set(outcomes))
+
+
+def test_compensation_carries_a_link_to_the_step_it_undoes() -> None:
+    d = started()
+    traced = (
+        d.messages[0]
+        .reply(Outcome.SUCCESS, {"ref": "r"})
+        .model_copy(update={"trace": {"traceparent": "00-step0"}})
+    )
+    d = engine.decide(saga, d.state, engine.ReplyReceived(traced), T0)
+    assert d.state.step_traces == {"0": "00-step0"}
+    assert d.messages[0].trace == {"traceparent": "00-x"}  # commands carry the saga's context
+    d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.FAILURE, "declined"), T0)
+    (comp,) = d.messages
+    assert comp.trace == {"traceparent": "00-x", "sagaflow-link": "00-step0"}
