@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from urllib.parse import urlsplit
 from collections.abc import Iterator
 
 import asyncpg
@@ -22,7 +23,8 @@ def _rabbitmqctl(*args: str) -> None:
 def new_vhost() -> str:
     name = f"sagaflow-test-{uuid.uuid4().hex[:10]}"
     _rabbitmqctl("add_vhost", name)
-    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    user = urlsplit(AMQP_BASE).username or "guest"
+    _rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
     return name
 
 

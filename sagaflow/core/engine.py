@@ -226,7 +226,9 @@ def _on_retry_requested(
     status = (
         SagaStatus.COMPENSATING if state.kind is MessageKind.COMPENSATION else SagaStatus.RUNNING
     )
-    resumed = _with(state, status=status)
+    # a refusal is stored by the participant: only a new command id can ask again
+    refused = state.failure is not None and state.failure.cause == "failure"
+    resumed = _with(state, status=status, generation=state.generation + int(refused))
     return _dispatch(
         saga, resumed, state.step_index, state.kind, state.attempt + 1, now, log, new_round=True
     )
@@ -251,6 +253,8 @@ def _step_succeeded(
             data = merged.model_dump(mode="json")
         except Exception as exc:  # user code: a bug here must not wedge the saga
             failure = Failure(step=step.name, reason=f"on_reply raised {exc!r}", cause="failure")
+            if step.kind is not StepKind.COMPENSATABLE:  # past the point of no return
+                return _fail(saga, state, failure, now, log)
             return _begin_compensation(saga, state, failure, now, log, abandon_current=True)
     completed = state.completed + ((state.step_index,) if step.compensation is not None else ())
     step_traces = state.step_traces
@@ -286,6 +290,8 @@ def _retry_or_abandon(
     timed_out: bool,
 ) -> Decision:
     used = state.attempt - state.round_start + 1
+    if timed_out:
+        state = _with(state, uncertain=True)
     forever = step.kind is StepKind.RETRIABLE or (timed_out and step.kind is StepKind.PIVOT)
     if forever or used < step.retry.max_attempts:
         if timed_out:
@@ -296,6 +302,11 @@ def _retry_or_abandon(
         )
     cause = "timeout" if timed_out else "retries_exhausted"
     failure = Failure(step=step.name, reason=f"{reason} (after {used} attempts)", cause=cause)
+    if step.kind is StepKind.PIVOT and state.uncertain:
+        # an earlier attempt timed out and may still take effect: nothing may be
+        # undone before the pivot's outcome is known
+        unknown = f"{failure.reason}; the pivot's outcome is unknown"
+        return _fail(saga, state, failure.model_copy(update={"reason": unknown}), now, log)
     return _begin_compensation(saga, state, failure, now, log, abandon_current=True)
 
 
@@ -437,6 +448,7 @@ def _dispatch(
         kind=kind,
         attempt=attempt,
         round_start=attempt if new_round else state.round_start,
+        uncertain=False if new_round else state.uncertain,
     )
     try:
         action, payload = _build(saga, step, kind, state.data)
@@ -447,8 +459,12 @@ def _dispatch(
                 saga, moved, Failure(step=step.name, reason=reason, cause="compensation"), now, log
             )
         failure = Failure(step=step.name, reason=reason, cause="failure")
+        if step.kind is StepKind.RETRIABLE:
+            return _fail(saga, moved, failure, now, log)
         return _begin_compensation(saga, moved, failure, now, log, abandon_current=False)
     cid = command_id(state.saga_id, step.name, kind)
+    if kind is MessageKind.COMMAND and state.generation:
+        cid = f"{cid}:g{state.generation}"
     envelope = Envelope(
         message_id=f"{cid}:{attempt}",
         command_id=cid,

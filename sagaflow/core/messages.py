@@ -18,6 +18,8 @@ from sagaflow.core.errors import MessageRejected
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+# the headers that are trace context (W3C, plus the link from a compensation to its step)
+TRACE_HEADERS = frozenset({"traceparent", "tracestate", "sagaflow-link"})
 
 
 class MessageKind(StrEnum):
@@ -115,6 +117,8 @@ def decode(
     """
     if len(body) > max_bytes:
         raise MessageRejected(f"too_large: {len(body)} bytes exceeds the limit of {max_bytes}")
+    if b"\\u0000" in body:  # PostgreSQL's jsonb cannot hold it: refuse it here, not in a retry loop
+        raise MessageRejected("invalid: NUL character in body")
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -133,7 +137,9 @@ def decode(
     if not envelope.is_reply and envelope.outcome is not None:
         raise MessageRejected("invalid: only replies carry an 'outcome'")
     if trace:
-        envelope = envelope.model_copy(update={"trace": dict(trace)})
+        kept = {k: v for k, v in trace.items() if k in TRACE_HEADERS}
+        if kept:
+            envelope = envelope.model_copy(update={"trace": kept})
     return envelope
 
 

@@ -170,6 +170,10 @@ class SagaTransaction(Protocol):
         """Write back a state loaded in this transaction (its ``version`` is bumped)."""
         ...
 
+    async def save_many(self, states: Sequence[SagaState]) -> None:
+        """``save`` for a batch, in one round trip."""
+        ...
+
     async def append_log(self, entries: Sequence[LogEntry]) -> None: ...
 
     async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:

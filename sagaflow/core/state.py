@@ -59,6 +59,9 @@ class SagaState(BaseModel):
     (or about to retry). ``to_compensate`` is the stack of steps still to undo,
     next first. ``round_start`` is the first attempt of the current retry round,
     so an operator's retry gets a fresh budget without reusing attempt numbers.
+    ``uncertain`` says an attempt of the current round timed out (it may still
+    take effect). ``generation`` counts operator retries after a business
+    failure: it renews the command ids, since the participant stored the refusal.
     ``trace`` is the W3C context of the saga's start span; ``step_traces`` keeps,
     per completed step, the ``traceparent`` its reply came with, so the
     compensation that undoes the step can link to it.
@@ -75,6 +78,8 @@ class SagaState(BaseModel):
     kind: MessageKind = MessageKind.COMMAND
     attempt: int = 1
     round_start: int = 1
+    uncertain: bool = False
+    generation: int = 0
     awaiting: bool = False
     completed: tuple[int, ...] = ()
     to_compensate: tuple[int, ...] = ()

@@ -86,8 +86,8 @@ class _Changes:
         self.messages.extend(decision.messages)
 
     async def write(self, tx: SagaTransaction, publish_after: float) -> list[int]:
-        for state in self.states.values():
-            await tx.save(state)
+        if self.states:
+            await tx.save_many(list(self.states.values()))
         if self.log:
             await tx.append_log(self.log)
         if not self.messages:

@@ -341,3 +341,78 @@ def test_compensation_carries_a_link_to_the_step_it_undoes() -> None:
     d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.FAILURE, "declined"), T0)
     (comp,) = d.messages
     assert comp.trace == {"traceparent": "00-x", "sagaflow-link": "00-step0"}
+
+
+def test_pivot_whose_outcome_is_unknown_needs_an_operator_not_compensation() -> None:
+    d = run_ok(started(), 3)  # at confirm (pivot)
+    d = engine.decide(
+        saga, d.state, engine.TimerFired(), T0 + 5
+    )  # attempt 1 timed out: may still apply
+    now = T0 + 5
+    for _ in range(1):
+        d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.ERROR, "x"), now)
+        now = d.state.timer.due_at  # type: ignore[union-attr]
+        d = engine.decide(saga, d.state, engine.TimerFired(), now)
+    d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.ERROR, "x"), now)
+    assert d.state.status is SagaStatus.FAILED and d.messages == ()
+    assert d.state.failure is not None and "outcome is unknown" in d.state.failure.reason
+    # the operator's retry asks the pivot again under the same id: its stored answer decides
+    d = engine.decide(saga, d.state, engine.RetryRequested(by="ops", reason="look again"), now)
+    assert d.messages[0].command_id == "s1:confirm:command"
+
+
+def test_pivot_errors_without_timeouts_compensate_the_steps_before_it() -> None:
+    d = run_ok(started(), 3)
+    now = T0
+    for _ in range(2):
+        d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.ERROR, "x"), now)
+        now = d.state.timer.due_at  # type: ignore[union-attr]
+        d = engine.decide(saga, d.state, engine.TimerFired(), now)
+    d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.ERROR, "x"), now)
+    assert d.state.status is SagaStatus.COMPENSATING
+    assert [m.type for m in d.messages] == ["shipping.cancel"]
+
+
+def test_operator_retry_after_a_refusal_uses_new_command_ids() -> None:
+    d = run_ok(started(), 4)
+    d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.FAILURE, "bug"), T0)
+    assert d.state.status is SagaStatus.FAILED
+    d = engine.decide(saga, d.state, engine.RetryRequested(by="ops", reason="fixed"), T0)
+    assert d.messages[0].command_id == "s1:approve:command:g1"
+    d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.SUCCESS), T0)
+    assert d.state.status is SagaStatus.COMPLETED
+
+
+def test_on_reply_raising_past_the_pivot_fails_instead_of_compensating() -> None:
+    from sagaflow import Saga, Step
+    from tests.sample import Data, _cmd, confirm, release, reserve
+
+    def boom(d: Data, r: object) -> Data:
+        raise ValueError("merge bug")
+
+    s = Saga(
+        "p",
+        data=Data,
+        steps=[Step("a", reserve, _cmd, release), Step("b", confirm, _cmd, on_reply=boom)],
+    )
+    d = run_ok_on(s, engine.start(s, "p1", {"order_id": "o"}, T0), 2)
+    assert d.state.status is SagaStatus.FAILED
+    assert d.state.failure is not None and "merge bug" in d.state.failure.reason
+
+
+def run_ok_on(s: object, decision: engine.Decision, upto: int) -> engine.Decision:
+    for _ in range(upto):
+        decision = engine.decide(
+            s, decision.state, reply(decision.messages[0], Outcome.SUCCESS), T0
+        )  # type: ignore[arg-type]
+    return decision
+
+
+def test_decode_keeps_only_trace_headers() -> None:
+    from sagaflow.core.messages import decode, encode
+
+    env = started().messages[0]
+    got = decode(
+        encode(env), {"traceparent": "00-a", "x-saga-step": "reserve", "x-delivery-count": "2"}
+    )
+    assert got.trace == {"traceparent": "00-a"}
