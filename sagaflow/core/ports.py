@@ -9,7 +9,6 @@ suite runs against both members of each pair.
 from __future__ import annotations
 
 import builtins
-
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sagaflow import Action, DefinitionError, Participant, Saga, Step
 from sagaflow.core.definition import StepKind, to_mermaid
 from tests.sample import (

@@ -1,0 +1,556 @@
+"""In-memory saga and participant stores: supported code for tests and the demo.
+
+They keep the semantics of the PostgreSQL stores (the contract suite runs on
+both) without a database:
+
+- A transaction stages its writes and applies them when its block exits
+  cleanly, all at once (no ``await`` in between); an exception discards them.
+- Row locks are per-key locks owned by a transaction and released when it ends.
+  ``lock`` waits for them (in id order), as do ``save`` and ``insert``, which
+  in PostgreSQL wait on the row or the primary key; ``lock_due`` skips keys
+  locked by another transaction. Unlike PostgreSQL there is no deadlock
+  detection: lock in id order.
+- ``transaction(connection=...)`` ignores ``connection`` (there is no shared
+  database to join) and commits on its own.
+- ``wait_for_outbox`` wakes on a commit that added rows due by the store's
+  clock (``time.time`` unless one is given), as PostgreSQL's ``NOTIFY`` does.
+
+States and envelopes are immutable pydantic models, so they are stored as they
+are: no copies beyond the ``version`` bump of a save.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from sagaflow.core.errors import ConcurrencyConflict, StoreError
+from sagaflow.core.messages import Envelope
+from sagaflow.core.ports import TOMBSTONE, Clock, OutboxItem, Tombstone
+from sagaflow.core.state import LogEntry, SagaState, SagaStatus
+
+__all__ = [
+    "InMemoryParticipantStore",
+    "InMemoryParticipantTransaction",
+    "InMemorySagaStore",
+    "InMemorySagaTransaction",
+]
+
+
+class _KeyedLocks:
+    """Exclusive per-key locks owned by transactions, granted first come first served."""
+
+    __slots__ = ("_owners", "_waiters")
+
+    def __init__(self) -> None:
+        self._owners: dict[str, object] = {}
+        self._waiters: dict[str, deque[tuple[object, asyncio.Future[None]]]] = {}
+
+    def owner(self, key: str) -> object | None:
+        return self._owners.get(key)
+
+    def try_acquire(self, key: str, owner: object) -> bool:
+        current = self._owners.get(key)
+        if current is None:
+            self._owners[key] = owner
+            return True
+        return current is owner
+
+    async def acquire(self, key: str, owner: object) -> None:
+        if self.try_acquire(key, owner):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault(key, deque())
+        queue.append((owner, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(key, owner)  # granted just as we were cancelled: pass it on
+            else:
+                queue.remove((owner, future))
+                if not queue and self._waiters.get(key) is queue:
+                    del self._waiters[key]
+            raise
+
+    def release(self, key: str, owner: object) -> None:
+        if self._owners.get(key) is not owner:
+            return
+        queue = self._waiters.get(key)
+        while queue:
+            next_owner, future = queue.popleft()
+            if not future.done():
+                self._owners[key] = next_owner
+                future.set_result(None)
+                if not queue:
+                    del self._waiters[key]
+                return
+        self._waiters.pop(key, None)
+        del self._owners[key]
+
+
+class _OutboxRow(NamedTuple):
+    envelope: Envelope
+    publish_after: float
+
+
+# --------------------------------------------------------------------------- saga store
+
+
+class InMemorySagaTransaction:
+    """The :class:`~sagaflow.core.ports.SagaTransaction` of :class:`InMemorySagaStore`."""
+
+    __slots__ = ("_held", "_log", "_outbox", "_states", "_store")
+
+    def __init__(self, store: InMemorySagaStore) -> None:
+        self._store = store
+        self._states: dict[str, SagaState] = {}
+        self._log: list[LogEntry] = []
+        self._outbox: list[tuple[int, _OutboxRow]] = []
+        self._held: set[str] = set()
+
+    @property
+    def connection(self) -> None:
+        """Always ``None``: there is no database connection."""
+        return None
+
+    async def _acquire(self, saga_id: str) -> None:
+        locks = self._store._locks
+        if not locks.try_acquire(saga_id, self):
+            await locks.acquire(saga_id, self)
+        self._held.add(saga_id)
+
+    def _current(self, saga_id: str) -> SagaState | None:
+        state = self._states.get(saga_id)
+        return self._store._sagas.get(saga_id) if state is None else state
+
+    async def insert(self, state: SagaState) -> None:
+        """Add a new saga (waits while another transaction holds the same id).
+
+        Raises:
+            StoreError: a saga with that id exists.
+        """
+        if state.saga_id not in self._store._sagas:  # else fail at once, like ON CONFLICT
+            await self._acquire(state.saga_id)
+        if self._current(state.saga_id) is not None:
+            raise StoreError(f"saga {state.saga_id!r} already exists")
+        self._states[state.saga_id] = state
+
+    async def lock(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
+        """Load and lock sagas in id order; unknown ids are absent from the result."""
+        found: dict[str, SagaState] = {}
+        for saga_id in sorted(set(saga_ids)):
+            if self._current(saga_id) is None:
+                continue
+            await self._acquire(saga_id)
+            state = self._current(saga_id)
+            if state is not None:
+                found[saga_id] = state
+        return found
+
+    async def lock_due(self, now: float, limit: int) -> list[SagaState]:
+        """Lock up to ``limit`` due sagas, earliest first, skipping ones locked elsewhere."""
+        store = self._store
+        candidates = store._due(now, limit, self)
+        for saga_id, state in self._states.items():
+            if state.wake_at is not None and state.wake_at <= now:
+                candidates.add(saga_id)
+        due: list[SagaState] = []
+        for saga_id in candidates:
+            current = self._current(saga_id)
+            wake_at = None if current is None else current.wake_at
+            if current is not None and wake_at is not None and wake_at <= now:
+                due.append(current)
+        due.sort(key=lambda s: (s.wake_at, s.saga_id))
+        locked: list[SagaState] = []
+        for state in due:
+            if len(locked) >= limit:
+                break
+            if store._locks.try_acquire(state.saga_id, self):
+                self._held.add(state.saga_id)
+                locked.append(state)
+        return locked
+
+    async def save(self, state: SagaState) -> None:
+        """Write back a state loaded with ``state.version``; the stored version becomes +1.
+
+        Raises:
+            ConcurrencyConflict: the stored version is not ``state.version``.
+        """
+        await self._acquire(state.saga_id)
+        current = self._current(state.saga_id)
+        if current is None or current.version != state.version:
+            raise ConcurrencyConflict(
+                f"saga {state.saga_id!r} is no longer at version {state.version}"
+            )
+        self._states[state.saga_id] = state.model_copy(update={"version": state.version + 1})
+
+    async def save_many(self, states: Sequence[SagaState]) -> None:
+        """:meth:`save` several sagas.
+
+        Raises:
+            ValueError: a saga appears twice.
+            ConcurrencyConflict: any of them is no longer at its version.
+        """
+        if len({s.saga_id for s in states}) != len(states):
+            raise ValueError("save_many got the same saga twice")
+        for state in states:
+            await self.save(state)
+
+    async def append_log(self, entries: Sequence[LogEntry]) -> None:
+        """Append log entries in order."""
+        self._log.extend(entries)
+
+    async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
+        """Queue envelopes; returns their row ids in order."""
+        ids = [next(self._store._ids) for _ in envelopes]
+        self._outbox.extend(
+            (row_id, _OutboxRow(envelope, publish_after))
+            for row_id, envelope in zip(ids, envelopes, strict=True)
+        )
+        return ids
+
+    def _commit(self) -> None:
+        store = self._store
+        for saga_id, state in self._states.items():
+            store._sagas[saga_id] = state
+            store._set_wake(saga_id, state.wake_at)
+        logs = store._logs
+        for entry in self._log:
+            entries = logs.get(entry.saga_id)
+            if entries is None:
+                logs[entry.saga_id] = [entry]
+            else:
+                entries.append(entry)
+        if self._outbox:
+            store._outbox.update(self._outbox)
+            now = store._now()
+            if any(row.publish_after <= now for _, row in self._outbox):
+                store._outbox_event.set()
+
+    def _release(self) -> None:
+        locks = self._store._locks
+        for saga_id in self._held:
+            locks.release(saga_id, self)
+        self._held.clear()
+
+
+class _SagaTransactionContext:
+    __slots__ = ("_store", "_txn")
+
+    def __init__(self, store: InMemorySagaStore) -> None:
+        self._store = store
+        self._txn: InMemorySagaTransaction | None = None
+
+    async def __aenter__(self) -> InMemorySagaTransaction:
+        self._txn = InMemorySagaTransaction(self._store)
+        return self._txn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        txn = self._txn
+        assert txn is not None
+        try:
+            if exc is None:
+                txn._commit()
+        finally:
+            txn._release()
+
+
+class _ClaimContext:
+    __slots__ = ("_ids", "_limit", "_now", "_store")
+
+    def __init__(self, store: InMemorySagaStore, now: float, limit: int) -> None:
+        self._store = store
+        self._now = now
+        self._limit = limit
+        self._ids: list[int] = []
+
+    async def __aenter__(self) -> list[OutboxItem]:
+        store, now = self._store, self._now
+        claimed = store._claimed
+        due = (
+            row_id
+            for row_id, row in store._outbox.items()
+            if row.publish_after <= now and row_id not in claimed
+        )
+        self._ids = heapq.nsmallest(self._limit, due)
+        claimed.update(self._ids)
+        return [OutboxItem(id=i, envelope=store._outbox[i].envelope) for i in self._ids]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        store = self._store
+        for row_id in self._ids:
+            store._claimed.discard(row_id)
+            if exc is None:
+                store._outbox.pop(row_id, None)
+
+
+class InMemorySagaStore:
+    """The :class:`~sagaflow.core.ports.SagaStore` in memory, for tests and the demo.
+
+    Args:
+        clock: Decides which committed outbox rows are due now and wake
+            :meth:`wait_for_outbox`; the system clock by default.
+    """
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._now = time.time if clock is None else clock.now
+        self._sagas: dict[str, SagaState] = {}
+        self._logs: dict[str, list[LogEntry]] = {}
+        self._outbox: dict[int, _OutboxRow] = {}
+        self._claimed: set[int] = set()
+        self._ids = itertools.count(1)
+        self._locks = _KeyedLocks()
+        self._wake: dict[str, float] = {}
+        self._timers: list[tuple[float, str]] = []  # a heap; entries not in _wake are stale
+        self._outbox_event = asyncio.Event()
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def transaction(self, connection: Any = None) -> _SagaTransactionContext:
+        """A transaction; ``connection`` is ignored (this store commits on its own)."""
+        return _SagaTransactionContext(self)
+
+    def claim_outbox(self, now: float, limit: int) -> _ClaimContext:
+        """Claim up to ``limit`` due rows, lowest id first, skipping rows claimed elsewhere.
+
+        They are deleted when the block exits cleanly, released if it raises.
+        """
+        return _ClaimContext(self, now, limit)
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """Delete outbox rows."""
+        for row_id in ids:
+            self._outbox.pop(row_id, None)
+
+    async def wait_for_outbox(self, timeout: float) -> None:
+        """Return when a transaction committed rows due now, or after ``timeout``."""
+        event = self._outbox_event
+        if not event.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+            except TimeoutError:
+                pass
+        event.clear()
+
+    async def get(self, saga_id: str) -> SagaState | None:
+        """The committed state of a saga, or ``None``."""
+        return self._sagas.get(saga_id)
+
+    async def list(
+        self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
+    ) -> builtins.list[SagaState]:
+        """Sagas, newest first, optionally filtered by status and name."""
+        states = [
+            s
+            for s in self._sagas.values()
+            if (status is None or s.status == status) and (name is None or s.saga_name == name)
+        ]
+        return heapq.nlargest(limit, states, key=lambda s: (s.created_at, s.saga_id))
+
+    async def log(self, saga_id: str) -> builtins.list[LogEntry]:
+        """A saga's log, oldest first."""
+        return builtins.list(self._logs.get(saga_id, ()))
+
+    async def outbox_stats(self, now: float) -> tuple[int, float]:
+        """Rows due at ``now`` and the age in seconds of the oldest (0.0 when none)."""
+        due = [row.publish_after for row in self._outbox.values() if row.publish_after <= now]
+        return len(due), (max(0.0, now - min(due)) if due else 0.0)
+
+    # ----------------------------------------------------------------- internals
+
+    def _set_wake(self, saga_id: str, wake_at: float | None) -> None:
+        if self._wake.get(saga_id) == wake_at:
+            return
+        if wake_at is None:
+            del self._wake[saga_id]
+            return
+        self._wake[saga_id] = wake_at
+        heapq.heappush(self._timers, (wake_at, saga_id))
+        if len(self._timers) > 2 * len(self._wake) + 1024:  # drop stale entries
+            self._timers = [(w, s) for s, w in self._wake.items()]
+            heapq.heapify(self._timers)
+
+    def _due(self, now: float, limit: int, txn: object) -> set[str]:
+        """Ids of committed sagas due at ``now``: at least ``limit`` not locked by others."""
+        timers, wake, locks = self._timers, self._wake, self._locks
+        found: set[str] = set()
+        free = 0
+        while timers and timers[0][0] <= now and free < limit:
+            wake_at, saga_id = heapq.heappop(timers)
+            if wake.get(saga_id) != wake_at or saga_id in found:
+                continue  # stale or duplicate
+            found.add(saga_id)
+            owner = locks.owner(saga_id)
+            if owner is None or owner is txn:
+                free += 1
+        for saga_id in found:  # still due until a save moves their timer
+            heapq.heappush(timers, (wake[saga_id], saga_id))
+        return found
+
+
+# --------------------------------------------------------------------------- participant store
+
+
+class _InboxEntry(NamedTuple):
+    status: str  # "pending" | "done" | "tombstone"
+    reply: Envelope | None
+
+
+def _stored(entry: _InboxEntry) -> Envelope | Tombstone | None:
+    if entry.status == "tombstone":
+        return TOMBSTONE
+    return entry.reply if entry.status == "done" else None
+
+
+class InMemoryParticipantTransaction:
+    """The :class:`~sagaflow.core.ports.ParticipantTransaction` in memory.
+
+    Inbox writes are staged and applied at commit. Keys claimed here stay locked
+    until the transaction ends, even when a savepoint undoes the claim.
+    """
+
+    __slots__ = ("_held", "_store", "_writes")
+
+    def __init__(self, store: InMemoryParticipantStore) -> None:
+        self._store = store
+        self._writes: dict[str, _InboxEntry] = {}
+        self._held: set[str] = set()
+
+    @property
+    def connection(self) -> None:
+        """Always ``None``: handlers get no database connection in memory."""
+        return None
+
+    def savepoint(self) -> _Savepoint:
+        """A block whose inbox writes are undone if it raises."""
+        return _Savepoint(self)
+
+    async def _entry(self, command_id: str) -> _InboxEntry | None:
+        locks = self._store._locks
+        if not locks.try_acquire(command_id, self):
+            await locks.acquire(command_id, self)
+        self._held.add(command_id)
+        entry = self._writes.get(command_id)
+        return self._store._inbox.get(command_id) if entry is None else entry
+
+    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
+        """Claim a command id: ``None`` if new, else the stored reply or TOMBSTONE.
+
+        A concurrent claim of the same id waits until the first transaction ends.
+        """
+        entry = await self._entry(command_id)
+        if entry is None:
+            self._writes[command_id] = _InboxEntry("pending", None)
+            return None
+        return _stored(entry)
+
+    async def complete(self, command_id: str, reply: Envelope) -> None:
+        """Store the reply of a claimed (or not yet seen) command.
+
+        Raises:
+            StoreError: the command is already done or tombstoned.
+        """
+        entry = await self._entry(command_id)
+        if entry is not None and entry.status != "pending":
+            raise StoreError(f"command {command_id!r} is already done or tombstoned")
+        self._writes[command_id] = _InboxEntry("done", reply)
+
+    async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
+        """Mark a command as never to be applied, unless it already was.
+
+        Returns:
+            ``None`` when the tombstone is now set, else what was stored.
+        """
+        entry = await self._entry(command_id)
+        if entry is None or entry.status == "pending":
+            self._writes[command_id] = _InboxEntry("tombstone", None)
+            return None
+        return _stored(entry)
+
+
+class _Savepoint:
+    __slots__ = ("_snapshot", "_txn")
+
+    def __init__(self, txn: InMemoryParticipantTransaction) -> None:
+        self._txn = txn
+        self._snapshot: dict[str, _InboxEntry] = {}
+
+    async def __aenter__(self) -> None:
+        self._snapshot = dict(self._txn._writes)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self._txn._writes = self._snapshot
+
+
+class _ParticipantTransactionContext:
+    __slots__ = ("_store", "_txn")
+
+    def __init__(self, store: InMemoryParticipantStore) -> None:
+        self._store = store
+        self._txn: InMemoryParticipantTransaction | None = None
+
+    async def __aenter__(self) -> InMemoryParticipantTransaction:
+        self._txn = InMemoryParticipantTransaction(self._store)
+        return self._txn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        txn = self._txn
+        assert txn is not None
+        if exc is None:
+            self._store._inbox.update(txn._writes)
+        locks = self._store._locks
+        for key in txn._held:
+            locks.release(key, txn)
+        txn._held.clear()
+
+
+class InMemoryParticipantStore:
+    """The :class:`~sagaflow.core.ports.ParticipantStore` in memory."""
+
+    def __init__(self) -> None:
+        self._inbox: dict[str, _InboxEntry] = {}
+        self._locks = _KeyedLocks()
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def transaction(self) -> _ParticipantTransactionContext:
+        """One transaction for a handler's effect and the inbox record of its command."""
+        return _ParticipantTransactionContext(self)

@@ -1,0 +1,749 @@
+"""The PostgreSQL saga store (asyncpg): state, log and outbox in one transaction.
+
+Tables live in one schema (``sagaflow`` by default) created by
+:func:`sagaflow.store.migrate.migrate`; every statement names that schema, so a
+connection's ``search_path`` never matters.
+
+JSON documents travel as text (``$1::text::jsonb`` in, ``state::text`` out) and
+are parsed by pydantic's own JSON parser: faster than a JSON codec followed by
+``model_validate``, and it works unchanged on a caller's connection whose type
+codecs we must not touch. Times are epoch floats on the Python side and
+``timestamptz`` (microsecond precision) in the tables.
+
+Errors. Every database failure surfaces as a :class:`~sagaflow.core.errors.StoreError`
+with asyncpg's exception as ``__cause__``; the runtime catches ``StoreError``
+and retries the whole unit of work:
+
+- :class:`~sagaflow.core.errors.ConcurrencyConflict`: ``save`` found another
+  version, or PostgreSQL reported a serialization failure or a deadlock
+  (SQLSTATE class 40).
+- :class:`~sagaflow.core.errors.StoreError`: anything else, notably a lost
+  or refused connection (``PostgresConnectionError``, ``InterfaceError``,
+  ``OSError``) and a server shutting down (class 57).
+
+After a ``StoreError`` inside :meth:`PostgresSagaStore.transaction` the whole
+transaction is rolled back. A connection lost *while committing* leaves the
+outcome unknown: the work may or may not have committed; the runtime's
+idempotence (versions, deterministic ids, the inbox) absorbs the retry.
+
+A PostgreSQL restart costs at most the calls in flight. A pooled connection
+that died while idle is only noticed when used, so ``BEGIN`` and the read-only
+or idempotent calls (``get``, ``list``, ``log``, ``outbox_stats``,
+``delete_outbox``) are retried on another connection when theirs turns out to
+be dead (never a failure to connect: that raises at once); asyncpg's pool
+reopens broken connections on the next acquire. ``wait_for_outbox`` listens on a
+dedicated connection outside the pool and reconnects on its next call when that
+connection died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from sagaflow.core.errors import ConcurrencyConflict, StoreError
+from sagaflow.core.messages import Envelope, MessageKind
+from sagaflow.core.ports import OutboxItem
+from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
+from sagaflow.store.migrate import quote_schema
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from asyncpg.transaction import Transaction
+
+    from sagaflow.store.migrate import Connection
+
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+
+__all__ = [
+    "BROKEN",
+    "DB_ERRORS",
+    "PostgresSagaStore",
+    "PostgresSagaTransaction",
+    "begin",
+    "envelope_from_json",
+    "envelope_to_json",
+    "release",
+    "store_error",
+]
+
+log = logging.getLogger("sagaflow.store")
+T = TypeVar("T")
+
+DB_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a protocol state error on a dying connection
+    OSError,
+)
+"""What asyncpg raises when the database fails; translated by :func:`store_error`."""
+
+BROKEN: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    OSError,
+)
+"""Errors meaning the connection itself is gone (a restart, a terminated backend)."""
+
+_CONNECT_TIMEOUT = 10.0
+
+
+def store_error(exc: BaseException, action: str) -> StoreError:
+    """Wrap a database failure into the sagaflow error the runtime retries.
+
+    Args:
+        exc: The asyncpg or OS error.
+        action: What was being done, for the message ("lock", "commit"...).
+
+    Returns:
+        A :class:`ConcurrencyConflict` for SQLSTATE class 40, else a
+        :class:`StoreError`; its ``__cause__`` is ``exc``.
+    """
+    if isinstance(exc, StoreError):
+        return exc
+    message = f"{action} failed: {type(exc).__name__}: {exc}"
+    error = (
+        ConcurrencyConflict(message)
+        if isinstance(exc, asyncpg.TransactionRollbackError)
+        else StoreError(message)
+    )
+    error.__cause__ = exc
+    return error
+
+
+def envelope_to_json(envelope: Envelope) -> str:
+    """An envelope as stored: its JSON body plus its ``trace`` (excluded from dumps)."""
+    body = envelope.model_dump_json(by_alias=True)
+    if not envelope.trace:
+        return body
+    # The body is always a non-empty object, so its closing brace can be reopened.
+    return f'{body[:-1]},"trace":{orjson.dumps(envelope.trace).decode()}}}'
+
+
+def envelope_from_json(text: str) -> Envelope:
+    """The envelope stored by :func:`envelope_to_json`, trace included."""
+    return Envelope.model_validate_json(text)
+
+
+def _detail_default(value: object) -> object:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    return str(value)
+
+
+def _detail_json(detail: dict[str, Any]) -> str:
+    if not detail:
+        return "{}"
+    return orjson.dumps(detail, default=_detail_default).decode()
+
+
+def _state_json(state: SagaState, version: int) -> str:
+    if state.version != version:
+        state = state.model_copy(update={"version": version})
+    return state.model_dump_json()
+
+
+async def release(pool: Pool | None, conn: PoolConnectionProxy[Any]) -> None:
+    """Give a connection back; the pool drops it if it is broken."""
+    if pool is None:  # closed meanwhile: the pool already terminated it
+        return
+    try:
+        await pool.release(conn)
+    except DB_ERRORS as exc:
+        log.debug("releasing a connection failed: %r", exc)
+
+
+async def begin(pool: Pool, attempts: int) -> tuple[PoolConnectionProxy[Any], Transaction]:
+    """Acquire a connection and start a transaction on it.
+
+    Pooled connections that died while idle (a restart) are only noticed when
+    used; nothing has happened yet, so ``BEGIN`` is retried on another (or a
+    reconnected) one, up to ``attempts`` times. Failing to connect is not retried.
+
+    Raises:
+        StoreError: no connection could be opened, or every attempt failed.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            conn = await pool.acquire()
+        except DB_ERRORS as exc:
+            raise store_error(exc, "connect") from exc
+        tx = conn.transaction()
+        try:
+            await tx.start()
+        except BROKEN as exc:
+            await release(pool, conn)
+            if attempt >= attempts:
+                raise store_error(exc, "begin") from exc
+            continue
+        except DB_ERRORS as exc:
+            await release(pool, conn)
+            raise store_error(exc, "begin") from exc
+        except BaseException:
+            await release(pool, conn)
+            raise
+        return conn, tx
+    raise StoreError("begin failed: no attempts")
+
+
+class _SagaSql:
+    """The statements, rendered once for a schema."""
+
+    def __init__(self, schema: str) -> None:
+        s = quote_schema(schema)
+        self.channel = f"{schema}_outbox"
+        self.insert = (
+            f"INSERT INTO {s}.sagas (saga_id, saga_name, saga_version, status, state,"
+            " wake_at, version, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5::text::jsonb, to_timestamp($6::float8), $7::int8,"
+            " to_timestamp($8::float8), to_timestamp($9::float8))"
+            " ON CONFLICT (saga_id) DO NOTHING RETURNING 1"
+        )
+        self.lock = (
+            f"SELECT state::text FROM {s}.sagas WHERE saga_id = ANY($1::text[])"
+            " ORDER BY saga_id FOR UPDATE"
+        )
+        self.lock_due = (
+            f"SELECT state::text FROM {s}.sagas WHERE wake_at <= to_timestamp($1::float8)"
+            " ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+        )
+        self.save = (
+            f"UPDATE {s}.sagas AS t SET status = u.status, state = u.state::jsonb,"
+            " wake_at = to_timestamp(u.wake_at), version = u.version + 1,"
+            " updated_at = to_timestamp(u.updated_at)"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::int8[],"
+            " $6::float8[]) AS u(saga_id, status, state, wake_at, version, updated_at)"
+            " WHERE t.saga_id = u.saga_id AND t.version = u.version RETURNING t.saga_id"
+        )
+        self.append_log = (
+            f"INSERT INTO {s}.saga_log (saga_id, at, event, step, step_index, kind, attempt,"
+            " detail) SELECT u.saga_id, to_timestamp(u.at), u.event, u.step, u.step_index,"
+            " u.kind, u.attempt, u.detail::jsonb"
+            " FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], $5::int4[],"
+            " $6::text[], $7::int4[], $8::text[]) WITH ORDINALITY"
+            " AS u(saga_id, at, event, step, step_index, kind, attempt, detail, ord)"
+            " ORDER BY u.ord"
+        )
+        # One round trip: the rows, plus a NOTIFY (fired at commit) when $4 says
+        # they are due now. The gated branch adds a -1 row, dropped by the caller.
+        self.add_outbox = (
+            f"WITH ins AS (INSERT INTO {s}.outbox (saga_id, envelope, publish_after)"
+            " SELECT u.saga_id, u.envelope::jsonb, to_timestamp($3::float8)"
+            " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(saga_id, envelope, ord)"
+            " ORDER BY u.ord RETURNING id)"
+            " SELECT id FROM ins"
+            " UNION ALL SELECT -1 FROM pg_notify($5::text, '') AS n WHERE $4::bool"
+        )
+        self.claim_outbox = (
+            f"SELECT id, envelope::text FROM {s}.outbox"
+            " WHERE publish_after <= to_timestamp($1::float8)"
+            " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
+        )
+        self.delete_outbox = f"DELETE FROM {s}.outbox WHERE id = ANY($1::int8[])"
+        self.get = f"SELECT state::text FROM {s}.sagas WHERE saga_id = $1"
+        self.list_base = f"SELECT state::text FROM {s}.sagas"
+        self.log = (
+            f"SELECT saga_id, extract(epoch FROM at)::float8 AS at, event, step, step_index,"
+            f" kind, attempt, detail::text AS detail FROM {s}.saga_log"
+            " WHERE saga_id = $1 ORDER BY id"
+        )
+        self.outbox_stats = (
+            f"SELECT count(*), extract(epoch FROM min(publish_after))::float8 FROM {s}.outbox"
+            " WHERE publish_after <= to_timestamp($1::float8)"
+        )
+
+
+class PostgresSagaTransaction:
+    """The :class:`~sagaflow.core.ports.SagaTransaction` of :class:`PostgresSagaStore`.
+
+    Every method is one round trip, whatever the batch size.
+    """
+
+    __slots__ = ("_conn", "_sql", "notified")
+
+    def __init__(self, conn: Connection, sql: _SagaSql) -> None:
+        self._conn = conn
+        self._sql = sql
+        self.notified = False  # a NOTIFY for due outbox rows is pending in this transaction
+
+    @property
+    def connection(self) -> Connection:
+        """The connection this transaction runs on."""
+        return self._conn
+
+    async def insert(self, state: SagaState) -> None:
+        """Add a new saga.
+
+        Raises:
+            StoreError: a saga with that id exists (the transaction stays usable).
+        """
+        try:
+            inserted = await self._conn.fetchval(
+                self._sql.insert,
+                state.saga_id,
+                state.saga_name,
+                state.saga_version,
+                state.status.value,
+                state.model_dump_json(),
+                state.wake_at,
+                state.version,
+                state.created_at,
+                state.updated_at,
+            )
+        except DB_ERRORS as exc:
+            raise store_error(exc, "insert") from exc
+        if inserted is None:
+            raise StoreError(f"saga {state.saga_id!r} already exists")
+
+    async def lock(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
+        """Load and lock sagas in id order; unknown ids are absent from the result."""
+        if not saga_ids:
+            return {}
+        try:
+            rows = await self._conn.fetch(self._sql.lock, list(saga_ids))
+        except DB_ERRORS as exc:
+            raise store_error(exc, "lock") from exc
+        states = [SagaState.model_validate_json(row[0]) for row in rows]
+        return {state.saga_id: state for state in states}
+
+    async def lock_due(self, now: float, limit: int) -> list[SagaState]:
+        """Lock up to ``limit`` due sagas, earliest first, skipping rows locked elsewhere."""
+        try:
+            rows = await self._conn.fetch(self._sql.lock_due, now, limit)
+        except DB_ERRORS as exc:
+            raise store_error(exc, "lock_due") from exc
+        return [SagaState.model_validate_json(row[0]) for row in rows]
+
+    async def save(self, state: SagaState) -> None:
+        """Write back a state loaded with ``state.version``; the stored version becomes +1.
+
+        Raises:
+            ConcurrencyConflict: the stored version is not ``state.version``.
+        """
+        await self.save_many((state,))
+
+    async def save_many(self, states: Sequence[SagaState]) -> None:
+        """:meth:`save` several sagas in one statement.
+
+        Raises:
+            ValueError: a saga appears twice.
+            ConcurrencyConflict: any of them is no longer at its version (none is saved
+                once the transaction rolls back).
+        """
+        if not states:
+            return
+        ids = [s.saga_id for s in states]
+        if len(states) > 1 and len(set(ids)) != len(ids):
+            raise ValueError("save_many got the same saga twice")
+        try:
+            rows = await self._conn.fetch(
+                self._sql.save,
+                ids,
+                [s.status.value for s in states],
+                [_state_json(s, s.version + 1) for s in states],
+                [s.wake_at for s in states],
+                [s.version for s in states],
+                [s.updated_at for s in states],
+            )
+        except DB_ERRORS as exc:
+            raise store_error(exc, "save") from exc
+        if len(rows) != len(states):
+            saved = {row[0] for row in rows}
+            stale = [s.saga_id for s in states if s.saga_id not in saved]
+            raise ConcurrencyConflict(
+                f"sagas no longer at the version they were loaded at: {stale}"
+            )
+
+    async def append_log(self, entries: Sequence[LogEntry]) -> None:
+        """Append log entries in order, in one statement."""
+        if not entries:
+            return
+        try:
+            await self._conn.execute(
+                self._sql.append_log,
+                [e.saga_id for e in entries],
+                [e.at for e in entries],
+                [e.event.value for e in entries],
+                [e.step for e in entries],
+                [e.step_index for e in entries],
+                [None if e.kind is None else e.kind.value for e in entries],
+                [e.attempt for e in entries],
+                [_detail_json(e.detail) for e in entries],
+            )
+        except DB_ERRORS as exc:
+            raise store_error(exc, "append_log") from exc
+
+    async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
+        """Queue envelopes; ``NOTIFY <schema>_outbox`` at commit when they are due now.
+
+        Returns:
+            The row ids, in the order of ``envelopes``.
+        """
+        if not envelopes:
+            return []
+        notify = not self.notified and publish_after <= time.time()
+        try:
+            rows = await self._conn.fetch(
+                self._sql.add_outbox,
+                [e.saga_id for e in envelopes],
+                [envelope_to_json(e) for e in envelopes],
+                publish_after,
+                notify,
+                self._sql.channel,
+            )
+        except DB_ERRORS as exc:
+            raise store_error(exc, "add_outbox") from exc
+        self.notified = self.notified or notify
+        return sorted(row[0] for row in rows if row[0] >= 0)
+
+
+class _TransactionContext:
+    """``async with store.transaction(conn) as tx``: one transaction, or the caller's."""
+
+    __slots__ = ("_conn", "_external", "_store", "_tx", "_txn")
+
+    def __init__(self, store: PostgresSagaStore, external: Connection | None) -> None:
+        self._store = store
+        self._external = external
+        self._conn: PoolConnectionProxy[Any] | None = None
+        self._tx: Transaction | None = None
+        self._txn: PostgresSagaTransaction | None = None
+
+    async def __aenter__(self) -> PostgresSagaTransaction:
+        store = self._store
+        conn: Connection
+        if self._external is None:
+            conn, self._tx = await begin(store._pool_or_raise(), store._attempts)
+            self._conn = conn
+        else:
+            conn = self._external
+            if not conn.is_in_transaction():
+                # Not the documented use, but atomicity must not depend on the caller.
+                self._tx = conn.transaction()
+                try:
+                    await self._tx.start()
+                except DB_ERRORS as exc:
+                    raise store_error(exc, "begin") from exc
+        self._txn = PostgresSagaTransaction(conn, store._sql)
+        return self._txn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._tx is not None:
+                if exc is None:
+                    try:
+                        await self._tx.commit()
+                    except DB_ERRORS as error:
+                        raise store_error(error, "commit") from error
+                    if self._txn is not None and self._txn.notified:
+                        self._store._wake.set()
+                else:
+                    await _quiet_rollback(self._tx)
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await release(self._store._pool, conn)
+
+
+async def _quiet_rollback(tx: Transaction) -> None:
+    """Roll back while another error is on its way; a dead connection rolls back anyway."""
+    try:
+        await tx.rollback()
+    except DB_ERRORS as exc:
+        log.debug("rollback failed (connection lost?): %r", exc)
+
+
+class _ClaimContext:
+    """``async with store.claim_outbox(now, n) as items``: rows stay locked until exit."""
+
+    __slots__ = ("_conn", "_ids", "_limit", "_now", "_store", "_tx")
+
+    def __init__(self, store: PostgresSagaStore, now: float, limit: int) -> None:
+        self._store = store
+        self._now = now
+        self._limit = limit
+        self._conn: PoolConnectionProxy[Any] | None = None
+        self._tx: Transaction | None = None
+        self._ids: list[int] = []
+
+    async def __aenter__(self) -> list[OutboxItem]:
+        store = self._store
+        self._conn, self._tx = conn, _ = await begin(store._pool_or_raise(), store._attempts)
+        try:
+            rows = await conn.fetch(store._sql.claim_outbox, self._now, self._limit)
+        except DB_ERRORS as exc:
+            await self._abort()
+            raise store_error(exc, "claim_outbox") from exc
+        except BaseException:
+            await self._abort()
+            raise
+        items = [OutboxItem(id=row[0], envelope=envelope_from_json(row[1])) for row in rows]
+        self._ids = [item.id for item in items]
+        return items
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            await self._abort()
+            return
+        conn, tx = self._conn, self._tx
+        assert conn is not None and tx is not None
+        try:
+            if self._ids:
+                await conn.execute(self._store._sql.delete_outbox, self._ids)
+            await tx.commit()
+        except DB_ERRORS as error:
+            await self._abort()
+            raise store_error(error, "delete claimed outbox rows") from error
+        except BaseException:
+            await self._abort()
+            raise
+        self._conn = None
+        await release(self._store._pool, conn)
+
+    async def _abort(self) -> None:
+        conn, tx = self._conn, self._tx
+        self._conn = self._tx = None
+        if tx is not None:
+            await _quiet_rollback(tx)
+        if conn is not None:
+            await release(self._store._pool, conn)
+
+
+class PostgresSagaStore:
+    """The :class:`~sagaflow.core.ports.SagaStore` on PostgreSQL.
+
+    Run :func:`~sagaflow.store.migrate.migrate` first (``sagaflow db migrate``).
+
+    Args:
+        dsn: The PostgreSQL URL.
+        schema: The schema holding the tables.
+        min_size: Connections the pool keeps open.
+        max_size: Most connections the pool opens.
+    """
+
+    def __init__(
+        self, dsn: str, *, schema: str = "sagaflow", min_size: int = 2, max_size: int = 10
+    ) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._sql = _SagaSql(schema)
+        self._min_size = min_size
+        self._max_size = max_size
+        self._attempts = max_size + 1  # every idle connection may have died
+        self._pool: Pool | None = None
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self._listener_lock = asyncio.Lock()
+        self._listen_failed = False
+        self._wake = asyncio.Event()
+
+    @property
+    def schema(self) -> str:
+        """The schema holding the tables."""
+        return self._schema
+
+    async def start(self) -> None:
+        """Open the connection pool.
+
+        Raises:
+            StoreError: the database cannot be reached.
+        """
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=_CONNECT_TIMEOUT,
+            )
+        except DB_ERRORS as exc:
+            raise store_error(exc, "connect") from exc
+
+    async def close(self) -> None:
+        """Close the pool and the listening connection."""
+        pool, self._pool = self._pool, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.terminate()
+        if pool is not None:
+            await pool.close()
+
+    def transaction(self, connection: Any = None) -> _TransactionContext:
+        """One transaction; with ``connection`` it joins the caller's transaction.
+
+        Args:
+            connection: An asyncpg connection (or pool proxy) inside the caller's
+                transaction: the work commits or rolls back with it, and nothing is
+                committed here. A connection outside a transaction gets its own
+                transaction, committed at the end of the block.
+
+        Returns:
+            An async context manager yielding a :class:`PostgresSagaTransaction`.
+        """
+        return _TransactionContext(self, connection)
+
+    def claim_outbox(self, now: float, limit: int) -> _ClaimContext:
+        """Claim up to ``limit`` due rows (oldest id first), skipping rows claimed elsewhere.
+
+        The rows are deleted when the block exits cleanly; if it raises, they stay
+        for the next claim.
+        """
+        return _ClaimContext(self, now, limit)
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """Delete outbox rows (already published by the caller)."""
+        if ids:
+            await self._run(
+                "delete_outbox", lambda c: c.execute(self._sql.delete_outbox, list(ids))
+            )
+
+    async def wait_for_outbox(self, timeout: float) -> None:
+        """Return on a ``NOTIFY <schema>_outbox`` (or a local commit of due rows), or after
+        ``timeout``.
+
+        Listens on a dedicated connection opened on the first call and reopened
+        after it dies; a call that (re)opens it returns at once, since a hint may
+        have been missed meanwhile. It never raises for a database failure.
+        """
+        dead = self._listener is None or self._listener.is_closed()
+        if dead and await self._listen(timeout):
+            self._wake.clear()  # this early return is the wake-up
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def get(self, saga_id: str) -> SagaState | None:
+        """The committed state of a saga, or ``None``."""
+        text = await self._run("get", lambda c: c.fetchval(self._sql.get, saga_id))
+        return None if text is None else SagaState.model_validate_json(text)
+
+    async def list(
+        self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
+    ) -> list[SagaState]:
+        """Sagas, newest first, optionally filtered by status and name."""
+        clauses: list[str] = []
+        args: list[object] = []
+        if status is not None:
+            args.append(SagaStatus(status).value)
+            clauses.append(f"status = ${len(args)}")
+        if name is not None:
+            args.append(name)
+            clauses.append(f"saga_name = ${len(args)}")
+        args.append(limit)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = (
+            f"{self._sql.list_base}{where} ORDER BY created_at DESC, saga_id DESC"
+            f" LIMIT ${len(args)}"
+        )
+        rows = await self._run("list", lambda c: c.fetch(query, *args))
+        return [SagaState.model_validate_json(row[0]) for row in rows]
+
+    async def log(self, saga_id: str) -> builtins.list[LogEntry]:
+        """A saga's log, oldest first (``at`` rounded to the microsecond)."""
+        rows = await self._run("log", lambda c: c.fetch(self._sql.log, saga_id))
+        return [
+            LogEntry(
+                saga_id=row["saga_id"],
+                at=row["at"],
+                event=LogEvent(row["event"]),
+                step=row["step"],
+                step_index=row["step_index"],
+                kind=None if row["kind"] is None else MessageKind(row["kind"]),
+                attempt=row["attempt"],
+                detail=orjson.loads(row["detail"]),
+            )
+            for row in rows
+        ]
+
+    async def outbox_stats(self, now: float) -> tuple[int, float]:
+        """Rows due at ``now`` and the age in seconds of the oldest (0.0 when none)."""
+        row = await self._run("outbox_stats", lambda c: c.fetchrow(self._sql.outbox_stats, now))
+        assert row is not None
+        count, oldest = int(row[0]), row[1]
+        return count, (0.0 if oldest is None else max(0.0, now - oldest))
+
+    # ----------------------------------------------------------------- internals
+
+    def _pool_or_raise(self) -> Pool:
+        if self._pool is None:
+            raise StoreError("the store is not started (call start() first)")
+        return self._pool
+
+    async def _run(
+        self, action: str, work: Callable[[PoolConnectionProxy[Any]], Awaitable[T]]
+    ) -> T:
+        """Run one idempotent statement, retried on another connection if this one died."""
+        pool = self._pool_or_raise()
+        for attempt in range(1, self._attempts + 1):
+            try:
+                conn = await pool.acquire()
+            except DB_ERRORS as exc:
+                raise store_error(exc, "connect") from exc
+            try:
+                return await work(conn)
+            except BROKEN as exc:
+                if attempt >= self._attempts:
+                    raise store_error(exc, action) from exc
+            except DB_ERRORS as exc:
+                raise store_error(exc, action) from exc
+            finally:
+                await release(pool, conn)
+        raise StoreError(f"{action} failed: no attempts")
+
+    async def _listen(self, timeout: float) -> bool:
+        """(Re)open the listening connection; ``True`` if it is listening now."""
+        async with self._listener_lock:
+            if self._listener is not None and not self._listener.is_closed():
+                return True
+            self._listener = None
+            conn: asyncpg.Connection[asyncpg.Record] | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn, timeout=min(_CONNECT_TIMEOUT, max(timeout, 1.0))
+                )
+                await conn.add_listener(self._sql.channel, self._on_notify)
+                # A dead listener wakes its waiter, whose next call reconnects.
+                conn.add_termination_listener(self._on_notify)
+            except DB_ERRORS as exc:
+                level = logging.DEBUG if self._listen_failed else logging.WARNING
+                log.log(level, "cannot listen for outbox notifications (polling): %r", exc)
+                self._listen_failed = True
+                if conn is not None:
+                    conn.terminate()
+                return False
+            self._listener, self._listen_failed = conn, False
+            return True
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()

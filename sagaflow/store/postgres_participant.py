@@ -1,0 +1,302 @@
+"""The PostgreSQL participant store: the inbox commits with the business effect.
+
+Each participant service keeps an ``inbox`` table in its own schema (created by
+:func:`sagaflow.store.migrate.migrate_participant`, which
+:meth:`PostgresParticipantStore.start` runs unless told not to). A handler runs
+its business SQL on :attr:`PostgresParticipantTransaction.connection`, inside the
+transaction that also records the command id and its reply.
+
+Inbox rows are ``pending`` (claimed, no reply yet), ``done`` (reply stored) or
+``tombstone`` (never to be applied). Claiming inserts a ``pending`` row; a
+concurrent claim of the same id blocks on the primary key until the first
+transaction ends, then sees what it stored. A *committed* ``pending`` row means
+a transaction claimed the command and committed without storing a reply, so no
+effect is on record: :meth:`~PostgresParticipantTransaction.claim` treats it as
+unclaimed (``None``) and :meth:`~PostgresParticipantTransaction.tombstone` turns
+it into a tombstone.
+
+Errors are translated as in :mod:`sagaflow.store.postgres`: database failures of
+the store's own statements raise :class:`~sagaflow.core.errors.StoreError`
+(``__cause__`` holds asyncpg's error); the handler's own SQL errors are not
+translated.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from sagaflow.core.errors import StoreError
+from sagaflow.core.messages import Envelope
+from sagaflow.core.ports import TOMBSTONE, Tombstone
+from sagaflow.store.migrate import migrate_participant, quote_schema
+from sagaflow.store.postgres import (
+    DB_ERRORS,
+    begin,
+    envelope_from_json,
+    envelope_to_json,
+    log,
+    release,
+    store_error,
+)
+
+if TYPE_CHECKING:
+    from asyncpg.transaction import Transaction
+
+    from sagaflow.store.postgres import Pool
+
+__all__ = ["PostgresParticipantStore", "PostgresParticipantTransaction"]
+
+_CONNECT_TIMEOUT = 10.0
+
+
+class _InboxSql:
+    def __init__(self, schema: str) -> None:
+        s = quote_schema(schema)
+        self.claim = (
+            f"INSERT INTO {s}.inbox (command_id, status) VALUES ($1, 'pending')"
+            " ON CONFLICT (command_id) DO NOTHING RETURNING 1"
+        )
+        # A separate statement: the INSERT's snapshot predates the row it waited for.
+        self.stored = f"SELECT status, reply::text FROM {s}.inbox WHERE command_id = $1 FOR UPDATE"
+        self.complete = (
+            f"INSERT INTO {s}.inbox AS i (command_id, status, reply)"
+            " VALUES ($1, 'done', $2::text::jsonb)"
+            " ON CONFLICT (command_id) DO UPDATE SET status = 'done', reply = EXCLUDED.reply"
+            " WHERE i.status = 'pending' RETURNING 1"
+        )
+        self.tombstone = (
+            f"INSERT INTO {s}.inbox AS i (command_id, status) VALUES ($1, 'tombstone')"
+            " ON CONFLICT (command_id) DO UPDATE SET status = 'tombstone'"
+            " WHERE i.status = 'pending' RETURNING 1"
+        )
+
+
+class PostgresParticipantTransaction:
+    """The :class:`~sagaflow.core.ports.ParticipantTransaction` on PostgreSQL."""
+
+    __slots__ = ("_conn", "_sql")
+
+    def __init__(self, conn: PoolConnectionProxy[Any], sql: _InboxSql) -> None:
+        self._conn = conn
+        self._sql = sql
+
+    @property
+    def connection(self) -> PoolConnectionProxy[Any]:
+        """The asyncpg connection inside the transaction, for the handler's own SQL."""
+        return self._conn
+
+    def savepoint(self) -> _Savepoint:
+        """A block whose work (business SQL and inbox writes) is undone if it raises."""
+        return _Savepoint(self._conn)
+
+    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
+        """Claim a command id: ``None`` if new (or claimed without a reply), else the
+        stored reply or :data:`~sagaflow.core.ports.TOMBSTONE`.
+
+        A concurrent claim of the same id waits until the first transaction ends.
+        """
+        try:
+            while True:
+                if await self._conn.fetchval(self._sql.claim, command_id) is not None:
+                    return None
+                row = await self._conn.fetchrow(self._sql.stored, command_id)
+                if row is not None:
+                    return _stored(row[0], row[1])
+                # The conflicting row vanished between the statements (deleted by a
+                # cleanup): claim again.
+        except DB_ERRORS as exc:
+            raise store_error(exc, "claim") from exc
+
+    async def complete(self, command_id: str, reply: Envelope) -> None:
+        """Store the reply of a claimed (or not yet seen) command.
+
+        Raises:
+            StoreError: the command is already done or tombstoned.
+        """
+        try:
+            done = await self._conn.fetchval(
+                self._sql.complete, command_id, envelope_to_json(reply)
+            )
+        except DB_ERRORS as exc:
+            raise store_error(exc, "complete") from exc
+        if done is None:
+            raise StoreError(f"command {command_id!r} is already done or tombstoned")
+
+    async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
+        """Mark a command as never to be applied, unless it already was.
+
+        Returns:
+            ``None`` when the tombstone is now set, else the stored reply or
+            :data:`~sagaflow.core.ports.TOMBSTONE` if it already was one.
+        """
+        try:
+            while True:
+                if await self._conn.fetchval(self._sql.tombstone, command_id) is not None:
+                    return None
+                row = await self._conn.fetchrow(self._sql.stored, command_id)
+                if row is not None:
+                    return _stored(row[0], row[1])
+        except DB_ERRORS as exc:
+            raise store_error(exc, "tombstone") from exc
+
+
+def _stored(status: str, reply: str | None) -> Envelope | Tombstone | None:
+    if status == "tombstone":
+        return TOMBSTONE
+    if status == "done" and reply is not None:
+        return envelope_from_json(reply)
+    return None  # committed while pending: no effect on record
+
+
+class _Savepoint:
+    __slots__ = ("_conn", "_tx")
+
+    def __init__(self, conn: PoolConnectionProxy[Any]) -> None:
+        self._conn = conn
+        self._tx: Transaction | None = None
+
+    async def __aenter__(self) -> None:
+        self._tx = self._conn.transaction()  # nested: asyncpg issues SAVEPOINT
+        try:
+            await self._tx.start()
+        except DB_ERRORS as exc:
+            raise store_error(exc, "savepoint") from exc
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tx = self._tx
+        assert tx is not None
+        try:
+            if exc is None:
+                await tx.commit()
+            else:
+                await tx.rollback()
+        except DB_ERRORS as error:
+            if exc is None:
+                raise store_error(error, "savepoint") from error
+            log.debug("rollback to savepoint failed: %r", error)
+
+
+class _TransactionContext:
+    __slots__ = ("_conn", "_store", "_tx")
+
+    def __init__(self, store: PostgresParticipantStore) -> None:
+        self._store = store
+        self._conn: PoolConnectionProxy[Any] | None = None
+        self._tx: Transaction | None = None
+
+    async def __aenter__(self) -> PostgresParticipantTransaction:
+        store = self._store
+        self._conn, self._tx = await begin(store._pool_or_raise(), store._max_size + 1)
+        return PostgresParticipantTransaction(self._conn, store._sql)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tx = self._tx
+        assert tx is not None
+        try:
+            if exc is None:
+                try:
+                    await tx.commit()
+                except DB_ERRORS as error:
+                    raise store_error(error, "commit") from error
+            else:
+                try:
+                    await tx.rollback()
+                except DB_ERRORS as error:
+                    log.debug("rollback failed (connection lost?): %r", error)
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await release(self._store._pool, conn)
+
+
+class PostgresParticipantStore:
+    """The :class:`~sagaflow.core.ports.ParticipantStore` on PostgreSQL.
+
+    Args:
+        dsn: The PostgreSQL URL of the participant's database.
+        schema: The participant's own schema (holds its ``inbox``).
+        min_size: Connections the pool keeps open.
+        max_size: Most connections the pool opens.
+        auto_migrate: Create or update the inbox table in :meth:`start` (safe when
+            several workers start at once).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str,
+        min_size: int = 2,
+        max_size: int = 10,
+        auto_migrate: bool = True,
+    ) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._sql = _InboxSql(schema)
+        self._min_size = min_size
+        self._max_size = max_size
+        self._auto_migrate = auto_migrate
+        self._pool: Pool | None = None
+
+    @property
+    def schema(self) -> str:
+        """The participant's schema."""
+        return self._schema
+
+    async def start(self) -> None:
+        """Open the pool (and migrate the inbox unless ``auto_migrate=False``).
+
+        Raises:
+            StoreError: the database cannot be reached or the migration failed.
+        """
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=_CONNECT_TIMEOUT,
+            )
+        except DB_ERRORS as exc:
+            raise store_error(exc, "connect") from exc
+        if self._auto_migrate:
+            try:
+                async with pool.acquire() as conn:
+                    await migrate_participant(conn, self._schema)
+            except DB_ERRORS as exc:
+                pool.terminate()
+                raise store_error(exc, "migrate inbox") from exc
+            except BaseException:
+                pool.terminate()
+                raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        """Close the pool."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    def transaction(self) -> _TransactionContext:
+        """One transaction for a handler's effect and the inbox record of its command."""
+        return _TransactionContext(self)
+
+    def _pool_or_raise(self) -> Pool:
+        if self._pool is None:
+            raise StoreError("the store is not started (call start() first)")
+        return self._pool
