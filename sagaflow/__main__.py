@@ -1,0 +1,5 @@
+"""``python -m sagaflow``: the same as the ``sagaflow`` command."""
+
+from sagaflow.cli import main
+
+main()

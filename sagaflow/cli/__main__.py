@@ -1,0 +1,5 @@
+"""``python -m sagaflow.cli``."""
+
+from sagaflow.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""``sagaflow dlq list/replay``: the dead-letter queue, seen and emptied by an operator."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.table import Table
+
+from sagaflow.cli import common
+from sagaflow.cli.common import (
+    CliError,
+    UsageProblem,
+    current_settings,
+    default_user,
+    echo_json,
+    guarded,
+    run_async,
+    stdout_console,
+)
+from sagaflow.core.ports import DeadLetter
+
+__all__ = ["app", "dead_letter_document"]
+
+log = logging.getLogger("sagaflow.cli")
+
+app = typer.Typer(
+    name="dlq",
+    help="Inspect and replay dead-lettered messages.",
+    no_args_is_help=True,
+)
+
+_CONNECTION = "sagaflow-cli"
+
+
+def dead_letter_document(letter: DeadLetter) -> dict[str, Any]:
+    """A dead letter as ``dlq list --json`` prints it.
+
+    When the body is a sagaflow envelope, its saga id, type and step are lifted
+    out; the body is given as text when it is UTF-8, else base64.
+    """
+    envelope: dict[str, Any] = {}
+    try:
+        parsed = orjson.loads(letter.body)
+        if isinstance(parsed, dict):
+            envelope = parsed
+    except orjson.JSONDecodeError:
+        pass
+    document: dict[str, Any] = {
+        "id": letter.id,
+        "reason": letter.reason,
+        "source_queue": letter.source_queue,
+        "saga_id": envelope.get("saga_id"),
+        "type": envelope.get("type"),
+        "step": envelope.get("step"),
+        "kind": envelope.get("kind"),
+        "headers": dict(letter.headers),
+    }
+    try:
+        document["body"] = letter.body.decode("utf-8")
+    except UnicodeDecodeError:
+        document["body_base64"] = base64.b64encode(letter.body).decode("ascii")
+    return document
+
+
+@app.command("list")
+@guarded
+def list_letters(
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Peek at dead letters (oldest first); they stay in the queue."""
+    settings = current_settings()
+
+    async def go() -> list[DeadLetter]:
+        async with common.opened_transport(settings, name=_CONNECTION) as broker:
+            return await broker.dead_letters(limit)
+
+    documents = [dead_letter_document(letter) for letter in run_async(go())]
+    if as_json:
+        echo_json(documents)
+        return
+    if not documents:
+        typer.echo("no dead letters", err=True)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "REASON", "QUEUE", "SAGA ID", "TYPE"):
+        table.add_column(column, no_wrap=column != "REASON")
+    for doc in documents:
+        table.add_row(
+            doc["id"], doc["reason"], doc["source_queue"], doc["saga_id"] or "", doc["type"] or ""
+        )
+    stdout_console().print(table)
+
+
+@app.command("replay")
+@guarded
+def replay(
+    ids: Annotated[
+        list[str] | None, typer.Argument(metavar="ID...", help="Dead letters to replay.")
+    ] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (logged).")] = "",
+    by: Annotated[
+        str | None, typer.Option("--by", help="Who asks (logged; default: the OS user).")
+    ] = None,
+) -> None:
+    """Re-publish dead letters to the queue they came from (fix the cause first)."""
+    settings = current_settings()
+    if ids and replay_all:
+        raise UsageProblem("pass either ids or --all, not both")
+    if not ids and not replay_all:
+        raise UsageProblem("name the dead letters to replay (ID...) or pass --all")
+    if not reason.strip():
+        raise UsageProblem("--reason is required: say why these messages are replayed")
+    who = by or default_user()
+    wanted = None if replay_all else list(dict.fromkeys(ids or []))
+
+    async def go() -> int:
+        async with common.opened_transport(settings, name=_CONNECTION) as broker:
+            return await broker.replay_dead_letters(wanted)
+
+    count = run_async(go())
+    log.info(
+        "dead letters replayed",
+        extra={"by": who, "reason": reason, "ids": wanted or "all", "count": count},
+    )
+    typer.echo(f"replayed {count} dead letter{'s' if count != 1 else ''}")
+    if wanted is not None and count < len(wanted):
+        raise CliError(
+            f"{len(wanted) - count} of {len(wanted)} ids were not in the dead-letter queue"
+        )
