@@ -1,0 +1,103 @@
+"""``python -m services.order``: the order HTTP API and the order participant, one process.
+
+Configuration comes from the environment: ``SAGAFLOW_*`` (see
+``sagaflow.config.Settings``) plus ``ORDER_HTTP_HOST`` (default ``127.0.0.1``)
+and ``ORDER_HTTP_PORT`` (default ``8000``). SIGTERM or SIGINT stops the API
+(in-flight requests finish) and the worker (batches in hand commit, reply and
+are acknowledged), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+
+from sagaflow import Worker
+from sagaflow.config import Settings
+from sagaflow.telemetry import setup_telemetry
+from services.order.api import create_app
+from services.order.app import participant
+
+log = logging.getLogger("services.order")
+
+_STOP_GRACE = 20.0
+"""Seconds the worker gets to finish its batches after SIGTERM."""
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # main() owns the signals: it stops the worker too, and uvicorn's own
+        # handler would re-raise SIGTERM at exit and kill the process mid-shutdown
+        yield
+
+
+async def serve(settings: Settings, host: str, port: int) -> bool:
+    """Run the API and the worker until SIGTERM/SIGINT; False if the API could not start."""
+    telemetry = setup_telemetry(settings, "order")  # OTEL_* environment: off when unset
+    worker = Worker(
+        participant,
+        hooks=telemetry.hooks,
+        transport=settings.transport(connection_name="order"),
+        store=settings.participant_store("order"),
+        max_batch=settings.worker_max_batch,
+        prefetch=settings.worker_prefetch,
+        concurrency=settings.worker_concurrency,
+    )
+    app = create_app(settings, hooks=telemetry.hooks)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
+
+    async def http() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's way to say the app failed to start; logged already
+            log.error("the HTTP API did not start")
+        finally:  # the API stopped, or never started (port taken...): stop the worker too
+            worker.request_stop()
+
+    async def work() -> None:
+        try:
+            await worker.run()
+        finally:
+            server.should_exit = True
+
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(http(), name="http")
+        working = tasks.create_task(work(), name="worker")
+
+        def stop() -> None:
+            log.info("stopping")
+            server.should_exit = True
+            worker.request_stop()
+            # a worker still connecting (broker down) does not see the request: cancel it
+            asyncio.get_running_loop().call_later(_STOP_GRACE, working.cancel)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+    await telemetry.aclose()  # flush the last spans
+    log.info("stopped")
+    return server.started
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    host = os.environ.get("ORDER_HTTP_HOST", "127.0.0.1")
+    port = int(os.environ.get("ORDER_HTTP_PORT", "8000"))
+    log.info("order service on http://%s:%d, settings %s", host, port, settings.redacted())
+    if not asyncio.run(serve(settings, host, port)):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The shipping service: schedules and cancels shipments."""
