@@ -1,0 +1,80 @@
+# sagaflow developer and CI entry points. `make help` lists them.
+#
+# Works on a fresh machine with only python3 (>= 3.11), pip and venv: every
+# target that needs tools depends on the virtualenv, which is (re)built when
+# pyproject.toml changes. Tests and benchmarks need RabbitMQ and PostgreSQL;
+# scripts/ensure-services.sh checks them (and starts local ones if installed).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Touched after a successful install; re-install only when pyproject.toml is newer.
+STAMP := $(VENV)/.sagaflow-installed
+# Extra arguments: `make test PYTEST_ARGS="-k compensation -x"`.
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+# Quiet pip's advice about root and about its own version (CI runs as root).
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_ROOT_USER_ACTION := ignore
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-unit test-faults lint types check bench fmt services clean
+
+help:  ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(STAMP)  ## create .venv and install sagaflow with its dev tools
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  found=$$(command -v $(PYTHON) >/dev/null && $(PYTHON) --version 2>&1 || echo 'not found'); \
+	  echo "error: sagaflow needs Python >= 3.11, but PYTHON=$(PYTHON) is: $$found" >&2; \
+	  echo "       Install one (e.g. apt-get install python3.11) and run" \
+	    "'make PYTHON=python3.11 ...'." >&2; \
+	  exit 1; }
+	@if [ -x $(BIN)/python ] && ! $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+	  echo "$(VENV) has an old Python; recreating it" >&2; rm -rf $(VENV); fi
+	@if [ ! -x $(BIN)/python ]; then \
+	  echo "creating $(VENV) with $$($(PYTHON) --version)"; \
+	  $(PYTHON) -m venv $(VENV) || { \
+	    echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2; \
+	    rm -rf $(VENV); exit 1; }; fi
+	$(BIN)/python -m pip install --quiet --editable '.[dev]'
+	@touch $(STAMP)
+
+demo: venv  ## run a saga end to end in one process (in-memory; no servers needed)
+	$(BIN)/sagaflow demo
+
+services:  ## check RabbitMQ and PostgreSQL are up (start local ones if installed)
+	@bash scripts/ensure-services.sh
+
+test: venv services  ## the whole suite: unit, contract, integration, e2e, faults
+	$(BIN)/pytest tests -ra $(PYTEST_ARGS)
+
+test-unit: venv  ## unit tests only (no servers needed)
+	$(BIN)/pytest tests/unit -ra $(PYTEST_ARGS)
+
+test-faults: venv services  ## fault-injection tests only (kill and restart processes)
+	@if [ -d tests/faults ]; then $(BIN)/pytest tests/faults -ra $(PYTEST_ARGS); \
+	else $(BIN)/pytest tests -m faults -ra $(PYTEST_ARGS); fi
+
+lint: venv  ## ruff check and ruff format --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: venv  ## mypy (strict) on the library
+	$(BIN)/mypy sagaflow
+
+check: lint types test  ## lint + types + test: what CI runs
+
+bench: venv services  ## the benchmark harness (bench/), against the real servers
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+fmt: venv  ## format and fix what ruff can fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:  ## remove caches (keeps .venv; `rm -rf .venv` for a clean slate)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
