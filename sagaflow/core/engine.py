@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from sagaflow.core.definition import Saga, Step, StepKind
+from sagaflow.core.fast import construct, replace
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, command_id
 from sagaflow.core.state import Failure, LogEntry, LogEvent, SagaState, SagaStatus, Timer
 
@@ -151,8 +152,8 @@ def _on_reply(saga: Saga[Any], state: SagaState, env: Envelope, now: float) -> D
     ]
     if expected is MessageKind.COMPENSATION:
         if env.outcome is Outcome.SUCCESS:
-            rest = _with(state, to_compensate=state.to_compensate[1:])
-            return _next_compensation(saga, _touch(rest, now), now, log)
+            rest = _with(state, to_compensate=state.to_compensate[1:], updated_at=now)
+            return _next_compensation(saga, rest, now, log)
         return _retry_or_fail_compensation(saga, state, now, log, env.reason or "failed")
 
     if env.outcome is Outcome.SUCCESS:
@@ -260,16 +261,14 @@ def _step_succeeded(
     step_traces = state.step_traces
     if step.compensation is not None and TRACEPARENT in reply_trace:
         step_traces = {**step_traces, str(state.step_index): reply_trace[TRACEPARENT]}
-    done = _touch(
-        _with(
-            state,
-            data=data,
-            completed=completed,
-            step_traces=step_traces,
-            awaiting=False,
-            timer=None,
-        ),
-        now,
+    done = _with(
+        state,
+        data=data,
+        completed=completed,
+        step_traces=step_traces,
+        awaiting=False,
+        timer=None,
+        updated_at=now,
     )
     following = state.step_index + 1
     if following < len(saga.steps):
@@ -339,14 +338,15 @@ def _schedule_retry(
     saga: Saga[Any], state: SagaState, delay: float, now: float, log: list[LogEntry], reason: str
 ) -> Decision:
     attempt = state.attempt + 1
-    timer = Timer(
+    timer = construct(
+        Timer,
         purpose="retry",
         step_index=state.step_index,
         kind=state.kind,
         attempt=attempt,
         due_at=now + delay,
     )
-    nxt = _touch(_with(state, attempt=attempt, awaiting=False, timer=timer), now)
+    nxt = _with(state, attempt=attempt, awaiting=False, timer=timer, updated_at=now)
     log.append(
         _entry(
             saga,
@@ -393,7 +393,7 @@ def _begin_compensation(
             },
         )
     )
-    return _next_compensation(saga, _touch(nxt, now), now, log)
+    return _next_compensation(saga, _with(nxt, updated_at=now), now, log)
 
 
 def _next_compensation(
@@ -414,8 +414,8 @@ def _next_compensation(
 def _fail(
     saga: Saga[Any], state: SagaState, failure: Failure, now: float, log: list[LogEntry]
 ) -> Decision:
-    final = _touch(
-        _with(state, status=SagaStatus.FAILED, failure=failure, awaiting=False, timer=None), now
+    final = _with(
+        state, status=SagaStatus.FAILED, failure=failure, awaiting=False, timer=None, updated_at=now
     )
     log.append(
         _entry(
@@ -465,7 +465,8 @@ def _dispatch(
     cid = command_id(state.saga_id, step.name, kind)
     if kind is MessageKind.COMMAND and state.generation:
         cid = f"{cid}:g{state.generation}"
-    envelope = Envelope(
+    envelope = construct(
+        Envelope,
         message_id=f"{cid}:{attempt}",
         command_id=cid,
         saga_id=state.saga_id,
@@ -479,10 +480,15 @@ def _dispatch(
         payload=payload,
         trace=_trace_for(state, index, kind),
     )
-    timer = Timer(
-        purpose="timeout", step_index=index, kind=kind, attempt=attempt, due_at=now + step.timeout
+    timer = construct(
+        Timer,
+        purpose="timeout",
+        step_index=index,
+        kind=kind,
+        attempt=attempt,
+        due_at=now + step.timeout,
     )
-    sent = _touch(_with(moved, awaiting=True, timer=timer), now)
+    sent = _with(moved, awaiting=True, timer=timer, updated_at=now)
     event = LogEvent.COMMAND_SENT if kind is MessageKind.COMMAND else LogEvent.COMPENSATION_SENT
     log.append(
         _entry(saga, sent, now, event, detail={"type": action, "message_id": envelope.message_id})
@@ -524,12 +530,8 @@ def _seed(state: SagaState) -> str:
     return f"{state.saga_id}:{state.step_index}:{state.kind.value}:{state.attempt}"
 
 
-def _touch(state: SagaState, now: float) -> SagaState:
-    return _with(state, updated_at=now)
-
-
 def _with(state: SagaState, **changes: Any) -> SagaState:
-    return state.model_copy(update=changes)
+    return replace(state, **changes)
 
 
 def _entry(
@@ -543,7 +545,8 @@ def _entry(
     detail: dict[str, Any] | None = None,
 ) -> LogEntry:
     on_step = event not in (LogEvent.STARTED, LogEvent.COMPLETED)
-    return LogEntry(
+    return construct(
+        LogEntry,
         saga_id=state.saga_id,
         at=now,
         event=event,

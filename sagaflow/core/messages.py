@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sagaflow.core.errors import MessageRejected
+from sagaflow.core.fast import construct
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -78,7 +79,8 @@ class Envelope(BaseModel):
         self, outcome: Outcome, payload: dict[str, Any] | None = None, reason: str | None = None
     ) -> Envelope:
         """The reply to this command or compensation."""
-        return Envelope(
+        return construct(
+            Envelope,
             message_id=f"{self.message_id}:reply",
             command_id=self.command_id,
             saga_id=self.saga_id,

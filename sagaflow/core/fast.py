@@ -1,0 +1,50 @@
+"""Building pydantic models without validation, for values the engine made itself.
+
+``model_construct`` and ``model_copy`` were the largest cost of a transition
+(tens of microseconds each, several per transition). The engine only writes
+values of the right types, so it builds its models here: fill in defaults,
+set the instance dictionary, done. Anything from outside (the wire, the
+database, user data) is still validated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+_DEFAULTS: dict[type[BaseModel], list[tuple[str, bool, Any]]] = {}
+
+
+def _defaults(cls: type[BaseModel]) -> list[tuple[str, bool, Any]]:
+    spec = _DEFAULTS.get(cls)
+    if spec is None:
+        spec = [
+            (name, field.default_factory is not None, field.default_factory or field.default)
+            for name, field in cls.model_fields.items()
+            if not field.is_required()
+        ]
+        _DEFAULTS[cls] = spec
+    return spec
+
+
+def construct(cls: type[M], /, **values: Any) -> M:
+    """An instance of ``cls`` holding ``values`` (plus defaults), not validated."""
+    for name, factory, default in _defaults(cls):
+        if name not in values:
+            values[name] = default() if factory else default
+    instance = cls.__new__(cls)
+    object.__setattr__(instance, "__dict__", values)
+    object.__setattr__(instance, "__pydantic_fields_set__", set(values))
+    object.__setattr__(instance, "__pydantic_extra__", None)
+    object.__setattr__(instance, "__pydantic_private__", None)
+    return instance
+
+
+def replace(model: M, **changes: Any) -> M:
+    """A copy of ``model`` with ``changes``, not validated."""
+    values = model.__dict__.copy()
+    values.update(changes)
+    return construct(type(model), **values)
