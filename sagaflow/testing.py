@@ -27,7 +27,7 @@ from sagaflow.core.messages import Envelope, Outcome
 from sagaflow.core.ports import Topology
 from sagaflow.core.state import LogEntry, SagaState
 from sagaflow.runtime.coordinator import Coordinator, SagaHandle
-from sagaflow.runtime.hooks import Hooks
+from sagaflow.runtime.hooks import CompositeHooks, Hooks
 from sagaflow.runtime.participant import Participant, Worker
 from sagaflow.store.memory import InMemoryParticipantStore, InMemorySagaStore
 from sagaflow.transport.memory import InMemoryTransport
@@ -74,7 +74,11 @@ class _Recorder(Hooks):
 
 
 class SagaTestEnvironment:
-    """A coordinator and the given participants, in memory, with a fake clock."""
+    """A coordinator and the given participants, in memory, with a fake clock.
+
+    ``hooks`` go to the coordinator, ``worker_hooks`` to every worker (tracing,
+    metrics...).
+    """
 
     def __init__(
         self,
@@ -83,6 +87,7 @@ class SagaTestEnvironment:
         *,
         clock: FakeClock | None = None,
         hooks: Hooks | None = None,
+        worker_hooks: Hooks | None = None,
         **coordinator_options: Any,
     ) -> None:
         self.clock = clock or FakeClock()
@@ -103,7 +108,9 @@ class SagaTestEnvironment:
                 p,
                 transport=self.transport,
                 store=self.participant_stores[p.service],
-                hooks=self._recorder,
+                hooks=self._recorder
+                if worker_hooks is None
+                else CompositeHooks([self._recorder, worker_hooks]),
             )
             for p in participants
         ]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from urllib.parse import urlsplit
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest

@@ -33,6 +33,7 @@ from sagaflow.core.ports import (
     Transport,
 )
 from sagaflow.core.state import LogEntry, SagaState
+from sagaflow.logs import saga_fields
 from sagaflow.runtime.batching import Batcher, retry_forever
 from sagaflow.runtime.clock import SystemClock, UUIDFactory
 from sagaflow.runtime.hooks import Hooks
@@ -511,6 +512,7 @@ class Coordinator(SagaClient):
                         state.saga_id,
                         state.saga_name,
                         state.saga_version,
+                        extra=saga_fields(state),
                     )
                     continue
                 decision = engine.decide(saga, state, engine.TimerFired(), now)

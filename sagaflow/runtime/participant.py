@@ -35,6 +35,7 @@ from sagaflow.core.messages import (
     decode,
 )
 from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
+from sagaflow.logs import saga_fields
 from sagaflow.runtime.batching import Batcher, retry_forever
 from sagaflow.runtime.hooks import Hooks
 
@@ -366,6 +367,7 @@ class Worker:
                 envelope.saga_id,
                 envelope.attempt,
                 exc,
+                extra=saga_fields(envelope),
             )
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
         return envelope.reply(Outcome.SUCCESS, payload)

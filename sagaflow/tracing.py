@@ -1,0 +1,527 @@
+"""OpenTelemetry tracing: one saga is one trace, across every process it touches.
+
+The runtime calls :class:`TracingHooks` at each transition (``sagaflow.runtime.hooks``);
+nothing here keeps a span open longer than one step of work, so a trace survives
+any process dying. The shape of a saga's trace::
+
+    POST /orders                                SERVER    (the caller's span, if any)
+    └─ saga start create-order                  INTERNAL  context stored with the saga
+       ├─ send sagaflow.commands:inventory      PRODUCER  coordinator (or its outbox relay)
+       │  └─ process sagaflow.commands:inventory:sagaflow.service.inventory
+       │     │                                  CONSUMER  worker; the handler's SQL beneath
+       │     └─ send sagaflow.replies:reply     PRODUCER  worker
+       │        └─ process sagaflow.replies:reply:sagaflow.replies
+       │                                        CONSUMER  coordinator, with saga.outcome
+       ├─ saga retry / timeout ...              INTERNAL  short spans from the timer loop
+       ├─ saga compensate create-order/reserve  INTERNAL  linked to the step it undoes
+       └─ saga compensated create-order         INTERNAL  the end
+
+Every span beneath the start span is parented on the context stored with the
+saga (``SagaState.trace``), which travels in each command's ``traceparent``
+header: a coordinator restarted mid-saga, or a timer firing an hour later,
+continues the same trace. A compensation's messages carry ``sagaflow-link``,
+the ``traceparent`` of the reply of the step it undoes; its spans link there.
+
+Configuration is the standard ``OTEL_*`` environment only (see
+:func:`configure_tracing`); with none, nothing is installed and tracing costs
+nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+
+from sagaflow import __version__
+from sagaflow.core.engine import LINK, TRACEPARENT
+from sagaflow.core.messages import Envelope, MessageKind, Outcome
+from sagaflow.core.ports import Topology
+from sagaflow.core.state import LogEvent
+from sagaflow.logs import trace_id_of
+from sagaflow.runtime.hooks import Hooks
+from sagaflow.transport.memory import route
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TraceState
+
+    from sagaflow.core.definition import Saga
+    from sagaflow.core.engine import Decision as SagaDecision
+    from sagaflow.core.state import LogEntry, SagaState
+
+__all__ = [
+    "TracingHooks",
+    "configure_tracing",
+    "default_service_name",
+    "shutdown_tracing",
+    "trace_id_of",
+    "tracing_configured",
+]
+
+log = logging.getLogger("sagaflow.tracing")
+
+TRACESTATE = "tracestate"
+SCOPE = "sagaflow"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_PENDING_LIMIT = 10_000  # worker spans awaiting their outcome (a safety bound, never reached)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _span_context(traceparent: str | None) -> SpanContext | None:
+    if not traceparent:
+        return None
+    ctx = _PROPAGATOR.extract({TRACEPARENT: traceparent})
+    span_context = trace.get_current_span(ctx).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+def _derived_context(saga_id: str) -> Context:
+    """A stand-in parent for a saga started without tracing: the same trace id for
+    every span of the saga, derived from its id, so its spans still form one trace
+    (Jaeger shows the root as missing)."""
+    digest = hashlib.sha256(f"sagaflow:{saga_id}".encode()).digest()
+    trace_id = int.from_bytes(digest[:16], "big") or 1
+    span_id = int.from_bytes(digest[16:24], "big") or 1
+    span_context = SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+    )
+    return trace.set_span_in_context(NonRecordingSpan(span_context))
+
+
+def _parent(carrier: Mapping[str, str], saga_id: str) -> Context:
+    if _span_context(carrier.get(TRACEPARENT)) is None:
+        return _derived_context(saga_id)
+    return _PROPAGATOR.extract(dict(carrier))
+
+
+def _inject(span: Span, keep: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The W3C headers of ``span``, plus ``keep``'s non-trace-context entries."""
+    carrier = {k: v for k, v in (keep or {}).items() if k not in (TRACEPARENT, TRACESTATE)}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+def _links(carrier: Mapping[str, str]) -> list[Link]:
+    undone = _span_context(carrier.get(LINK))
+    return [Link(undone, {"saga.link": "compensates"})] if undone is not None else []
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class TracingHooks(Hooks):
+    """Emits the spans of a saga's trace; plug into a Coordinator, SagaClient or Worker.
+
+    Args:
+        tracer_provider: Where spans go; the global provider by default (what
+            :func:`configure_tracing` installs).
+        topology: The broker names, for span names and destinations; it must
+            match the transport's.
+
+    Example::
+
+        provider = configure_tracing("sagaflow-coordinator")
+        hooks = TracingHooks(provider, topology=settings.topology()) if provider else None
+    """
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        *,
+        topology: Topology | None = None,
+    ) -> None:
+        provider = tracer_provider or trace.get_tracer_provider()
+        self.tracer = provider.get_tracer(SCOPE, __version__)
+        self.topology = topology or Topology()
+        # a worker's CONSUMER span ends in handled(), once the reply's outcome is known
+        self._pending: dict[str, list[Span]] = {}
+        self._pending_count = 0
+
+    # ------------------------------------------------------------------ attributes
+
+    def _message_attributes(
+        self, envelope: Envelope, destination: str, routing_key: str, operation: str
+    ) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": operation,
+            "messaging.operation.name": "publish" if operation == "send" else "process",
+            "messaging.destination.name": destination,
+            "messaging.rabbitmq.destination.routing_key": routing_key,
+            "messaging.message.id": envelope.message_id,
+            "messaging.message.conversation_id": envelope.saga_id,
+            "saga.id": envelope.saga_id,
+            "saga.name": envelope.saga_name,
+            "saga.version": envelope.saga_version,
+            "saga.step": envelope.step,
+            "saga.step_index": envelope.step_index,
+            "saga.attempt": envelope.attempt,
+            "saga.kind": envelope.kind.value,
+            "saga.action": envelope.type,
+        }
+        if envelope.for_kind is not None:
+            attributes["saga.reply_to"] = envelope.for_kind.value
+        if envelope.outcome is not None:
+            attributes["saga.outcome"] = envelope.outcome.value
+        return attributes
+
+    # ------------------------------------------------------------------ Hooks
+
+    def saga_started(self, saga: Saga[Any], saga_id: str) -> dict[str, str]:
+        """The short start span, child of the current span (an HTTP request's...)."""
+        span = self.tracer.start_span(
+            f"saga start {saga.name}",
+            kind=SpanKind.INTERNAL,
+            attributes={"saga.id": saga_id, "saga.name": saga.name, "saga.version": saga.version},
+        )
+        try:
+            return _inject(span)
+        finally:
+            span.end()
+
+    @contextmanager
+    def publishing(self, envelopes: Sequence[Envelope]) -> Iterator[Sequence[Envelope]]:
+        """A PRODUCER span per message; each message carries its own span's context."""
+        spans: list[Span] = []
+        outgoing: list[Envelope] = []
+        for envelope in envelopes:
+            exchange, routing_key = route(self.topology, envelope)
+            destination = f"{exchange}:{routing_key}"
+            span = self.tracer.start_span(
+                f"send {destination}",
+                context=_parent(envelope.trace, envelope.saga_id),
+                kind=SpanKind.PRODUCER,
+                attributes=self._message_attributes(envelope, destination, routing_key, "send"),
+                links=_links(envelope.trace),
+            )
+            spans.append(span)
+            outgoing.append(envelope.model_copy(update={"trace": _inject(span, envelope.trace)}))
+        try:
+            yield outgoing
+        except BaseException as exc:
+            for span in spans:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"publish failed: {exc!r}"))
+            raise
+        finally:
+            for span in spans:
+                span.end()
+
+    @contextmanager
+    def processing(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
+        """The CONSUMER span of one received message, current while it is handled."""
+        exchange, routing_key = route(self.topology, envelope)
+        destination = f"{exchange}:{routing_key}:{queue}"
+        span = self.tracer.start_span(
+            f"process {destination}",
+            context=_parent(envelope.trace, envelope.saga_id),
+            kind=SpanKind.CONSUMER,
+            attributes=self._message_attributes(envelope, destination, routing_key, "process"),
+            links=_links(envelope.trace),
+        )
+        deferred = False
+        try:
+            with trace.use_span(span, end_on_exit=False, record_exception=True):
+                yield _inject(span)
+            # a command's outcome is its reply, known in handled(): end the span there
+            if not envelope.is_reply and self._pending_count < _PENDING_LIMIT:
+                self._pending.setdefault(envelope.message_id, []).append(span)
+                self._pending_count += 1
+                deferred = True
+        finally:
+            if not deferred:
+                span.end()
+
+    def handled(self, envelope: Envelope, reply: Envelope | None, seconds: float) -> None:
+        waiting = self._pending.get(envelope.message_id)
+        if not waiting:
+            return
+        span = waiting.pop(0)  # a redelivery handled meanwhile waits its turn
+        if not waiting:
+            del self._pending[envelope.message_id]
+        self._pending_count -= 1
+        if reply is None:
+            span.set_attribute("saga.outcome", "skipped")  # compensated before it ran
+        else:
+            outcome = reply.outcome or Outcome.SUCCESS
+            span.set_attribute("saga.outcome", outcome.value)
+            if reply.reason:
+                span.set_attribute("saga.reason", reply.reason)
+            if outcome is Outcome.ERROR:
+                span.set_status(Status(StatusCode.ERROR, reply.reason or "handler failed"))
+        span.end()
+
+    def decided(self, saga: Saga[Any], before: SagaState | None, decision: SagaDecision) -> None:
+        """Short INTERNAL spans for retries, timeouts, compensations and the end."""
+        if not decision.log:
+            return
+        state = decision.state
+        parent = _parent(state.trace, state.saga_id)
+        for entry in decision.log:
+            spec = _TRANSITIONS.get(entry.event)
+            if spec is None:
+                continue
+            name, needs_step = spec
+            target = f"{saga.name}/{entry.step}" if needs_step and entry.step else saga.name
+            attributes: dict[str, Any] = {
+                "saga.id": state.saga_id,
+                "saga.name": saga.name,
+                "saga.version": saga.version,
+                "saga.event": entry.event.value,
+                **_entry_attributes(entry),
+            }
+            links: list[Link] = []
+            if entry.event is LogEvent.COMPENSATION_SENT:
+                links = _links(_message_trace(decision, entry))
+            if entry.event in _TERMINAL:
+                attributes["saga.outcome"] = state.status.value
+            span = self.tracer.start_span(
+                f"saga {name} {target}",
+                context=parent,
+                kind=SpanKind.INTERNAL,
+                attributes=attributes,
+                links=links,
+            )
+            if entry.event is LogEvent.FAILED:
+                reason = state.failure.reason if state.failure else "failed"
+                span.set_status(Status(StatusCode.ERROR, reason))
+            span.end()
+
+    def dead_lettered(self, queue: str, reason: str) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("dead_lettered", {"messaging.destination.name": queue, "reason": reason})
+
+
+# event -> (span verb, whether the span name includes the step)
+_TRANSITIONS: dict[LogEvent, tuple[str, bool]] = {
+    LogEvent.RETRY_SCHEDULED: ("retry", True),
+    LogEvent.TIMED_OUT: ("timeout", True),
+    LogEvent.COMPENSATION_STARTED: ("rollback", True),
+    LogEvent.COMPENSATION_SENT: ("compensate", True),
+    LogEvent.CANCEL_REQUESTED: ("cancel", False),
+    LogEvent.RETRY_REQUESTED: ("resume", True),
+    LogEvent.COMPLETED: ("completed", False),
+    LogEvent.COMPENSATED: ("compensated", False),
+    LogEvent.FAILED: ("failed", False),
+    LogEvent.CANCELLED: ("cancelled", False),
+}
+_TERMINAL = frozenset(
+    {LogEvent.COMPLETED, LogEvent.COMPENSATED, LogEvent.FAILED, LogEvent.CANCELLED}
+)
+
+
+def _entry_attributes(entry: LogEntry) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    if entry.step is not None:
+        attributes["saga.step"] = entry.step
+    if entry.step_index is not None:
+        attributes["saga.step_index"] = entry.step_index
+    if entry.attempt is not None:
+        attributes["saga.attempt"] = entry.attempt
+    if entry.kind is not None:
+        attributes["saga.kind"] = entry.kind.value
+    for key in ("reason", "cause", "delay", "timeout", "by", "type", "message_id"):
+        value = entry.detail.get(key)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            attributes[f"saga.{key}"] = value
+    undo = entry.detail.get("undo")
+    if isinstance(undo, list):
+        attributes["saga.undo"] = [str(step) for step in undo]
+    return attributes
+
+
+def _message_trace(decision: SagaDecision, entry: LogEntry) -> Mapping[str, str]:
+    for message in decision.messages:
+        if (
+            message.kind is MessageKind.COMPENSATION
+            and message.step == entry.step
+            and message.attempt == entry.attempt
+        ):
+            return message.trace
+    return {}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class _DropOrphanQueries(Sampler):
+    """Drops database spans that have no parent span, then asks the configured sampler.
+
+    The store's polling (outbox relay, timers, commits) runs outside any saga
+    span; traced, each query would be a one-span trace of its own. Queries a
+    handler runs beneath its CONSUMER span have a parent and are kept.
+    """
+
+    def __init__(self, delegate: Sampler) -> None:
+        self.delegate = delegate
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if (
+            kind is SpanKind.CLIENT
+            and attributes
+            and ("db.system" in attributes or "db.system.name" in attributes)
+            and not trace.get_current_span(parent_context).get_span_context().is_valid
+        ):
+            return SamplingResult(Decision.DROP)
+        return self.delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"DropOrphanQueries{{{self.delegate.get_description()}}}"
+
+
+_configured: TracerProvider | None = None
+
+
+def _exporters(environ: Mapping[str, str]) -> list[str]:
+    """The trace exporters the environment asks for (``otlp``, ``console``)."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    names = environ.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        # the spec's default is otlp; we export only when told where, so an
+        # unconfigured process pays nothing
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        return ["otlp"] if endpoint else []
+    chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in ("otlp", "console", "none")]
+    if unknown:
+        log.warning("OTEL_TRACES_EXPORTER: ignoring unsupported exporters %s", unknown)
+    return [n for n in chosen if n in ("otlp", "console")]
+
+
+def tracing_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the ``OTEL_*`` environment asks for traces to be exported."""
+    return bool(_exporters(os.environ if environ is None else environ))
+
+
+def default_service_name(component: str) -> str:
+    """The ``service.name`` of a process when ``OTEL_SERVICE_NAME`` is not set.
+
+    ``"coordinator"`` becomes ``sagaflow-coordinator``; a participant keeps its
+    service name (``inventory``).
+    """
+    return f"sagaflow-{component}" if component in ("coordinator", "cli") else component
+
+
+def resource(service_name: str) -> Resource:
+    """The process's resource: ``OTEL_RESOURCE_ATTRIBUTES``/``OTEL_SERVICE_NAME``
+    first, ``service_name`` when they name no service, plus ``process.pid``."""
+    detected = Resource.create({"process.pid": os.getpid()})
+    name = str(detected.attributes.get(SERVICE_NAME, ""))
+    if not name or name.startswith("unknown_service"):
+        detected = detected.merge(Resource({SERVICE_NAME: service_name}))
+    return detected
+
+
+def configure_tracing(
+    service_name: str = "sagaflow", *, database: bool = True
+) -> TracerProvider | None:
+    """Install the global tracer provider as the ``OTEL_*`` environment says.
+
+    Exports through OTLP/HTTP (``OTEL_EXPORTER_OTLP_ENDPOINT``, or
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``; headers, timeouts and compression
+    from the standard variables too), in batches (``OTEL_BSP_*``), sampled by
+    ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``. ``OTEL_TRACES_EXPORTER``
+    may say ``otlp``, ``console`` or ``none``. Idempotent: a second call returns
+    the provider of the first.
+
+    Args:
+        service_name: ``service.name`` unless ``OTEL_SERVICE_NAME`` (or
+            ``OTEL_RESOURCE_ATTRIBUTES``) names one.
+        database: Also trace asyncpg queries (parameters never recorded); only
+            queries beneath a span are kept.
+
+    Returns:
+        The provider, or ``None`` when nothing is configured: then install no
+        :class:`TracingHooks` at all.
+    """
+    global _configured
+    if _configured is not None:
+        return _configured
+    exporters = _exporters(os.environ)
+    if not exporters:
+        return None
+    provider = TracerProvider(resource=resource(service_name))
+    # the provider read OTEL_TRACES_SAMPLER; keep it, minus the orphan queries
+    provider.sampler = _DropOrphanQueries(provider.sampler)
+    for name in exporters:
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+                "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+            )
+            if protocol != "http/protobuf":
+                log.warning("OTLP protocol %r is not supported; exporting http/protobuf", protocol)
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        else:
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+    if database:
+        _instrument_asyncpg(provider)
+    _configured = provider
+    log.info(
+        "tracing on: service %s, exporters %s",
+        provider.resource.attributes[SERVICE_NAME],
+        exporters,
+    )
+    return provider
+
+
+def _instrument_asyncpg(provider: TracerProvider) -> None:
+    try:
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    except ImportError:  # pragma: no cover - a declared dependency
+        log.warning("opentelemetry-instrumentation-asyncpg is missing: no database spans")
+        return
+    # 1 ignore: the instrumentation package ships no type hints
+    instrumentor = AsyncPGInstrumentor(capture_parameters=False)  # type: ignore[no-untyped-call]
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=provider)
+
+
+def shutdown_tracing(timeout_millis: int = 5_000) -> None:
+    """Flush the spans still buffered and stop exporting (call on SIGTERM)."""
+    provider = _configured
+    if provider is None:
+        return
+    provider.force_flush(timeout_millis)
+    provider.shutdown()
