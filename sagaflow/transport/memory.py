@@ -1,0 +1,588 @@
+"""An in-process ``Transport`` with RabbitMQ's semantics, for tests and demos.
+
+``InMemoryTransport`` is supported code: users run their saga tests on it. It
+mirrors what the RabbitMQ adapter and a quorum queue do, so a test that passes
+here means the same thing as one that passes on the broker:
+
+- commands and compensations go to ``topology.service_queue(service)``,
+  replies to ``topology.replies_queue``; publishing to a service whose queue was
+  never declared raises ``TransportError`` (a ``mandatory`` publish);
+- bodies are the real ``encode(envelope)`` bytes and headers are built by the
+  same function as on the wire (:func:`message_headers`);
+- a consumer holds at most ``prefetch`` unacknowledged deliveries; a returned
+  (nacked) message comes back first with ``redelivered=True`` and counts toward
+  ``topology.delivery_limit``: on the return that exceeds it the message is
+  dead-lettered with reason ``delivery_limit`` (the broker's own reason);
+- ``nack(requeue=False)`` dead-letters with reason ``rejected``.
+
+The module also holds the header names and helpers both adapters share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sagaflow.core.errors import TransportError
+from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, encode
+from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
+
+__all__ = ["InMemoryTransport", "MemoryDelivery", "message_headers"]
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- wire headers
+
+H_SAGA_NAME = "x-saga-name"
+H_SAGA_STEP = "x-saga-step"
+H_SAGA_ATTEMPT = "x-saga-attempt"
+H_SAGA_KIND = "x-saga-kind"
+H_COMMAND_ID = "x-saga-command-id"
+H_REASON = "x-sagaflow-reason"
+H_SOURCE_QUEUE = "x-sagaflow-source-queue"
+H_ORIGINAL_EXCHANGE = "x-sagaflow-original-exchange"
+H_ORIGINAL_ROUTING_KEY = "x-sagaflow-original-routing-key"
+H_FIRST_DEATH_REASON = "x-first-death-reason"
+H_FIRST_DEATH_QUEUE = "x-first-death-queue"
+H_FIRST_DEATH_EXCHANGE = "x-first-death-exchange"
+H_DELIVERY_COUNT = "x-delivery-count"
+REPLY_ROUTING_KEY = "reply"
+MAX_REASON_CHARS = 1000
+
+# Headers that describe one trip to the dead-letter queue; a replayed message
+# starts clean, or a second failure would report the first one's reason.
+_DEATH_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-sagaflow-")
+
+
+def message_headers(envelope: Envelope) -> dict[str, str]:
+    """The AMQP headers of an envelope: trace context plus the ``x-saga-*`` fields.
+
+    Both adapters use this function, so the runtime sees the same headers
+    whichever transport carried the message.
+    """
+    headers = dict(envelope.trace)
+    headers[H_SAGA_NAME] = envelope.saga_name
+    headers[H_SAGA_STEP] = envelope.step
+    headers[H_SAGA_ATTEMPT] = str(envelope.attempt)
+    headers[H_SAGA_KIND] = envelope.kind.value
+    headers[H_COMMAND_ID] = envelope.command_id
+    return headers
+
+
+def route(topology: Topology, envelope: Envelope) -> tuple[str, str]:
+    """The exchange and routing key an envelope is published to."""
+    if envelope.kind is MessageKind.REPLY:
+        return topology.replies_exchange, REPLY_ROUTING_KEY
+    return topology.commands_exchange, envelope.service
+
+
+def replay_route(
+    topology: Topology, source_queue: str, headers: Mapping[str, str]
+) -> tuple[str, str]:
+    """Where a dead letter from ``source_queue`` is re-published.
+
+    Framework queues map back to their exchange; anything else goes through the
+    default exchange straight to the queue it came from.
+    """
+    if source_queue == topology.replies_queue:
+        return topology.replies_exchange, REPLY_ROUTING_KEY
+    service_prefix = topology.service_queue("")
+    if source_queue.startswith(service_prefix) and len(source_queue) > len(service_prefix):
+        return topology.commands_exchange, source_queue[len(service_prefix) :]
+    exchange = headers.get(H_ORIGINAL_EXCHANGE)
+    routing_key = headers.get(H_ORIGINAL_ROUTING_KEY)
+    if exchange is not None and routing_key is not None:
+        return exchange, routing_key
+    return "", source_queue
+
+
+def is_death_header(name: str) -> bool:
+    """True for headers that describe a dead-lettering (dropped on replay)."""
+    return name == H_DELIVERY_COUNT or name.startswith(_DEATH_HEADER_PREFIXES)
+
+
+def dead_letter_id(message_id: str | None, body: bytes) -> str:
+    """The operator-facing id of a dead letter: its message id, else a body hash."""
+    if message_id:
+        return message_id
+    return "sha256:" + hashlib.sha256(body).hexdigest()[:32]
+
+
+def as_dead_letter(message_id: str | None, body: bytes, headers: Mapping[str, str]) -> DeadLetter:
+    """How a dead-lettered message looks to an operator, whoever dead-lettered it.
+
+    Our own ``dead_letter()`` writes ``x-sagaflow-*`` headers; RabbitMQ, when it
+    dead-letters by itself (delivery limit, rejection), writes ``x-first-death-*``.
+    """
+    reason = headers.get(H_REASON) or headers.get(H_FIRST_DEATH_REASON) or "unknown"
+    source = headers.get(H_SOURCE_QUEUE) or headers.get(H_FIRST_DEATH_QUEUE) or ""
+    return DeadLetter(
+        id=dead_letter_id(message_id, body),
+        reason=reason,
+        source_queue=source,
+        body=body,
+        headers=dict(headers),
+    )
+
+
+def truncate_reason(reason: str) -> str:
+    """Keep header values small: brokers and dashboards choke on huge ones."""
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(eq=False)
+class _Message:
+    body: bytes
+    headers: dict[str, str]
+    message_id: str | None
+    exchange: str
+    routing_key: str
+    returns: int = 0  # the quorum queue's delivery count
+    redelivered: bool = False
+
+
+@dataclass(eq=False)
+class _Queue:
+    name: str
+    ready: deque[_Message] = field(default_factory=deque)
+    # Returned messages are served before new ones, as in a quorum queue.
+    returned: deque[_Message] = field(default_factory=deque)
+    consumers: list[_Consumer] = field(default_factory=list)
+    unacked: int = 0
+
+    def pop(self) -> _Message | None:
+        if self.returned:
+            return self.returned.popleft()
+        if self.ready:
+            return self.ready.popleft()
+        return None
+
+    def has_ready(self) -> bool:
+        return bool(self.returned or self.ready)
+
+    def wake(self) -> None:
+        for consumer in self.consumers:
+            consumer.wakeup.set()
+
+
+@dataclass(eq=False)
+class _Consumer:
+    queue: _Queue
+    callback: DeliveryCallback
+    prefetch: int
+    unacked: int = 0
+    outstanding: set[MemoryDelivery] = field(default_factory=set)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class MemoryDelivery:
+    """A delivery from :class:`InMemoryTransport`; settle it once."""
+
+    __slots__ = (
+        "_consumer",
+        "_message",
+        "_settled",
+        "_transport",
+        "headers",
+        "queue",
+        "redelivered",
+    )
+
+    def __init__(
+        self, transport: InMemoryTransport, consumer: _Consumer, message: _Message
+    ) -> None:
+        self._transport = transport
+        self._consumer = consumer
+        self._message = message
+        self._settled = False
+        self.queue = consumer.queue.name
+        self.redelivered = message.redelivered
+        headers = dict(message.headers)
+        if message.returns:
+            headers[H_DELIVERY_COUNT] = str(message.returns)
+        self.headers: Mapping[str, str] = headers
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    async def ack(self) -> None:
+        """Remove the message from its queue."""
+        if self._settle():
+            self._transport._changed()
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Return the message (``requeue``) or dead-letter it as ``rejected``."""
+        if not self._settle():
+            return
+        message, transport = self._message, self._transport
+        # The dead-letter queue has neither a delivery limit nor a DLX of its own.
+        dead_letter_queue = self.queue == transport.topology.dead_letter_queue
+        if not requeue:
+            if not dead_letter_queue:
+                transport._dead_letter_message(message, self.queue, "rejected", broker=True)
+        else:
+            message.returns += 1
+            if message.returns > transport.topology.delivery_limit and not dead_letter_queue:
+                transport._dead_letter_message(message, self.queue, "delivery_limit", broker=True)
+            else:
+                message.redelivered = True
+                self._consumer.queue.returned.append(message)
+                self._consumer.queue.wake()
+        transport._changed()
+
+    def _settle(self) -> bool:
+        # A second settle is a no-op (RabbitMQ would close the channel for it:
+        # the RabbitMQ adapter guards the same way).
+        if self._settled or self._transport._closed:
+            return False
+        self._settled = True
+        self._consumer.outstanding.discard(self)
+        self._consumer.unacked -= 1
+        self._consumer.queue.unacked -= 1
+        self._consumer.wakeup.set()
+        return True
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class InMemoryTransport:
+    """A ``Transport`` whose queues live in this process.
+
+    Args:
+        topology: names of the exchanges and queues (and the delivery limit).
+        max_message_bytes: publishing a larger body raises ``TransportError``.
+        close_timeout: seconds ``close()`` lets running callbacks finish.
+    """
+
+    def __init__(
+        self,
+        topology: Topology = Topology(),  # noqa: B008 - frozen dataclass, safe default
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.topology = topology
+        self.max_message_bytes = max_message_bytes
+        self.close_timeout = close_timeout
+        self._queues: dict[str, _Queue] = {}
+        self._consumers: list[_Consumer] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._change = asyncio.Event()
+
+    # ----------------------------------------------------------------- Transport
+
+    async def start(self, services: Sequence[str]) -> None:
+        """Declare the replies and dead-letter queues and one queue per service."""
+        if self._closing:
+            raise TransportError("the transport is closed")
+        self._started = True
+        for name in (self.topology.replies_queue, self.topology.dead_letter_queue):
+            self._declare(name)
+        for service in services:
+            self._declare(self.topology.service_queue(service))
+
+    async def close(self) -> None:
+        """Stop consumers, let running callbacks finish briefly, return unacked messages."""
+        if self._closing:
+            return
+        self._closing = True
+        for consumer in self._consumers:
+            if consumer.task is not None:
+                consumer.task.cancel()
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running), timeout=self.close_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        tasks = [c.task for c in self._consumers if c.task is not None]
+        if tasks:
+            # asyncio.wait, not ``await task``: our own cancellation must propagate.
+            await asyncio.wait(tasks)
+        for consumer in self._consumers:
+            # As when a channel closes: unacked deliveries go back to the queue.
+            for delivery in list(consumer.outstanding):
+                delivery._settle()
+                delivery._message.redelivered = True
+                consumer.queue.returned.append(delivery._message)
+        self._closed = True
+        self._consumers.clear()
+        self._changed()
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Enqueue every envelope, or none of them.
+
+        Raises:
+            TransportError: not started, a message is too large, or a service
+                queue does not exist (the broker would return it unroutable).
+        """
+        self._check_open()
+        routed: list[tuple[_Queue, _Message]] = []
+        for envelope in envelopes:
+            body = encode(envelope)
+            if len(body) > self.max_message_bytes:
+                raise TransportError(
+                    f"message {envelope.message_id} is {len(body)} bytes, "
+                    f"over the limit of {self.max_message_bytes}"
+                )
+            exchange, routing_key = route(self.topology, envelope)
+            queue_name = (
+                self.topology.replies_queue
+                if envelope.is_reply
+                else self.topology.service_queue(routing_key)
+            )
+            queue = self._queues.get(queue_name)
+            if queue is None:
+                raise TransportError(
+                    f"message {envelope.message_id} is unroutable: "
+                    f"no queue for service {envelope.service!r}"
+                )
+            message = _Message(
+                body=body,
+                headers=message_headers(envelope),
+                message_id=envelope.message_id,
+                exchange=exchange,
+                routing_key=routing_key,
+            )
+            routed.append((queue, message))
+        for queue, message in routed:
+            self._enqueue(queue, message)
+
+    async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> None:
+        """Deliver messages of ``queue`` to ``callback``, at most ``prefetch`` unacked.
+
+        Each delivery runs in its own task, as with the RabbitMQ adapter. A
+        callback that raises has its delivery nacked (requeued), so it counts
+        toward the delivery limit instead of holding a prefetch slot forever.
+        """
+        self._check_open()
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        target = self._queues.get(queue)
+        if target is None:
+            if not self._is_framework_queue(queue):
+                raise TransportError(f"cannot consume from {queue!r}: no such queue")
+            target = self._declare(queue)
+        consumer = _Consumer(queue=target, callback=callback, prefetch=prefetch)
+        target.consumers.append(consumer)
+        self._consumers.append(consumer)
+        consumer.task = asyncio.create_task(self._dispatch(consumer), name=f"consume:{queue}")
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move ``delivery`` to the dead-letter queue with ``reason``, then ack it."""
+        if isinstance(delivery, MemoryDelivery) and delivery._transport is self:
+            message = delivery._message
+        else:
+            message = _Message(
+                body=delivery.body,
+                headers=dict(delivery.headers),
+                message_id=None,
+                exchange="",
+                routing_key=delivery.queue,
+            )
+        self._dead_letter_message(message, delivery.queue, reason, broker=False)
+        await delivery.ack()
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The first ``limit`` messages of the dead-letter queue, left in place."""
+        dlq = self._queues.get(self.topology.dead_letter_queue)
+        if dlq is None:
+            return []
+        messages = [*dlq.returned, *dlq.ready][:limit]
+        return [_as_dead_letter(m) for m in messages]
+
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Re-publish dead letters (all, or those with the given ids) where they came from.
+
+        Raises:
+            TransportError: a message's original queue no longer exists; it
+                stays in the dead-letter queue.
+        """
+        self._check_open()
+        dlq = self._queues.get(self.topology.dead_letter_queue)
+        if dlq is None:
+            return 0
+        wanted = None if ids is None else set(ids)
+        count = 0
+        for source in (dlq.returned, dlq.ready):
+            for message in list(source):
+                letter = _as_dead_letter(message)
+                if wanted is not None and letter.id not in wanted:
+                    continue
+                exchange, routing_key = replay_route(
+                    self.topology, letter.source_queue, message.headers
+                )
+                target = self._route_raw(exchange, routing_key)
+                if target is None:
+                    raise TransportError(
+                        f"dead letter {letter.id} cannot be replayed: "
+                        f"{letter.source_queue!r} does not exist"
+                    )
+                source.remove(message)
+                headers = {k: v for k, v in message.headers.items() if not is_death_header(k)}
+                self._enqueue(
+                    target,
+                    _Message(message.body, headers, message.message_id, exchange, routing_key),
+                )
+                count += 1
+        self._changed()
+        return count
+
+    # ----------------------------------------------------------------- test helpers
+
+    def inject(self, queue: str, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        """Put raw bytes in ``queue``, e.g. a malformed message for a rejection test.
+
+        Raises:
+            TransportError: ``queue`` was not declared.
+        """
+        target = self._queues.get(queue)
+        if target is None:
+            raise TransportError(f"cannot inject into {queue!r}: no such queue")
+        self._enqueue(target, _Message(body, dict(headers or {}), None, "", queue))
+
+    def pending(self, queue: str) -> int:
+        """Messages in ``queue`` that are ready or delivered but not yet acked."""
+        target = self._queues.get(queue)
+        if target is None:
+            return 0
+        return len(target.ready) + len(target.returned) + target.unacked
+
+    def is_idle(self) -> bool:
+        """True when nothing can move on its own any more.
+
+        That is: no callback is running, nothing is unacked, and no queue that
+        has a consumer holds a message. Queues nobody consumes (the dead-letter
+        queue, a service without a worker) do not count: their messages wait for
+        an operator or a test, and would otherwise keep a harness from ever
+        reaching quiescence. Use :meth:`pending` to look at them.
+        """
+        if self._running:
+            return False
+        return not any(
+            queue.unacked or (queue.consumers and queue.has_ready())
+            for queue in self._queues.values()
+        )
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until :meth:`is_idle` holds.
+
+        Raises:
+            TimeoutError: still busy after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while not self.is_idle():
+                self._change.clear()
+                await self._change.wait()
+
+    def queues(self) -> list[str]:
+        """Names of the declared queues."""
+        return sorted(self._queues)
+
+    # ----------------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("the transport is closed")
+        if not self._started:
+            raise TransportError("the transport is not started: call start() first")
+
+    def _is_framework_queue(self, name: str) -> bool:
+        t = self.topology
+        return name in (t.replies_queue, t.dead_letter_queue) or (
+            name.startswith(t.service_queue("")) and name != t.service_queue("")
+        )
+
+    def _declare(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = _Queue(name)
+        return queue
+
+    def _route_raw(self, exchange: str, routing_key: str) -> _Queue | None:
+        t = self.topology
+        if exchange == t.replies_exchange:
+            return self._queues.get(t.replies_queue) if routing_key == REPLY_ROUTING_KEY else None
+        if exchange == t.commands_exchange:
+            return self._queues.get(t.service_queue(routing_key))
+        if exchange == "":
+            return self._queues.get(routing_key)
+        return None
+
+    def _enqueue(self, queue: _Queue, message: _Message) -> None:
+        queue.ready.append(message)
+        queue.wake()
+        self._changed()
+
+    def _dead_letter_message(
+        self, message: _Message, source_queue: str, reason: str, *, broker: bool
+    ) -> None:
+        headers = dict(message.headers)
+        if broker:
+            # What RabbitMQ adds when it dead-letters by itself.
+            headers.setdefault(H_FIRST_DEATH_REASON, reason)
+            headers.setdefault(H_FIRST_DEATH_QUEUE, source_queue)
+            headers.setdefault(H_FIRST_DEATH_EXCHANGE, message.exchange)
+        else:
+            headers[H_REASON] = truncate_reason(reason)
+            headers[H_SOURCE_QUEUE] = source_queue
+            headers[H_ORIGINAL_EXCHANGE] = message.exchange
+            headers[H_ORIGINAL_ROUTING_KEY] = message.routing_key
+        dlq = self._declare(self.topology.dead_letter_queue)
+        self._enqueue(
+            dlq,
+            _Message(message.body, headers, message.message_id, message.exchange, source_queue),
+        )
+
+    def _changed(self) -> None:
+        self._change.set()
+
+    async def _dispatch(self, consumer: _Consumer) -> None:
+        queue = consumer.queue
+        try:
+            while True:
+                while consumer.unacked < consumer.prefetch:
+                    message = queue.pop()
+                    if message is None:
+                        break
+                    consumer.unacked += 1
+                    queue.unacked += 1
+                    delivery = MemoryDelivery(self, consumer, message)
+                    consumer.outstanding.add(delivery)
+                    task = asyncio.create_task(self._invoke(consumer, delivery))
+                    self._running.add(task)
+                    task.add_done_callback(self._task_done)
+                consumer.wakeup.clear()
+                await consumer.wakeup.wait()
+        finally:
+            queue.consumers.remove(consumer)
+
+    async def _invoke(self, consumer: _Consumer, delivery: MemoryDelivery) -> None:
+        try:
+            await consumer.callback(delivery)
+        except Exception:
+            log.exception("delivery callback for %s failed; returning the message", delivery.queue)
+            await delivery.nack(requeue=True)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._changed()
+
+
+def _as_dead_letter(message: _Message) -> DeadLetter:
+    return as_dead_letter(message.message_id, message.body, message.headers)

@@ -1,0 +1,873 @@
+"""The RabbitMQ ``Transport`` (aio-pika), built to outlive broker restarts.
+
+It does not use aio-pika's robust connection: its implicit restore has lost
+consumers and bindings before (aio-pika #231, #334, #536). Instead one
+supervisor task owns the connection and, on every (re)connect, declares the
+whole topology from this adapter's own registry; each consumer has a task that
+re-opens its channel, re-declares its queue and consumes again whenever the
+channel closes, the connection drops, or the broker cancels the consumer (the
+queue was deleted). Reconnection retries with back-off, forever, until
+``close()``.
+
+Topology (all durable; see ``docs/protocol.md``)::
+
+    <prefix>.commands  direct --service--> <prefix>.service.<service>  (quorum)
+    <prefix>.replies   direct --"reply"--> <prefix>.replies            (quorum)
+    <prefix>.dlx       fanout -----------> <prefix>.dead-letter        (quorum)
+
+Service and reply queues carry ``x-delivery-limit`` and dead-letter to the DLX
+with the ``at-least-once`` strategy (which needs ``x-overflow:
+reject-publish``). The dead-letter queue has no delivery limit, so peeking at it
+never loses a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import partial
+from typing import Any, TypeVar
+
+import aio_pika
+import orjson
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    HeadersType,
+)
+from aio_pika.exceptions import (
+    AMQPChannelError,
+    AuthenticationError,
+    DeliveryError,
+    InvalidFrameError,
+    ProbableAuthenticationError,
+    PublishError,
+)
+from pamqp.commands import Basic
+from yarl import URL
+
+from sagaflow.core.errors import TransportError
+from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
+from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
+from sagaflow.transport.memory import (
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_REASON,
+    H_SOURCE_QUEUE,
+    REPLY_ROUTING_KEY,
+    as_dead_letter,
+    dead_letter_id,
+    is_death_header,
+    message_headers,
+    replay_route,
+    route,
+    truncate_reason,
+)
+
+__all__ = ["RabbitMQDelivery", "RabbitMQTransport"]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Errors that mean "the broker said no" rather than "the link broke": a first
+# connection failing with one fails start() at once. (A vhost the user may not
+# open surfaces as InvalidFrameError: Connection.Close instead of OpenOk.)
+_FATAL_CONNECT_ERRORS = (
+    AuthenticationError,
+    ProbableAuthenticationError,
+    InvalidFrameError,
+    AMQPChannelError,
+)
+
+
+@dataclass(eq=False, slots=True)
+class _Outgoing:
+    message_id: str
+    exchange: str
+    routing_key: str
+    message: aio_pika.Message
+
+
+@dataclass(eq=False)
+class _Consumer:
+    queue: str
+    callback: DeliveryCallback
+    prefetch: int
+    task: asyncio.Task[None] | None = None
+    channel: AbstractChannel | None = None
+    tag: str | None = None
+    first_attempt_done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    refused: bool = False
+
+
+class RabbitMQDelivery:
+    """A message received from RabbitMQ; settle it once with ``ack`` or ``nack``.
+
+    Settling after the channel died is not an error: the broker has already
+    put the message back and will deliver it again.
+    """
+
+    __slots__ = ("_headers", "_settled", "message", "queue")
+
+    def __init__(self, message: AbstractIncomingMessage, queue: str) -> None:
+        self.message = message
+        self.queue = queue
+        self._headers: dict[str, str] | None = None
+        self._settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self.message.body
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        if self._headers is None:
+            self._headers = text_headers(self.message.headers)
+        return self._headers
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self.message.redelivered)
+
+    async def ack(self) -> None:
+        """Remove the message from its queue."""
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            await self.message.ack()
+        except Exception as exc:
+            log.debug("ack of a delivery from %s dropped (channel gone): %r", self.queue, exc)
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Return the message (it counts toward the delivery limit) or dead-letter it."""
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            await self.message.nack(requeue=requeue)
+        except Exception as exc:
+            log.debug("nack of a delivery from %s dropped (channel gone): %r", self.queue, exc)
+
+
+class RabbitMQTransport:
+    """A ``Transport`` over RabbitMQ with quorum queues and publisher confirms.
+
+    Args:
+        url: ``amqp://user:password@host:port/vhost`` (query parameters such as
+            ``heartbeat`` are passed to aio-pika).
+        topology: names of the broker objects and the delivery limit.
+        max_message_bytes: publishing a larger body raises ``TransportError``.
+        publish_timeout: seconds a publish (or ``consume``) waits for the broker,
+            including a reconnection, before raising ``TransportError``.
+        start_timeout: seconds ``start()`` waits for the first connection.
+        connect_timeout: seconds one connection attempt may take.
+        reconnect_delay: first and longest pause between reconnection attempts.
+        close_timeout: seconds ``close()`` lets running callbacks finish.
+        connection_name: shown in the RabbitMQ management UI.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology = Topology(),  # noqa: B008 - frozen dataclass, safe default
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        publish_timeout: float = 30.0,
+        start_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        reconnect_delay: tuple[float, float] = (0.2, 5.0),
+        close_timeout: float = 5.0,
+        connection_name: str = "sagaflow",
+    ) -> None:
+        self.topology = topology
+        self.max_message_bytes = max_message_bytes
+        self.publish_timeout = publish_timeout
+        self.start_timeout = start_timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect_delay = reconnect_delay
+        self.close_timeout = close_timeout
+        self._url = url
+        self._connection_name = connection_name
+        self._services: set[str] = set()
+        self._consumers: list[_Consumer] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._channel_lock = asyncio.Lock()
+        self._ready = asyncio.Event()
+        self._refused = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._last_error: BaseException | None = None
+        self._closing = False
+        self.connections = 0
+        """How many times a connection was established (reconnects = this - 1)."""
+
+    @property
+    def is_connected(self) -> bool:
+        """True while a connection with the topology declared is up."""
+        return self._ready.is_set()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self, services: Sequence[str]) -> None:
+        """Connect and declare the topology with a queue per service.
+
+        Calling it again adds services. Connection attempts continue in the
+        background for as long as the transport is open.
+
+        Raises:
+            TransportError: no connection within ``start_timeout``, bad
+                credentials, or the broker refused the topology.
+        """
+        if self._closing:
+            raise TransportError("the transport is closed")
+        added = set(services) - self._services
+        self._services.update(services)
+        first = self._supervisor is None
+        if first:
+            self._refused.clear()
+            self._supervisor = asyncio.create_task(self._supervise(), name="sagaflow-amqp")
+        elif added and self._ready.is_set():
+            await self._with_channel(partial(self._declare_services, services=sorted(added)))
+        await _wait_first((self._ready, self._refused), self.start_timeout)
+        if not self._ready.is_set():
+            if first:  # leave no background task behind a failed start
+                await self._stop_supervisor()
+            raise TransportError(
+                f"cannot connect to RabbitMQ at {self.safe_url}: {self._last_error!r}"
+            ) from self._last_error
+
+    async def close(self) -> None:
+        """Stop consuming, let running callbacks finish briefly, and disconnect.
+
+        Idempotent. Deliveries still unacked when it returns go back to their
+        queues (the broker redelivers them).
+        """
+        if self._closing:
+            return
+        self._closing = True
+        for consumer in self._consumers:
+            await self._cancel_subscription(consumer)
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=self.close_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        tasks = [c.task for c in self._consumers if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # asyncio.wait, not ``await task``: our own cancellation must propagate.
+            await asyncio.wait(tasks)
+        self._consumers.clear()
+        self._stopping.set()  # only now: the callbacks above may still publish
+        await self._stop_supervisor()
+
+    @property
+    def safe_url(self) -> str:
+        """The broker URL with the password masked, for logs and errors."""
+        url = URL(self._url)
+        return str(url.with_password("******")) if url.password else str(url)
+
+    # ----------------------------------------------------------------- publishing
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish persistently and return once the broker confirmed every message.
+
+        The batch goes out concurrently and its confirms are awaited together.
+        Messages unconfirmed because the link failed are published again once
+        reconnected (duplicates are expected by design), within
+        ``publish_timeout``.
+
+        Raises:
+            TransportError: a message was nacked, unroutable (no queue for its
+                service), too large, or not confirmed in time.
+        """
+        if not envelopes:
+            return
+        now = datetime.now(UTC)
+        await self._send([self._outgoing(envelope, now) for envelope in envelopes])
+
+    def _outgoing(self, envelope: Envelope, now: datetime) -> _Outgoing:
+        body = encode(envelope)
+        if len(body) > self.max_message_bytes:
+            raise TransportError(
+                f"message {envelope.message_id} is {len(body)} bytes, "
+                f"over the limit of {self.max_message_bytes}"
+            )
+        exchange, routing_key = route(self.topology, envelope)
+        headers: HeadersType = {**message_headers(envelope)}
+        message = aio_pika.Message(
+            body,
+            headers=headers,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=envelope.message_id,
+            correlation_id=envelope.saga_id,
+            type=envelope.type,
+            timestamp=now,
+        )
+        return _Outgoing(envelope.message_id, exchange, routing_key, message)
+
+    async def _send(self, items: list[_Outgoing]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        while True:
+            channel = await self._publisher(deadline)
+            failed = await self._publish_on(channel, items, deadline)
+            if not failed:
+                return
+            for item, exc in failed:
+                if isinstance(exc, PublishError):
+                    raise TransportError(
+                        f"message {item.message_id} is unroutable: no queue bound to "
+                        f"{item.exchange!r} with key {item.routing_key!r}"
+                    ) from exc
+                if isinstance(exc, DeliveryError):
+                    raise TransportError(
+                        f"message {item.message_id} was refused by the broker: {exc!r}"
+                    ) from exc
+            if loop.time() >= deadline:
+                item, exc = failed[0]
+                raise TransportError(
+                    f"message {item.message_id} (and {len(failed) - 1} more) not confirmed: {exc!r}"
+                ) from exc
+            # The link broke mid-batch: publish the unconfirmed ones again.
+            items = [item for item, _ in failed]
+            log.info("re-publishing %d unconfirmed messages after a link failure", len(items))
+            await asyncio.sleep(min(self.reconnect_delay[0], max(0.0, deadline - loop.time())))
+
+    async def _publish_on(
+        self, channel: AbstractChannel, items: list[_Outgoing], deadline: float
+    ) -> list[tuple[_Outgoing, BaseException]]:
+        failed: list[tuple[_Outgoing, BaseException]] = []
+        for wave in _waves(items):
+            exchanges = [await self._exchange(channel, item.exchange) for item in wave]
+            try:
+                async with asyncio.timeout_at(deadline):
+                    results = await asyncio.gather(
+                        *(
+                            exchange.publish(item.message, item.routing_key, mandatory=True)
+                            for exchange, item in zip(exchanges, wave, strict=True)
+                        ),
+                        return_exceptions=True,
+                    )
+            except TimeoutError as exc:
+                raise TransportError(
+                    f"message {wave[0].message_id} not confirmed within {self.publish_timeout}s"
+                ) from exc
+            # A CancelledError *result* is a confirm the closing channel cancelled;
+            # our own cancellation would have been raised by gather instead.
+            failed.extend(
+                (item, result)
+                for item, result in zip(wave, results, strict=True)
+                if isinstance(result, BaseException)
+            )
+        return failed
+
+    async def _exchange(self, channel: AbstractChannel, name: str) -> AbstractExchange:
+        if not name:
+            return channel.default_exchange
+        cache = self._exchanges if channel is self._channel else {}
+        exchange = cache.get(name)
+        if exchange is None:
+            exchange = cache[name] = await channel.get_exchange(name, ensure=False)
+        return exchange
+
+    async def _publisher(self, deadline: float) -> AbstractChannel:
+        """The publishing channel, re-opened if it closed, waiting for a reconnection."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._stopping.is_set() or self._supervisor is None:
+                raise TransportError("the transport is not started or is closed")
+            channel, connection = self._channel, self._connection
+            if self._ready.is_set() and channel is not None and not channel.is_closed:
+                return channel
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TransportError(
+                    f"not connected to RabbitMQ at {self.safe_url} after "
+                    f"{self.publish_timeout}s: {self._last_error!r}"
+                ) from self._last_error
+            if not self._ready.is_set() or connection is None:
+                await _wait_first((self._ready, self._stopping), remaining)
+                continue
+            async with self._channel_lock:  # the connection is up, only the channel died
+                if self._channel is channel:
+                    try:
+                        self._channel, self._exchanges = await self._open_publisher(connection), {}
+                        continue
+                    except Exception as exc:
+                        self._last_error = exc
+            await asyncio.sleep(min(self.reconnect_delay[0], remaining))
+
+    async def _open_publisher(self, connection: AbstractConnection) -> AbstractChannel:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            # Re-declaring is cheap and repairs a topology deleted behind our back.
+            await self._declare_topology(channel)
+        except BaseException:
+            await _close_quietly(channel)
+            raise
+        return channel
+
+    # ----------------------------------------------------------------- consuming
+
+    async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> None:
+        """Start a consumer that survives reconnects and consumer cancellation.
+
+        Each delivery runs in its own task, at most ``prefetch`` at a time. A
+        callback that raises has its delivery nacked (requeued, counting toward
+        the delivery limit). Framework queues are declared (and bound) first.
+
+        Raises:
+            TransportError: the broker refused the queue, or no subscription
+                within ``publish_timeout``.
+        """
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        if self._closing or self._supervisor is None:
+            raise TransportError("the transport is not started or is closed")
+        consumer = _Consumer(queue=queue, callback=callback, prefetch=prefetch)
+        service = self._service_of(queue)
+        if service is not None:
+            self._services.add(service)
+        self._consumers.append(consumer)
+        consumer.task = asyncio.create_task(self._run_consumer(consumer), name=f"consume:{queue}")
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await consumer.first_attempt_done.wait()
+        except TimeoutError:
+            consumer.refused = True
+        if consumer.refused:
+            consumer.task.cancel()
+            await asyncio.wait([consumer.task])
+            self._consumers.remove(consumer)
+            raise TransportError(
+                f"cannot consume from {queue!r}: {consumer.error!r}"
+            ) from consumer.error
+
+    async def _run_consumer(self, consumer: _Consumer) -> None:
+        delay = self.reconnect_delay[0]
+        while not self._closing:
+            connection = await self._wait_connection()
+            try:
+                stopped = await self._subscribe(connection, consumer)
+            except Exception as exc:
+                consumer.error = exc
+                if not consumer.first_attempt_done.is_set() and isinstance(exc, AMQPChannelError):
+                    consumer.refused = True  # e.g. no such queue: report it to consume()
+                    consumer.first_attempt_done.set()
+                    return
+                log.warning(
+                    "cannot consume from %s: %r; retrying in %.1fs", consumer.queue, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_delay[1])
+                continue
+            consumer.first_attempt_done.set()
+            delay = self.reconnect_delay[0]
+            why = await stopped
+            channel, consumer.channel, consumer.tag = consumer.channel, None, None
+            if self._closing:
+                return
+            log.warning("consumer of %s stopped (%s); subscribing again", consumer.queue, why)
+            if channel is not None:
+                await _close_quietly(channel)
+
+    async def _subscribe(
+        self, connection: AbstractConnection, consumer: _Consumer
+    ) -> asyncio.Future[str]:
+        """Open a channel, declare the queue and consume; the future says why it stopped."""
+        channel = await connection.channel(publisher_confirms=False)
+        stopped: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_close(_: object, exc: BaseException | None) -> None:
+            if not stopped.done():
+                stopped.set_result(f"channel closed: {exc!r}")
+
+        def on_cancel(frame: Basic.Cancel) -> None:
+            # The broker cancels a consumer when its queue is deleted.
+            if not stopped.done():
+                stopped.set_result(f"cancelled by the broker ({frame.consumer_tag})")
+
+        try:
+            channel.close_callbacks.add(on_close)
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(on_cancel)
+            await channel.set_qos(prefetch_count=consumer.prefetch)
+            queue = await self._declare_for_consume(channel, consumer.queue)
+            consumer.channel = channel
+            consumer.tag = await queue.consume(partial(self._on_message, consumer))
+        except BaseException:
+            consumer.channel = None
+            await _close_quietly(channel)
+            raise
+        return stopped
+
+    async def _on_message(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+        # Run the callback in a task of our own: aio-pika's delivery task is
+        # cancelled when its channel closes, and a handler halfway through a
+        # database transaction should finish, not be interrupted (its ack will
+        # simply not arrive and the message is redelivered).
+        task = asyncio.create_task(
+            self._handle(consumer, RabbitMQDelivery(message, consumer.queue))
+        )
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    @staticmethod
+    async def _handle(consumer: _Consumer, delivery: RabbitMQDelivery) -> None:
+        try:
+            await consumer.callback(delivery)
+        except Exception:
+            log.exception("delivery callback for %s failed; returning the message", delivery.queue)
+            await delivery.nack(requeue=True)
+
+    async def _cancel_subscription(self, consumer: _Consumer) -> None:
+        channel, tag = consumer.channel, consumer.tag
+        if channel is None or tag is None or channel.is_closed:
+            return
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_cancel(tag, timeout=self.close_timeout)
+        except Exception as exc:
+            log.debug("cancelling the consumer of %s failed: %r", consumer.queue, exc)
+
+    async def _wait_connection(self) -> AbstractConnection:
+        while True:
+            await self._ready.wait()
+            if self._connection is not None:
+                return self._connection
+            await asyncio.sleep(self.reconnect_delay[0])
+
+    # ----------------------------------------------------------------- dead letters
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Publish a copy to the dead-letter exchange (confirmed), then ack the original.
+
+        Raises:
+            TransportError: the copy was not confirmed; the original is left
+                unsettled for the caller to nack.
+        """
+        source = delivery.queue
+        extra: HeadersType = {H_REASON: truncate_reason(reason), H_SOURCE_QUEUE: source}
+        if isinstance(delivery, RabbitMQDelivery):
+            incoming = delivery.message
+            ident = dead_letter_id(incoming.message_id, incoming.body)
+            extra[H_ORIGINAL_EXCHANGE] = incoming.exchange or ""
+            extra[H_ORIGINAL_ROUTING_KEY] = incoming.routing_key or ""
+            message = _copy(incoming, {**incoming.headers, **extra}, message_id=ident)
+        else:
+            ident = dead_letter_id(None, delivery.body)
+            message = aio_pika.Message(
+                delivery.body,
+                headers={**delivery.headers, **extra},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=ident,
+            )
+        await self._send([_Outgoing(ident, self.topology.dead_letter_exchange, source, message)])
+        await delivery.ack()
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Peek at up to ``limit`` dead letters; they stay in the queue, in order."""
+        return await self._with_channel(partial(self._peek, limit=limit))
+
+    async def _peek(self, channel: AbstractChannel, limit: int) -> list[DeadLetter]:
+        queue = await channel.declare_queue(self.topology.dead_letter_queue, passive=True)
+        letters: list[DeadLetter] = []
+        last: AbstractIncomingMessage | None = None
+        # basic.get until empty, not up to the declare-ok message count: on a
+        # quorum queue that count can lag messages another channel just returned.
+        # Every message stays unacked on this channel while we look, so none is
+        # returned twice; the nack below puts them all back, in order.
+        while len(letters) < limit:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            letters.append(_as_dead_letter(message))
+            last = message
+        if last is not None:
+            await last.nack(multiple=True, requeue=True)
+        return letters
+
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Re-publish dead letters (all, or those with the given ids) to where they came from.
+
+        Each is confirmed before its dead-letter copy is acked.
+
+        Raises:
+            TransportError: a message could not be re-published; it stays in the
+                dead-letter queue (those replayed before it are gone from it).
+        """
+        wanted = None if ids is None else set(ids)
+        return await self._with_channel(partial(self._replay, wanted=wanted))
+
+    async def _replay(self, channel: AbstractChannel, wanted: set[str] | None) -> int:
+        queue = await channel.declare_queue(self.topology.dead_letter_queue, passive=True)
+        replayed: set[str] = set()
+        count = 0
+        while True:
+            incoming = await queue.get(no_ack=False, fail=False)
+            if incoming is None:
+                break
+            letter = _as_dead_letter(incoming)
+            # Skipped messages stay unacked on this channel until it closes, so
+            # basic.get never returns them twice. That includes a copy of one
+            # replayed in this pass that already failed again: no replay loop.
+            if letter.id in replayed or (wanted is not None and letter.id not in wanted):
+                continue
+            exchange_name, routing_key = replay_route(
+                self.topology, letter.source_queue, letter.headers
+            )
+            headers = {k: v for k, v in incoming.headers.items() if not is_death_header(k)}
+            message = _copy(incoming, headers)
+            exchange = (
+                channel.default_exchange
+                if not exchange_name
+                else await channel.get_exchange(exchange_name, ensure=False)
+            )
+            try:
+                await exchange.publish(
+                    message, routing_key, mandatory=True, timeout=self.publish_timeout
+                )
+            except Exception as exc:
+                raise TransportError(
+                    f"dead letter {letter.id} cannot be replayed: {exc!r}"
+                ) from exc
+            await incoming.ack()
+            replayed.add(letter.id)
+            count += 1
+        return count
+
+    async def _with_channel(self, work: Callable[[AbstractChannel], Awaitable[_T]]) -> _T:
+        """Run ``work`` on a short-lived confirming channel of the current connection."""
+        deadline = asyncio.get_running_loop().time() + self.publish_timeout
+        await self._publisher(deadline)  # waits for a connection
+        connection = self._connection
+        if connection is None:
+            raise TransportError("not connected to RabbitMQ")
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except Exception as exc:
+            raise TransportError(f"cannot open a channel: {exc!r}") from exc
+        try:
+            return await work(channel)
+        except TransportError:
+            raise
+        except Exception as exc:
+            raise TransportError(f"RabbitMQ refused the operation: {exc!r}") from exc
+        finally:
+            await _close_quietly(channel)
+
+    # ----------------------------------------------------------------- topology
+
+    def queue_arguments(self) -> dict[str, Any]:
+        """The arguments of service and reply queues (quorum, delivery limit, DLX)."""
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.topology.delivery_limit,
+            "x-dead-letter-exchange": self.topology.dead_letter_exchange,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    async def _declare_topology(self, channel: AbstractChannel) -> None:
+        t = self.topology
+        direct, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.FANOUT
+        await channel.declare_exchange(t.commands_exchange, direct, durable=True)
+        replies = await channel.declare_exchange(t.replies_exchange, direct, durable=True)
+        dlx = await channel.declare_exchange(t.dead_letter_exchange, fanout, durable=True)
+        dlq = await channel.declare_queue(
+            t.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dlq.bind(dlx, routing_key="")
+        queue = await channel.declare_queue(
+            t.replies_queue, durable=True, arguments=self.queue_arguments()
+        )
+        await queue.bind(replies, routing_key=REPLY_ROUTING_KEY)
+        await self._declare_services(channel, sorted(self._services))
+
+    async def _declare_services(self, channel: AbstractChannel, services: Sequence[str]) -> None:
+        for service in services:
+            queue = await channel.declare_queue(
+                self.topology.service_queue(service), durable=True, arguments=self.queue_arguments()
+            )
+            await queue.bind(self.topology.commands_exchange, routing_key=service)
+
+    async def _declare_for_consume(self, channel: AbstractChannel, name: str) -> AbstractQueue:
+        t = self.topology
+        service = self._service_of(name)
+        if service is not None:
+            await channel.declare_exchange(
+                t.commands_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            await self._declare_services(channel, [service])
+            return await channel.declare_queue(name, passive=True)
+        if name in (t.replies_queue, t.dead_letter_queue):
+            await self._declare_topology(channel)
+            return await channel.declare_queue(name, passive=True)
+        return await channel.declare_queue(name, passive=True)
+
+    def _service_of(self, queue: str) -> str | None:
+        prefix = self.topology.service_queue("")
+        if queue.startswith(prefix) and len(queue) > len(prefix):
+            return queue[len(prefix) :]
+        return None
+
+    # ----------------------------------------------------------------- connection
+
+    async def _supervise(self) -> None:
+        """Own the connection: connect, declare, wait for the loss, repeat."""
+        delay = self.reconnect_delay[0]
+        while not self._closing:
+            try:
+                await self._session()
+                delay = self.reconnect_delay[0]
+            except Exception as exc:
+                self._last_error = exc
+                if self.connections == 0 and isinstance(exc, _FATAL_CONNECT_ERRORS):
+                    self._refused.set()
+                log.warning(
+                    "cannot connect to RabbitMQ at %s: %r; retrying in %.1fs",
+                    self.safe_url,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.reconnect_delay[1])
+
+    async def _session(self) -> None:
+        """One connection's life: declare everything, serve, return when it is lost."""
+        connection = await aio_pika.connect(
+            self._url,
+            timeout=self.connect_timeout,
+            client_properties={"connection_name": self._connection_name},
+        )
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        try:
+            channel = await self._open_publisher(connection)
+            self._connection, self._channel, self._exchanges = connection, channel, {}
+            self.connections += 1
+            self._ready.set()
+            if self.connections > 1:
+                log.warning("reconnected to RabbitMQ at %s", self.safe_url)
+            await lost.wait()
+            log.warning("lost the connection to RabbitMQ at %s", self.safe_url)
+        finally:
+            self._ready.clear()
+            self._connection = self._channel = None
+            self._exchanges = {}
+            await _close_quietly(connection)
+
+    async def _stop_supervisor(self) -> None:
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _wait_first(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Return when any of ``events`` is set, or after ``timeout`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _waves(items: list[_Outgoing]) -> list[list[_Outgoing]]:
+    """Split a batch so no two in-flight messages share a message id.
+
+    aiormq matches a returned (unroutable) message to its publish by message id;
+    two concurrent publishes with the same id would confuse it.
+    """
+    waves: list[list[_Outgoing]] = []
+    seen: list[set[str]] = []
+    for item in items:
+        for wave, ids in zip(waves, seen, strict=True):
+            if item.message_id not in ids:
+                wave.append(item)
+                ids.add(item.message_id)
+                break
+        else:
+            waves.append([item])
+            seen.append({item.message_id})
+    return waves
+
+
+def _copy(
+    incoming: AbstractIncomingMessage, headers: HeadersType, *, message_id: str | None = None
+) -> aio_pika.Message:
+    """A persistent copy of a received message with new headers (user_id dropped:
+    the broker checks it against the connection's user)."""
+    return aio_pika.Message(
+        incoming.body,
+        headers=headers,
+        content_type=incoming.content_type,
+        content_encoding=incoming.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=incoming.priority,
+        correlation_id=incoming.correlation_id,
+        message_id=message_id or incoming.message_id,
+        timestamp=incoming.timestamp,
+        type=incoming.type,
+        app_id=incoming.app_id,
+    )
+
+
+def _as_dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
+    return as_dead_letter(message.message_id, message.body, text_headers(message.headers))
+
+
+def text_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    """AMQP header values as text (tables such as ``x-death`` as JSON)."""
+    return {
+        name: value if isinstance(value, str) else _text(value) for name, value in headers.items()
+    }
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, bool | int | float | Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None:
+        return ""
+    return orjson.dumps(_jsonable(value)).decode()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return _text(value)
+
+
+async def _close_quietly(closable: AbstractChannel | AbstractConnection) -> None:
+    try:
+        await closable.close()
+    except Exception as exc:
+        log.debug("closing %r failed: %r", closable, exc)
