@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from sagaflow import BusinessFailure, HandlerContext, Participant, SagaStatus
-from sagaflow.core.messages import Envelope, MessageKind, command_id, encode
+from sagaflow.core.messages import Envelope, MessageKind, Outcome, command_id, encode
 from sagaflow.core.state import LogEvent
 from sagaflow.testing import HandlerFailed, SagaTestEnvironment
 from tests.sample import (
@@ -223,3 +223,54 @@ async def test_many_sagas_in_parallel_all_finish() -> None:
     assert Counter(s.status for s in states) == {SagaStatus.COMPENSATED: 100}
     assert sum(e.startswith("inventory.reserve") for e in world.effects) == 100
     assert sum(e.startswith("inventory.release") for e in world.effects) == 100
+
+
+async def test_each_kind_of_bad_input_is_dead_lettered_with_its_reason() -> None:
+    world = World()
+    async with SagaTestEnvironment([saga], participants(world)) as env:
+        t = env.transport
+        good = await env.start_saga(saga, {"order_id": "o9"})
+        await env.drain()
+        base = Envelope(
+            message_id="m:1",
+            command_id="m",
+            saga_id=good.saga_id,
+            saga_name="sample",
+            step="reserve",
+            step_index=0,
+            kind=MessageKind.COMMAND,
+            attempt=1,
+            type="inventory.reserve",
+            payload={"order_id": "o9"},
+        )
+        inv = t.topology.service_queue("inventory")
+        replies = t.topology.replies_queue
+        t.inject(inv, encode(base.model_copy(update={"type": "inventory.teleport"})))
+        t.inject(inv, encode(base.model_copy(update={"payload": {"order_id": 42}})))
+        t.inject(inv, encode(base.model_copy(update={"type": "payment.charge"})))
+        t.inject(
+            replies,
+            encode(base.reply(Outcome.SUCCESS, {}).model_copy(update={"saga_name": "nope"})),
+        )
+        t.inject(
+            replies,
+            encode(base.reply(Outcome.SUCCESS, {}).model_copy(update={"saga_id": "missing"})),
+        )
+        t.inject(
+            replies, encode(base.reply(Outcome.SUCCESS, {}).model_copy(update={"step": "nope"}))
+        )
+        t.inject(replies, encode(base))  # a command on the replies queue
+        await env.drain()
+        reasons = sorted(d.reason.split(":")[0] for d in await t.dead_letters())
+        state = await env.get(good.saga_id)
+    assert reasons == [
+        "invalid_command",
+        "not_a_reply",
+        "rejected",
+        "unknown_action",
+        "unknown_saga",
+        "unknown_saga_id",
+        "wrong_service",
+    ]
+    assert state.status is SagaStatus.COMPLETED
+    assert len(world.effects) == 5
