@@ -254,6 +254,7 @@ class _SagaSql:
             " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
         )
         self.delete_outbox = f"DELETE FROM {s}.outbox WHERE id = ANY($1::int8[])"
+        self.outbox_table = f"{s}.outbox"
         self.get = f"SELECT state::text FROM {s}.sagas WHERE saga_id = $1"
         self.list_base = f"SELECT state::text FROM {s}.sagas"
         self.log = (
@@ -618,11 +619,21 @@ class PostgresSagaStore:
         return _ClaimContext(self, now, limit)
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
-        """Delete outbox rows (already published by the caller)."""
+        """Delete outbox rows (already published by the caller).
+
+        One round trip, committed without waiting for the disk
+        (``synchronous_commit = off``): a delete lost in a crash only means the
+        relay publishes those messages once more, which consumers dedup anyway,
+        and not waiting for an fsync here is a commit's worth of latency saved
+        per batch.
+        """
         if ids:
-            await self._run(
-                "delete_outbox", lambda c: c.execute(self._sql.delete_outbox, list(ids))
+            listed = ",".join(str(int(i)) for i in ids)  # ints only: safe to inline
+            sql = (
+                "BEGIN; SET LOCAL synchronous_commit TO OFF;"
+                f" DELETE FROM {self._sql.outbox_table} WHERE id IN ({listed}); COMMIT"
             )
+            await self._run("delete_outbox", lambda c: c.execute(sql))
 
     async def wait_for_outbox(self, timeout: float) -> None:
         """Return on a ``NOTIFY <schema>_outbox`` (or a local commit of due rows), or after
