@@ -31,7 +31,17 @@ from sagaflow.core.errors import TransportError
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
 
-__all__ = ["InMemoryTransport", "MemoryDelivery", "message_headers"]
+__all__ = [
+    "InMemoryTransport",
+    "MemoryDelivery",
+    "as_dead_letter",
+    "dead_letter_id",
+    "is_death_header",
+    "message_headers",
+    "replay_route",
+    "route",
+    "truncate_reason",
+]
 
 log = logging.getLogger(__name__)
 

@@ -709,16 +709,10 @@ class RabbitMQTransport:
 
     async def _declare_for_consume(self, channel: AbstractChannel, name: str) -> AbstractQueue:
         t = self.topology
-        service = self._service_of(name)
-        if service is not None:
-            await channel.declare_exchange(
-                t.commands_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-            )
-            await self._declare_services(channel, [service])
-            return await channel.declare_queue(name, passive=True)
-        if name in (t.replies_queue, t.dead_letter_queue):
+        if self._service_of(name) is not None or name in (t.replies_queue, t.dead_letter_queue):
+            # Ours to (re)create: it may have been deleted (that is why a consumer
+            # gets cancelled), and its bindings with it.
             await self._declare_topology(channel)
-            return await channel.declare_queue(name, passive=True)
         return await channel.declare_queue(name, passive=True)
 
     def _service_of(self, queue: str) -> str | None:

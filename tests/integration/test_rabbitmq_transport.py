@@ -96,7 +96,11 @@ class Proxy:
         if not self.accepting:
             writer.close()
             return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:  # the broker itself is down: refuse, as it would
+            writer.close()
+            return
         self.links.update((writer, up_writer))
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
