@@ -5,7 +5,10 @@ claims the command id in the participant's inbox and runs the handler on the
 same connection, inside a savepoint: the business effect and the dedup record
 commit together. A redelivered command finds its id claimed and is answered
 with the stored reply, with no second effect. After commit the worker
-publishes the replies and then acknowledges the commands.
+publishes the replies and then acknowledges the commands. When the
+transaction fails (the database restarts, or a handler's SQL loses a deadlock
+to another batch: ``ConcurrencyConflict``) the whole batch is rolled back and
+run again; no reply goes out for a batch that did not commit.
 
 A compensation first records a tombstone for the command it undoes: if that
 command never ran, it never will (a late delivery finds the tombstone), and
@@ -25,7 +28,12 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from sagaflow.core.definition import Action, check_name
-from sagaflow.core.errors import BusinessFailure, DefinitionError, MessageRejected
+from sagaflow.core.errors import (
+    BusinessFailure,
+    ConcurrencyConflict,
+    DefinitionError,
+    MessageRejected,
+)
 from sagaflow.core.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
@@ -360,6 +368,10 @@ class Worker:
             return envelope.reply(Outcome.FAILURE, reason=exc.reason)  # definitive: stored
         except ValidationError as exc:
             raise _Transient(f"handler returned an invalid reply: {exc.errors()[:3]}") from exc
+        except ConcurrencyConflict:
+            # the batch's transaction lost a deadlock (or a serialization check) to
+            # another: roll all of it back and run it again, not this step's failure
+            raise
         except Exception as exc:
             log.warning(
                 "%s failed transiently (saga %s attempt %d): %r",

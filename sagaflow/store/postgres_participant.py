@@ -18,7 +18,9 @@ it into a tombstone.
 Errors are translated as in :mod:`sagaflow.store.postgres`: database failures of
 the store's own statements raise :class:`~sagaflow.core.errors.StoreError`
 (``__cause__`` holds asyncpg's error); the handler's own SQL errors are not
-translated.
+translated, except a deadlock or serialization failure (SQLSTATE class 40),
+which leaves the savepoint as :class:`~sagaflow.core.errors.ConcurrencyConflict`:
+the whole transaction must be rolled back and run again.
 """
 
 from __future__ import annotations
@@ -183,6 +185,13 @@ class _Savepoint:
             if exc is None:
                 raise store_error(error, "savepoint") from error
             log.debug("rollback to savepoint failed: %r", error)
+        if isinstance(exc, asyncpg.TransactionRollbackError):
+            # A deadlock or serialization failure in the handler's SQL: this
+            # transaction lost to a concurrent one, which may still wait for locks
+            # taken by earlier commands of this batch. Only rolling back the whole
+            # transaction (and running the batch again) resolves it; it is not the
+            # command's own failure.
+            raise store_error(exc, "handler") from exc
 
 
 class _TransactionContext:
