@@ -17,7 +17,21 @@ AMQP_BASE = os.environ.get("SAGAFLOW_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5
 
 
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    """Run rabbitmqctl; if the broker is restarting (a fault test restarts it),
+    wait for it to be up and try again rather than fail an unrelated test."""
+    for attempt in range(3):
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60)
+        if done.returncode == 0:
+            return
+        if attempt < 2:
+            subprocess.run(
+                ["rabbitmqctl", "-q", "await_startup", "--timeout", "60"],
+                capture_output=True,
+                timeout=90,
+            )
+    raise RuntimeError(
+        f"rabbitmqctl {' '.join(args)} failed: {done.stderr.decode(errors='replace')}"
+    )
 
 
 def new_vhost() -> str:
