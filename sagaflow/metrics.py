@@ -17,6 +17,8 @@ instruments below are what an operator graphs and alerts on (Prometheus names):
 ``sagaflow_outbox_backlog``                 gauge      (due outbox rows, coordinator)
 ``sagaflow_outbox_oldest_age_seconds``      gauge      (age of the oldest due row)
 ``sagaflow_messages_dead_lettered_total``   counter    queue, reason (its code: ``invalid``...)
+``sagaflow_replies_ignored_total``          counter    saga, reason (``finished``: the saga is
+                                                       terminal; ``stale``: it has moved on)
 ``sagaflow_commands_handled_total``         counter    type, outcome (workers)
 ``sagaflow_command_duration_seconds``       histogram  type, outcome (workers, handler + inbox)
 ==========================================  =========  =================================
@@ -126,6 +128,11 @@ class MetricsHooks(Hooks):
             unit="{message}",
             description="Messages dead-lettered, by queue and reason code",
         )
+        self.ignored_replies = meter.create_counter(
+            "sagaflow.replies.ignored",
+            unit="{message}",
+            description="Duplicate or stale replies the coordinator acked without effect",
+        )
         self.commands_handled = meter.create_counter(
             "sagaflow.commands.handled",
             unit="{command}",
@@ -168,6 +175,9 @@ class MetricsHooks(Hooks):
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: Decision) -> None:
         state = decision.state
         name = {"saga": saga.name}
+        if decision.ignored is not None:
+            reason = "finished" if decision.state.status.terminal else "stale"
+            self.ignored_replies.add(1, {**name, "reason": reason})
         for entry in decision.log:
             event = entry.event
             if event is LogEvent.STARTED:

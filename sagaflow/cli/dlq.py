@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from typing import Annotated, Any
 
 import orjson
@@ -21,7 +22,10 @@ from sagaflow.cli.common import (
     run_async,
     stdout_console,
 )
+from sagaflow.config import Settings
+from sagaflow.core.errors import SagaflowError
 from sagaflow.core.ports import DeadLetter
+from sagaflow.core.state import LogEntry, LogEvent
 
 __all__ = ["app", "dead_letter_document"]
 
@@ -34,6 +38,7 @@ app = typer.Typer(
 )
 
 _CONNECTION = "sagaflow-cli"
+_MAX_LETTERS = 10_000
 
 
 def dead_letter_document(letter: DeadLetter) -> dict[str, Any]:
@@ -108,7 +113,11 @@ def replay(
         str | None, typer.Option("--by", help="Who asks (logged; default: the OS user).")
     ] = None,
 ) -> None:
-    """Re-publish dead letters to the queue they came from (fix the cause first)."""
+    """Re-publish dead letters to the queue they came from (fix the cause first).
+
+    Each replayed message that belongs to a known saga gets a
+    ``dead_letter_replayed`` entry in that saga's log, with who and why.
+    """
     settings = current_settings()
     if ids and replay_all:
         raise UsageProblem("pass either ids or --all, not both")
@@ -119,17 +128,65 @@ def replay(
     who = by or default_user()
     wanted = None if replay_all else list(dict.fromkeys(ids or []))
 
-    async def go() -> int:
+    async def go() -> tuple[int, int]:
         async with common.opened_transport(settings, name=_CONNECTION) as broker:
-            return await broker.replay_dead_letters(wanted)
+            # what is about to go back, to record it in each saga's log afterwards
+            present = await broker.dead_letters(_MAX_LETTERS)
+            count = await broker.replay_dead_letters(wanted)
+        chosen = [letter for letter in present if wanted is None or letter.id in wanted]
+        return count, await _record(settings, chosen, by=who, reason=reason)
 
-    count = run_async(go())
+    count, recorded = run_async(go())
     log.info(
         "dead letters replayed",
         extra={"by": who, "reason": reason, "ids": wanted or "all", "count": count},
     )
     typer.echo(f"replayed {count} dead letter{'s' if count != 1 else ''}")
+    if recorded:
+        typer.echo(f"recorded in the log of {recorded} saga{'s' if recorded != 1 else ''}")
     if wanted is not None and count < len(wanted):
         raise CliError(
             f"{len(wanted) - count} of {len(wanted)} ids were not in the dead-letter queue"
         )
+
+
+async def _record(settings: Settings, letters: list[DeadLetter], *, by: str, reason: str) -> int:
+    """Append a ``dead_letter_replayed`` entry (who, why) to the log of each replayed
+    letter's saga, when its body names a saga the store knows; returns how many.
+
+    Best effort: the messages are already back in their queues, so a store that
+    cannot be reached is reported, not fatal.
+    """
+    now = time.time()
+    try:
+        async with common.opened_store(settings) as store:
+            entries = []
+            for letter in letters:
+                doc = dead_letter_document(letter)
+                saga_id = doc["saga_id"]
+                if not isinstance(saga_id, str) or await store.get(saga_id) is None:
+                    continue
+                entries.append(
+                    LogEntry(
+                        saga_id=saga_id,
+                        at=now,
+                        event=LogEvent.DEAD_LETTER_REPLAYED,
+                        step=doc["step"] if isinstance(doc["step"], str) else None,
+                        detail={
+                            "by": by,
+                            "reason": reason,
+                            "dead_letter_id": letter.id,
+                            "dead_letter_reason": letter.reason,
+                            "type": doc["type"],
+                            "kind": doc["kind"],
+                        },
+                    )
+                )
+            if entries:
+                async with store.transaction() as tx:
+                    await tx.append_log(entries)
+            return len(entries)
+    except SagaflowError as exc:
+        log.warning("replayed, but not recorded in the saga logs: %s", exc)
+        typer.echo(f"warning: not recorded in the saga logs: {exc}", err=True)
+        return 0

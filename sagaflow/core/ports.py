@@ -175,6 +175,18 @@ class SagaTransaction(Protocol):
 
     async def append_log(self, entries: Sequence[LogEntry]) -> None: ...
 
+    async def write(
+        self,
+        states: Sequence[SagaState],
+        log: Sequence[LogEntry],
+        envelopes: Sequence[Envelope],
+        *,
+        publish_after: float,
+    ) -> list[int]:
+        """``save_many`` + ``append_log`` + ``add_outbox`` at once (one round trip
+        where the store can): the whole write of a batch of decisions."""
+        ...
+
     async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
         """Queue messages; the relay publishes any still there after ``publish_after``."""
         ...
@@ -242,6 +254,15 @@ class ParticipantTransaction(Protocol):
         """Store the reply of a claimed command."""
         ...
 
+    async def claim_many(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
+        """``claim`` several distinct ids at once; returns what was stored for the
+        ids already claimed (the new ones are absent)."""
+        ...
+
+    async def complete_many(self, replies: Sequence[Envelope]) -> None:
+        """``complete`` several claimed commands (each reply names its command id)."""
+        ...
+
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
         """Mark a command as never to be applied, unless it already was.
 
@@ -251,6 +272,13 @@ class ParticipantTransaction(Protocol):
 
 
 class ParticipantStore(Protocol):
+    @property
+    def atomic(self) -> bool:
+        """Whether rolling back a transaction also undoes the handlers' effects (true
+        for a database). The worker then runs a batch without savepoints and, only
+        if a handler raises, rolls it back and runs it again one savepoint each."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...

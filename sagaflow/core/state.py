@@ -109,6 +109,7 @@ class LogEvent(StrEnum):
     COMPENSATION_STARTED = "compensation_started"
     CANCEL_REQUESTED = "cancel_requested"
     RETRY_REQUESTED = "retry_requested"
+    DEAD_LETTER_REPLAYED = "dead_letter_replayed"  # an operator re-sent a dead letter
     COMPLETED = "saga_completed"
     COMPENSATED = "saga_compensated"
     FAILED = "saga_failed"

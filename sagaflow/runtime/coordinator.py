@@ -87,13 +87,11 @@ class _Changes:
         self.messages.extend(decision.messages)
 
     async def write(self, tx: SagaTransaction, publish_after: float) -> list[int]:
-        if self.states:
-            await tx.save_many(list(self.states.values()))
-        if self.log:
-            await tx.append_log(self.log)
-        if not self.messages:
+        if not (self.states or self.log or self.messages):
             return []
-        return await tx.add_outbox(self.messages, publish_after=publish_after)
+        return await tx.write(
+            list(self.states.values()), self.log, self.messages, publish_after=publish_after
+        )
 
 
 @dataclass(frozen=True)
@@ -394,6 +392,7 @@ class Coordinator(SagaClient):
         rejects: list[tuple[Delivery, str]] = []
         changes = _Changes()
         decided: list[tuple[Saga[Any], SagaState, engine.Decision]] = []
+        ignored: list[tuple[Envelope, str]] = []
         async with self.store.transaction() as tx:
             states = await tx.lock(sorted({env.saga_id for _, env in events}))
             for delivery, env in events:
@@ -410,8 +409,21 @@ class Coordinator(SagaClient):
                 acks.append(delivery)
                 if decision.changed:
                     changes.add(decision)
+                else:
+                    ignored.append((env, decision.ignored or "unchanged"))
                 decided.append((saga, state, decision))
             ids = await changes.write(tx, now + self.outbox_grace)
+        for env, why in ignored:
+            # a duplicate or stale reply (redelivery, a retried attempt answering
+            # late, a replay): acked and counted (metrics hooks), changes nothing
+            log.info(
+                "ignoring a reply for saga %s step %s attempt %d: %s",
+                env.saga_id,
+                env.step,
+                env.attempt,
+                why,
+                extra=saga_fields(env),
+            )
         for saga, before, decision in decided:
             self.hooks.decided(saga, before, decision)
         return acks, rejects, changes, ids

@@ -140,6 +140,13 @@ class Participant:
         return sorted(self._handlers)
 
 
+_Command = tuple[Delivery, Envelope, "_Registration[Any, Any]", BaseModel]
+
+
+class _Redo(Exception):
+    """A handler raised in a batch run without savepoints: run it again with them."""
+
+
 class _Transient(Exception):
     """Rolls back the claim of a command whose handler failed transiently."""
 
@@ -188,6 +195,7 @@ class Worker:
         )
         self._stopped = asyncio.Event()
         self._started = False
+        self._queue = transport.topology.service_queue(participant.service)
 
     async def start(self) -> None:
         await retry_forever(self.store.start, what="store start")
@@ -197,8 +205,7 @@ class Worker:
             lambda: self.transport.start([self.participant.service]), what="transport start"
         )
         self._batcher.start()
-        queue = self.transport.topology.service_queue(self.participant.service)
-        await self.transport.consume(queue, self._batcher.put, prefetch=self.prefetch)
+        await self.transport.consume(self._queue, self._batcher.put, prefetch=self.prefetch)
         self._started = True
         log.info(
             "worker %s started: actions=%s", self.participant.service, self.participant.actions
@@ -290,19 +297,89 @@ class Worker:
         return envelope, registration, command
 
     async def _transact(
-        self, commands: Sequence[tuple[Delivery, Envelope, _Registration[Any, Any], BaseModel]]
+        self, commands: Sequence[_Command]
     ) -> list[tuple[Delivery, Envelope | None]]:
+        if self.store.atomic:
+            try:
+                return await self._transact_at_once(commands)
+            except _Redo:
+                pass  # a handler raised: all of it was rolled back; again, carefully
         replies: list[tuple[Delivery, Envelope | None]] = []
         async with self.store.transaction() as tx:
             for delivery, envelope, registration, command in commands:
-                started = time.perf_counter()
-                with self.hooks.processing(envelope, delivery.queue) as trace:
-                    # replies carry the context of this handling (its CONSUMER span)
-                    traced = envelope.model_copy(update={"trace": trace})
-                    reply = await self._handle_one(tx, traced, registration, command)
-                self.hooks.handled(envelope, reply, time.perf_counter() - started)
-                replies.append((delivery, reply))
+                replies.append((delivery, await self._traced(tx, envelope, registration, command)))
         return replies
+
+    async def _traced(
+        self,
+        tx: ParticipantTransaction,
+        envelope: Envelope,
+        registration: _Registration[Any, Any],
+        command: BaseModel,
+    ) -> Envelope | None:
+        """One command in its own savepoint, inside its CONSUMER span."""
+        started = time.perf_counter()
+        with self.hooks.processing(envelope, self._queue) as trace:
+            # replies carry the context of this handling (its CONSUMER span)
+            traced = envelope.model_copy(update={"trace": trace})
+            reply = await self._handle_one(tx, traced, registration, command)
+        self.hooks.handled(envelope, reply, time.perf_counter() - started)
+        return reply
+
+    async def _transact_at_once(
+        self, commands: Sequence[_Command]
+    ) -> list[tuple[Delivery, Envelope | None]]:
+        """The fast path: claim every command id in one statement, run the handlers
+        with no savepoint, store every reply in one statement. A handler that
+        raises (a refusal or an error) rolls the whole batch back (``_Redo``), to
+        be run again one savepoint each; compensations always take that path.
+        """
+        replies: dict[str, Envelope | None] = {}
+        async with self.store.transaction() as tx:
+            for _, envelope, registration, command in commands:
+                if envelope.kind is MessageKind.COMPENSATION:
+                    replies[envelope.message_id] = await self._traced(
+                        tx, envelope, registration, command
+                    )
+            fresh = [c for c in commands if c[1].kind is MessageKind.COMMAND]
+            stored = await tx.claim_many(list({env.command_id for _, env, _, _ in fresh}))
+            done: dict[str, Envelope | None] = {}
+            new: list[Envelope] = []
+            for _, envelope, registration, command in fresh:
+                cid = envelope.command_id
+                if cid not in done:
+                    earlier = stored.get(cid)
+                    if earlier is None:
+                        done[cid] = reply = await self._run_at_once(
+                            tx, envelope, registration, command
+                        )
+                        new.append(reply)
+                    else:  # a duplicate answered as before, or tombstoned: no reply
+                        done[cid] = earlier if isinstance(earlier, Envelope) else None
+                replies[envelope.message_id] = done[cid]
+            await tx.complete_many(new)
+        return [(delivery, replies[envelope.message_id]) for delivery, envelope, _, _ in commands]
+
+    async def _run_at_once(
+        self,
+        tx: ParticipantTransaction,
+        envelope: Envelope,
+        registration: _Registration[Any, Any],
+        command: BaseModel,
+    ) -> Envelope:
+        started = time.perf_counter()
+        with self.hooks.processing(envelope, self._queue) as trace:
+            traced = envelope.model_copy(update={"trace": trace})
+            try:
+                result = await registration.handler(command, self._context(traced, tx))
+                payload = registration.action.reply.model_validate(result).model_dump(mode="json")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise _Redo from exc
+            reply = traced.reply(Outcome.SUCCESS, payload)
+        self.hooks.handled(envelope, reply, time.perf_counter() - started)
+        return reply
 
     async def _handle_one(
         self,
@@ -340,14 +417,9 @@ class Worker:
         except _Transient as exc:
             return envelope.reply(Outcome.ERROR, reason=exc.reason)
 
-    async def _run_handler(
-        self,
-        tx: ParticipantTransaction,
-        envelope: Envelope,
-        registration: _Registration[Any, Any],
-        command: BaseModel,
-    ) -> Envelope:
-        ctx = HandlerContext(
+    @staticmethod
+    def _context(envelope: Envelope, tx: ParticipantTransaction) -> HandlerContext:
+        return HandlerContext(
             saga_id=envelope.saga_id,
             saga_name=envelope.saga_name,
             step=envelope.step,
@@ -356,6 +428,15 @@ class Worker:
             compensation=envelope.kind is MessageKind.COMPENSATION,
             connection=tx.connection,
         )
+
+    async def _run_handler(
+        self,
+        tx: ParticipantTransaction,
+        envelope: Envelope,
+        registration: _Registration[Any, Any],
+        command: BaseModel,
+    ) -> Envelope:
+        ctx = self._context(envelope, tx)
         try:
             async with tx.savepoint():
                 result = await registration.handler(command, ctx)

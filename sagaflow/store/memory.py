@@ -208,6 +208,19 @@ class InMemorySagaTransaction:
         """Append log entries in order."""
         self._log.extend(entries)
 
+    async def write(
+        self,
+        states: Sequence[SagaState],
+        log: Sequence[LogEntry],
+        envelopes: Sequence[Envelope],
+        *,
+        publish_after: float,
+    ) -> list[int]:
+        """``save_many``, ``append_log`` and ``add_outbox`` together."""
+        await self.save_many(states)
+        await self.append_log(log)
+        return await self.add_outbox(envelopes, publish_after=publish_after)
+
     async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
         """Queue envelopes; returns their row ids in order."""
         ids = [next(self._store._ids) for _ in envelopes]
@@ -478,6 +491,20 @@ class InMemoryParticipantTransaction:
             raise StoreError(f"command {command_id!r} is already done or tombstoned")
         self._writes[command_id] = _InboxEntry("done", reply)
 
+    async def claim_many(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
+        """``claim`` each id in turn."""
+        stored: dict[str, Envelope | Tombstone] = {}
+        for command_id in command_ids:
+            outcome = await self.claim(command_id)
+            if outcome is not None:
+                stored[command_id] = outcome
+        return stored
+
+    async def complete_many(self, replies: Sequence[Envelope]) -> None:
+        """``complete`` each reply in turn."""
+        for reply in replies:
+            await self.complete(reply.command_id, reply)
+
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
         """Mark a command as never to be applied, unless it already was.
 
@@ -544,6 +571,12 @@ class InMemoryParticipantStore:
     def __init__(self) -> None:
         self._inbox: dict[str, _InboxEntry] = {}
         self._locks = _KeyedLocks()
+
+    @property
+    def atomic(self) -> bool:
+        """In memory, handlers' effects live in the services' own objects: a rollback
+        cannot undo them, so every command runs in its own savepoint."""
+        return False
 
     async def start(self) -> None:
         """Nothing to open."""

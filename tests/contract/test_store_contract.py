@@ -675,3 +675,38 @@ async def test_concurrent_claim_after_a_rollback_is_new(participant: Participant
     release.set()
     await one
     assert await asyncio.wait_for(two, WAIT) is None
+
+
+async def test_write_saves_logs_and_queues_a_batch_at_once(store: SagaStore) -> None:
+    await insert(store, saga("w-1"), saga("w-2"))
+    async with store.transaction() as tx:
+        states = await tx.lock(["w-1", "w-2"])
+        changed = [s.model_copy(update={"status": SagaStatus.COMPLETED}) for s in states.values()]
+        log = [entry("w-1", 1.0, LogEvent.COMPLETED), entry("w-2", 2.0, LogEvent.COMPLETED)]
+        ids = await tx.write(changed, log, [envelope("w-1"), envelope("w-2", 1)], publish_after=0.0)
+    assert len(ids) == 2 and ids == sorted(ids)
+    for saga_id in ("w-1", "w-2"):
+        got = await store.get(saga_id)
+        assert got is not None and (got.status, got.version) == (SagaStatus.COMPLETED, 1)
+        assert [e.event for e in await store.log(saga_id)] == [LogEvent.COMPLETED]
+    async with store.claim_outbox(10.0, 10) as items:
+        assert [i.envelope.saga_id for i in items] == ["w-1", "w-2"]
+        assert items[0].envelope.trace == {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}
+    # nothing but a log line is fine too; a stale state conflicts and writes nothing
+    async with store.transaction() as tx:
+        assert (
+            await tx.write([], [entry("w-1", 3.0, LogEvent.RETRY_REQUESTED)], [], publish_after=0.0)
+            == []
+        )
+    with pytest.raises(ConcurrencyConflict):
+        async with store.transaction() as tx:
+            await tx.write(
+                changed[:1],
+                [entry("w-1", 4.0, LogEvent.FAILED)],
+                [envelope("w-1", 7)],
+                publish_after=0.0,
+            )
+    assert [e.event for e in await store.log("w-1")] == [
+        LogEvent.COMPLETED,
+        LogEvent.RETRY_REQUESTED,
+    ]
