@@ -1,0 +1,246 @@
+"""``python -m bench``: plan the runs, run them, print JSON (stdout) and tables (stderr).
+
+Without arguments (``make bench``) it runs the raw ceiling and sagaflow
+interleaved in one invocation: throughput raw, sagaflow, raw, sagaflow, then
+latency raw, sagaflow; and prints the sagaflow/raw ratios. Every run prints
+one JSON object (``"kind": "run"``) on its own line; every comparison one more
+(``"kind": "comparison"``). A run whose outcome is not what the workload
+implies stops everything with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.harness import BenchFailure, Params, run_in_memory, run_servers
+from bench.infra import InfraError
+from bench.report import (
+    compare,
+    comparison_table,
+    console,
+    embedded_verdict,
+    runs_table,
+    tracing_compare,
+    tracing_table,
+)
+
+DEFAULT_SAGAS = {"throughput": 2000, "latency": 200, "soak": 0}
+QUICK_SAGAS = {"throughput": 300, "latency": 50, "soak": 0}
+EMBEDDED_SAGAS = {"throughput": 10_000, "latency": 1000, "soak": 0}
+DEFAULT_INFLIGHT = {"throughput": 200, "latency": 1, "soak": 200}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas: {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return values
+
+
+def _tracing(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or any(v not in ("off", "on") for v in values):
+        raise argparse.ArgumentTypeError(f"expected off, on or both (off,on): {text!r}")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="sagaflow benchmark: the raw ceiling and sagaflow on real RabbitMQ and "
+        "PostgreSQL (or --embedded, in memory). JSON on stdout, tables on stderr.",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["throughput", "latency", "soak", "all"],
+        default="all",
+        help="all = throughput then latency (default)",
+    )
+    p.add_argument(
+        "--system",
+        choices=["both", "raw", "sagaflow"],
+        default="both",
+        help="both = raw and sagaflow interleaved, with ratios (default)",
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="sagaflow in one process with the in-memory broker and stores (no servers)",
+    )
+    p.add_argument("--sagas", type=int, help="sagas per run (throughput 2000, latency 200)")
+    p.add_argument(
+        "--inflight", type=int, help="unfinished sagas at most (throughput 200, latency 1)"
+    )
+    p.add_argument("--steps", type=_ints, default=[3], help="steps per saga, e.g. 3,6,12")
+    p.add_argument(
+        "--coordinators", type=_ints, default=[1], help="sagaflow coordinator processes, e.g. 1,2,3"
+    )
+    p.add_argument("--fail-rate", type=float, default=0.1, help="share of sagas failing at payment")
+    p.add_argument(
+        "--repeat", type=int, help="runs per system and workload (throughput 2 with both)"
+    )
+    p.add_argument("--duration", type=float, help="soak: seconds of load (default 60, quick 15)")
+    p.add_argument("--quick", action="store_true", help="small runs (throughput 300, latency 50)")
+    p.add_argument(
+        "--queue-type",
+        choices=["quorum", "classic"],
+        default="quorum",
+        help="the raw ceiling's queues (sagaflow declares quorum queues)",
+    )
+    p.add_argument(
+        "--starter",
+        choices=["auto", "coordinator", "client"],
+        default="auto",
+        help="who starts sagaflow's sagas: the coordinator process, like the raw driver, or "
+        "this process through SagaClient and the outbox relay (auto: coordinator when there "
+        "is one coordinator)",
+    )
+    p.add_argument(
+        "--tracing",
+        type=_tracing,
+        default=[],
+        help="sagaflow only: run each sagaflow workload with telemetry set up as the CLI does, "
+        "once per value, interleaved: off = no OTEL_* variables, on = exporting to an OTLP/HTTP "
+        "sink this harness starts (e.g. off,on); prints the on/off ratios",
+    )
+    p.add_argument("--profile", type=Path, help="record py-spy profiles of the coordinators here")
+    p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    p.add_argument(
+        "--check-targets", action="store_true", help="exit 3 when a performance target is missed"
+    )
+    return p
+
+
+def _starter(choice: str, coordinators: int) -> str:
+    if choice == "auto":
+        return "coordinator" if coordinators == 1 else "client"
+    return choice
+
+
+def plan(args: argparse.Namespace) -> list[Params]:
+    modes = ["throughput", "latency"] if args.mode == "all" else [args.mode]
+    if args.embedded:
+        systems = ["embedded"]
+    elif args.system == "both":
+        systems = ["raw", "sagaflow"]
+    else:
+        systems = [args.system]
+    if not 0 <= args.fail_rate <= 1:
+        raise SystemExit("--fail-rate must be between 0 and 1")
+    runs: list[Params] = []
+    for mode in modes:
+        defaults = EMBEDDED_SAGAS if args.embedded else QUICK_SAGAS if args.quick else DEFAULT_SAGAS
+        sagas = args.sagas if args.sagas is not None else defaults[mode]
+        inflight = args.inflight if args.inflight is not None else DEFAULT_INFLIGHT[mode]
+        duration = 0.0
+        if mode == "soak":
+            duration = args.duration if args.duration is not None else 15.0 if args.quick else 60.0
+        repeat = args.repeat
+        if repeat is None:
+            several = len(systems) > 1 or len(args.tracing) > 1
+            repeat = 2 if mode == "throughput" and several else 1
+        for steps in args.steps:
+            for _ in range(repeat):
+                for system in systems:
+                    coordinators = args.coordinators if system == "sagaflow" else [1]
+                    tracing = args.tracing if system == "sagaflow" and args.tracing else [""]
+                    for count, trace in ((c, t) for c in coordinators for t in tracing):
+                        runs.append(
+                            Params(
+                                system=system,
+                                mode=mode,
+                                sagas=sagas,
+                                inflight=inflight,
+                                steps=steps,
+                                fail_rate=args.fail_rate,
+                                coordinators=count,
+                                duration=duration,
+                                queue_type=args.queue_type,
+                                starter=_starter(args.starter, count),
+                                tracing=trace,
+                            )
+                        )
+    return runs
+
+
+def _emit(obj: dict[str, Any], out: Path | None) -> None:
+    line = orjson.dumps(obj).decode()
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if out is not None:
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+
+async def _run_all(runs: list[Params], args: argparse.Namespace) -> list[dict[str, Any]]:
+    con = console()
+    results: list[dict[str, Any]] = []
+    for i, params in enumerate(runs, 1):
+        con.print(
+            f"[bold]run {i}/{len(runs)}[/]: {params.system} {params.mode} steps={params.steps}"
+            f" sagas={params.sagas or f'{params.duration:.0f}s'} inflight={params.inflight}"
+            + (f" coordinators={params.coordinators}" if params.system == "sagaflow" else "")
+        )
+        if params.tracing and params.system != "embedded":
+            con.print(f"  tracing {params.tracing}")
+        if params.system == "embedded":
+            result = await run_in_memory(params)
+        else:
+            result = await run_servers(params, profile_dir=args.profile)
+        results.append(result)
+        _emit({"kind": "run", **result}, args.out)
+        con.print(
+            f"  {result['sagas_per_s']:,.1f} sagas/s, p50 {result['latency_ms']['p50']:.1f} ms,"
+            f" p99 {result['latency_ms']['p99']:.1f} ms, verified"
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    runs = plan(args)
+    con = console()
+    try:
+        results = asyncio.run(_run_all(runs, args))
+    except (BenchFailure, InfraError) as exc:
+        con.print(f"[bold red]BENCHMARK FAILED[/]: {exc}")
+        return 1
+    except Exception:
+        con.print_exception()
+        con.print("[bold red]BENCHMARK FAILED[/]: unexpected error (above)")
+        return 1
+    except KeyboardInterrupt:
+        con.print("[bold red]interrupted[/]")
+        return 130
+    con.print(runs_table(results))
+    rows = compare(results)
+    missed = False
+    for row in rows:
+        _emit(row, args.out)
+        missed = missed or not all(row["targets_met"].values())
+    if rows:
+        con.print(comparison_table(rows))
+    traced = tracing_compare(results)
+    for row in traced:
+        _emit(row, args.out)
+        missed = missed or not all(row["targets_met"].values())
+    if traced:
+        con.print(tracing_table(traced))
+    verdict = embedded_verdict(results)
+    if verdict:
+        con.print(verdict)
+        missed = missed or "MISSED" in verdict
+    if missed and args.check_targets:
+        return 3
+    return 0

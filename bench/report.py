@@ -1,0 +1,305 @@
+"""Readable tables (stderr) and the sagaflow/raw comparison of a benchmark invocation."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# sagaflow / raw, measured within one invocation (see docs/performance.md)
+TARGETS = {
+    "throughput": (">=", 1.3),
+    "latency_p50": ("<=", 1.0),
+    "coordinator_cpu": ("<=", 0.8),
+}
+EMBEDDED_TARGET = 2000.0  # sagas/s on one core
+# tracing exporting on / off (the issue: "costs at most 15% throughput")
+TRACING_THROUGHPUT_TARGET = 0.85
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def runs_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(title="benchmark runs", title_justify="left")
+    for name in (
+        "system",
+        "mode",
+        "steps",
+        "coord",
+        "sagas",
+        "sagas/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "CPU ms/saga coord",
+        "part",
+        "client",
+        "rabbit",
+        "pg (bench+bg)",
+        "pg (all)",
+        "total",
+        "msgs/saga",
+        "xacts/saga",
+        "ok",
+    ):
+        table.add_column(name, justify="left" if name in ("system", "mode") else "right")
+    for r in results:
+        cpu = r.get("cpu_ms_per_saga", {})
+        lat = r["latency_ms"]
+        pg_own = cpu.get("postgres_bench", 0.0) + cpu.get("postgres_background", 0.0)
+        coord = cpu.get("coordinator", cpu.get("process", 0.0))
+        tracing = r["params"].get("tracing")
+        table.add_row(
+            r["system"] + (f" (tracing {tracing})" if tracing else ""),
+            r["mode"],
+            str(r["params"]["steps"]),
+            f"{r['params']['coordinators']} ({r['params']['starter'][:6]})"
+            if r["system"] == "sagaflow"
+            else "-",
+            str(r["sagas"]),
+            _fmt(r["sagas_per_s"]),
+            _fmt(lat["p50"]),
+            _fmt(lat["p90"]),
+            _fmt(lat["p99"]),
+            _fmt(coord, 2),
+            _fmt(cpu.get("participants", 0.0), 2),
+            _fmt(cpu.get("client", 0.0), 2),
+            _fmt(cpu.get("rabbitmq", 0.0), 2),
+            _fmt(pg_own, 2),
+            _fmt(cpu.get("postgres", 0.0), 2),
+            _fmt(cpu.get("total", 0.0), 2),
+            _fmt(r.get("messages_per_saga", 0.0), 2),
+            _fmt(r.get("db_transactions_per_saga", 0.0), 2),
+            "yes" if r.get("verified") else "NO",
+        )
+    return table
+
+
+def _key(r: dict[str, Any]) -> tuple[Any, ...]:
+    p = r["params"]
+    return (r["mode"], p["steps"], p["fail_rate"], p["inflight"], p["sagas"], p["duration"])
+
+
+def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """sagaflow/raw ratios for every workload both systems ran (medians over repeats).
+
+    sagaflow runs with several coordinators are compared with the one-coordinator
+    raw driver of the same workload, each as its own row.
+    """
+    rows: list[dict[str, Any]] = []
+    raw: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    ours: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        if r["system"] == "raw":
+            raw.setdefault(_key(r), []).append(r)
+        elif r["system"] == "sagaflow":
+            p = r["params"]
+            key = (*_key(r), p["coordinators"], p["starter"], p.get("tracing", ""))
+            ours.setdefault(key, []).append(r)
+    for key, mine in ours.items():
+        base = raw.get(key[:-3])
+        if not base:
+            continue
+
+        def med(rs: list[dict[str, Any]], pick: Any) -> float:
+            return float(statistics.median(pick(r) for r in rs))
+
+        def coord_cpu(r: dict[str, Any]) -> float:
+            return float(r["cpu_ms_per_saga"].get("coordinator", 0.0))
+
+        def front_cpu(r: dict[str, Any]) -> float:
+            cpu = r["cpu_ms_per_saga"]
+            return float(cpu.get("coordinator", 0.0) + cpu.get("client", 0.0))
+
+        def total_cpu(r: dict[str, Any]) -> float:
+            return float(r["cpu_ms_per_saga"].get("total", 0.0))
+
+        def ratio(a: float, b: float) -> float:
+            return round(a / b, 3) if b else 0.0
+
+        mode = key[0]
+        row: dict[str, Any] = {
+            "kind": "comparison",
+            "mode": mode,
+            "steps": key[1],
+            "inflight": key[3],
+            "coordinators": key[-3],
+            "starter": key[-2],
+            "tracing": key[-1],
+            "runs": {"raw": len(base), "sagaflow": len(mine)},
+            "throughput_ratio": ratio(
+                med(mine, lambda r: r["sagas_per_s"]), med(base, lambda r: r["sagas_per_s"])
+            ),
+            "latency_p50_ratio": ratio(
+                med(mine, lambda r: r["latency_ms"]["p50"]),
+                med(base, lambda r: r["latency_ms"]["p50"]),
+            ),
+            "latency_p99_ratio": ratio(
+                med(mine, lambda r: r["latency_ms"]["p99"]),
+                med(base, lambda r: r["latency_ms"]["p99"]),
+            ),
+            "coordinator_cpu_ratio": ratio(med(mine, coord_cpu), med(base, coord_cpu)),
+            "coordinator_plus_client_cpu_ratio": ratio(med(mine, front_cpu), med(base, front_cpu)),
+            "total_cpu_ratio": ratio(med(mine, total_cpu), med(base, total_cpu)),
+        }
+        checks: dict[str, bool] = {}
+        if mode == "throughput":
+            checks["throughput"] = row["throughput_ratio"] >= TARGETS["throughput"][1]
+            checks["coordinator_cpu"] = (
+                row["coordinator_cpu_ratio"] <= TARGETS["coordinator_cpu"][1]
+            )
+        if mode == "latency":
+            checks["latency_p50"] = row["latency_p50_ratio"] <= TARGETS["latency_p50"][1]
+        row["targets_met"] = checks
+        rows.append(row)
+    return rows
+
+
+def _median(rs: list[dict[str, Any]], pick: Any) -> float:
+    return float(statistics.median(pick(r) for r in rs))
+
+
+def _cpu(group: str) -> Any:
+    return lambda run: float(run["cpu_ms_per_saga"].get(group, 0.0))
+
+
+def tracing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tracing on / off ratios of sagaflow runs of the same workload (medians over repeats)."""
+    groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
+    for r in results:
+        p = r["params"]
+        if r["system"] != "sagaflow" or not p.get("tracing"):
+            continue
+        key = (*_key(r), p["coordinators"], p["starter"])
+        groups.setdefault(key, {}).setdefault(p["tracing"], []).append(r)
+    rows: list[dict[str, Any]] = []
+    for key, by in groups.items():
+        off, on = by.get("off"), by.get("on")
+        if not off or not on:
+            continue
+
+        def ratio(
+            pick: Any, on: list[dict[str, Any]] = on, off: list[dict[str, Any]] = off
+        ) -> float:
+            b = _median(off, pick)
+            return round(_median(on, pick) / b, 3) if b else 0.0
+
+        row: dict[str, Any] = {
+            "kind": "tracing_comparison",
+            "mode": key[0],
+            "steps": key[1],
+            "inflight": key[3],
+            "coordinators": key[-2],
+            "runs": {"off": len(off), "on": len(on)},
+            "sagas_per_s": {
+                "off": [r["sagas_per_s"] for r in off],
+                "on": [r["sagas_per_s"] for r in on],
+            },
+            "throughput_ratio": ratio(lambda r: r["sagas_per_s"]),
+            "latency_p50_ratio": ratio(lambda r: r["latency_ms"]["p50"]),
+            "latency_p99_ratio": ratio(lambda r: r["latency_ms"]["p99"]),
+            "coordinator_cpu_ratio": ratio(_cpu("coordinator")),
+            "participants_cpu_ratio": ratio(_cpu("participants")),
+            "total_cpu_ratio": ratio(_cpu("total")),
+            "otlp_trace_bytes_per_saga": round(
+                _median(
+                    on,
+                    lambda r: (
+                        r["tracing"]["otlp_received"].get("/v1/traces", {}).get("bytes", 0)
+                        / max(r["sagas"], 1)
+                    ),
+                ),
+                1,
+            ),
+        }
+        checks: dict[str, bool] = {}
+        if key[0] == "throughput":
+            checks["tracing_throughput"] = row["throughput_ratio"] >= TRACING_THROUGHPUT_TARGET
+        row["targets_met"] = checks
+        rows.append(row)
+    return rows
+
+
+def tracing_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="sagaflow tracing on / off (same invocation)", title_justify="left")
+    for name in (
+        "mode",
+        "steps",
+        "throughput",
+        "p50",
+        "p99",
+        "coord CPU",
+        "workers CPU",
+        "total CPU",
+        "OTLP B/saga",
+        "targets",
+    ):
+        table.add_column(name, justify="left" if name in ("mode", "targets") else "right")
+    for row in rows:
+        met = row["targets_met"]
+        targets = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) or "-"
+        table.add_row(
+            row["mode"],
+            str(row["steps"]),
+            f"{row['throughput_ratio']:.2f}x",
+            f"{row['latency_p50_ratio']:.2f}x",
+            f"{row['latency_p99_ratio']:.2f}x",
+            f"{row['coordinator_cpu_ratio']:.2f}x",
+            f"{row['participants_cpu_ratio']:.2f}x",
+            f"{row['total_cpu_ratio']:.2f}x",
+            f"{row['otlp_trace_bytes_per_saga']:,.0f}",
+            targets,
+        )
+    return table
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="sagaflow / raw (same invocation)", title_justify="left")
+    for name in (
+        "mode",
+        "steps",
+        "coord",
+        "throughput",
+        "p50",
+        "p99",
+        "coord CPU",
+        "coord+client CPU",
+        "total CPU",
+        "targets",
+    ):
+        table.add_column(name, justify="left" if name in ("mode", "targets") else "right")
+    for row in rows:
+        met = row["targets_met"]
+        targets = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) or "-"
+        table.add_row(
+            row["mode"],
+            str(row["steps"]),
+            f"{row['coordinators']} ({row['starter']})",
+            f"{row['throughput_ratio']:.2f}x",
+            f"{row['latency_p50_ratio']:.2f}x",
+            f"{row['latency_p99_ratio']:.2f}x",
+            f"{row['coordinator_cpu_ratio']:.2f}x",
+            f"{row['coordinator_plus_client_cpu_ratio']:.2f}x",
+            f"{row['total_cpu_ratio']:.2f}x",
+            targets,
+        )
+    return table
+
+
+def embedded_verdict(results: list[dict[str, Any]]) -> str | None:
+    rates = [
+        r["sagas_per_s"] for r in results if r["system"] == "embedded" and r["mode"] == "throughput"
+    ]
+    if not rates:
+        return None
+    best = max(rates)
+    verdict = "met" if best >= EMBEDDED_TARGET else "MISSED"
+    return f"embedded throughput {best:,.0f} sagas/s (target >= {EMBEDDED_TARGET:,.0f}): {verdict}"
+
+
+def console() -> Console:
+    return Console(stderr=True, width=200)

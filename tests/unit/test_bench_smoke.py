@@ -1,0 +1,167 @@
+"""The benchmark harness: a tiny embedded run, its JSON shape, the plan and the checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from bench.cli import main, parser, plan
+from bench.harness import BenchFailure, Params, _tracing_outcome, verify
+from bench.report import tracing_compare
+from bench.workload import expected, fail_step, failing_count, fails, percentiles
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_embedded_run_prints_one_verified_json_object(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--embedded", "--mode", "throughput", "--sagas", "50"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["kind"] == "run"
+    assert result["system"] == "embedded"
+    assert result["mode"] == "throughput"
+    assert result["sagas"] == 50
+    assert result["statuses"] == {"COMPLETED": 45, "COMPENSATED": 5}
+    assert result["expected"] == {"completed": 45, "compensated": 5}
+    assert result["verified"] is True
+    assert result["sagas_per_s"] > 0
+    assert set(result["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
+    assert result["cpu_ms_per_saga"]["total"] > 0
+    assert result["peak_rss_mb"]["process"] > 0
+    assert result["messages_per_saga"] == 6.0
+    assert result["params"]["steps"] == 3
+
+
+def test_embedded_latency_run_with_more_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--embedded", "--mode", "latency", "--sagas", "20", "--steps", "6"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["params"]["inflight"] == 1
+    assert result["statuses"] == {"COMPLETED": 18, "COMPENSATED": 2}
+    # a failing 6-step saga fails at step 4 and undoes steps 0-3: 2 * (4 + 1 + 4) messages
+    assert result["messages_per_saga"] == pytest.approx((18 * 12 + 2 * 18) / 20)
+
+
+def test_default_plan_interleaves_raw_and_sagaflow() -> None:
+    runs = plan(parser().parse_args([]))
+    assert [(r.mode, r.system) for r in runs] == [
+        ("throughput", "raw"),
+        ("throughput", "sagaflow"),
+        ("throughput", "raw"),
+        ("throughput", "sagaflow"),
+        ("latency", "raw"),
+        ("latency", "sagaflow"),
+    ]
+    assert runs[0].sagas == 2000 and runs[0].inflight == 200
+    assert runs[-1].sagas == 200 and runs[-1].inflight == 1
+
+
+def test_plan_sweeps_steps_and_coordinators_for_sagaflow_only() -> None:
+    args = parser().parse_args(
+        ["--mode", "throughput", "--steps", "3,6", "--coordinators", "1,2", "--repeat", "1"]
+    )
+    runs = [(r.steps, r.system, r.coordinators) for r in plan(args)]
+    assert runs == [
+        (3, "raw", 1),
+        (3, "sagaflow", 1),
+        (3, "sagaflow", 2),
+        (6, "raw", 1),
+        (6, "sagaflow", 1),
+        (6, "sagaflow", 2),
+    ]
+
+
+def test_failing_sagas_are_spread_and_counted_exactly() -> None:
+    assert [i for i in range(30) if fails(i, 0.1)] == [9, 19, 29]
+    assert failing_count(2000, 0.1) == 200 == sum(fails(i, 0.1) for i in range(2000))
+    assert failing_count(7, 0.0) == 0
+    assert [fail_step(n) for n in (3, 6, 12)] == [1, 4, 10]
+
+
+def test_expected_effects_per_service() -> None:
+    want = expected(10, 3, 0.1)
+    assert (want.completed, want.compensated) == (9, 1)
+    # the failing saga reserves (then releases) and is refused at payment
+    assert want.effects == {"inventory": (10, 1), "payment": (9, 0), "shipping": (9, 0)}
+    assert want.messages == 9 * 6 + 1 * 6
+
+
+def test_verify_raises_on_any_gap() -> None:
+    params = Params(system="raw", mode="throughput", sagas=10, inflight=5)
+    good = {
+        "sagas": 10,
+        "statuses": {"COMPLETED": 9, "COMPENSATED": 1},
+        "effects": {"inventory": (10, 1), "payment": (9, 0), "shipping": (9, 0)},
+    }
+    result: dict[str, object] = {}
+    verify(params, result, good)
+    assert result["verified"] is True
+    bad = {**good, "statuses": {"COMPLETED": 8, "COMPENSATED": 1, "RUNNING": 1}}
+    with pytest.raises(BenchFailure, match="1 sagas ended RUNNING"):
+        verify(params, {}, bad)
+    lost = {**good, "effects": {**good["effects"], "payment": (8, 0)}}  # type: ignore[dict-item]
+    with pytest.raises(BenchFailure, match="payment: 8 effects"):
+        verify(params, {}, lost)
+
+
+def test_percentiles_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    p = percentiles(values)
+    assert (p["p50"], p["p90"], p["p99"], p["max"]) == (50.0, 90.0, 99.0, 100.0)
+    assert percentiles([])["p50"] == 0.0
+
+
+def test_plan_interleaves_tracing_off_and_on_for_sagaflow_only() -> None:
+    args = parser().parse_args(["--mode", "throughput", "--tracing", "off,on"])
+    runs = [(r.system, r.tracing) for r in plan(args)]
+    assert runs == [
+        ("raw", ""),
+        ("sagaflow", "off"),
+        ("sagaflow", "on"),
+        ("raw", ""),
+        ("sagaflow", "off"),
+        ("sagaflow", "on"),
+    ]
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--tracing", "maybe"])
+
+
+def _traced_run(tracing: str, rate: float, trace_bytes: int) -> dict[str, object]:
+    params = Params("sagaflow", "throughput", 100, 200, tracing=tracing)
+    return {
+        "system": "sagaflow",
+        "mode": "throughput",
+        "params": dataclasses.asdict(params),
+        "sagas": 100,
+        "sagas_per_s": rate,
+        "latency_ms": {"p50": 10.0, "p99": 20.0},
+        "cpu_ms_per_saga": {"coordinator": 2.0, "participants": 3.0, "total": 10.0},
+        "tracing": {"mode": tracing, "otlp_received": {"/v1/traces": {"bytes": trace_bytes}}},
+    }
+
+
+def test_tracing_comparison_is_on_over_off_with_the_15_percent_target() -> None:
+    rows = tracing_compare(
+        [
+            _traced_run("off", 200.0, 0),
+            _traced_run("on", 180.0, 50_000),
+            _traced_run("off", 100.0, 0),
+            _traced_run("on", 60.0, 70_000),
+        ]
+    )
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["kind"] == "tracing_comparison"
+    assert row["throughput_ratio"] == pytest.approx(120.0 / 150.0, abs=1e-3)
+    assert row["targets_met"] == {"tracing_throughput": False}
+    assert row["otlp_trace_bytes_per_saga"] == 600.0
+
+
+def test_a_tracing_on_run_that_exported_no_span_fails() -> None:
+    params = Params("sagaflow", "throughput", 10, 10, tracing="on")
+    with pytest.raises(BenchFailure, match="no spans"):
+        _tracing_outcome(params, {"paths": {"/v1/metrics": {"requests": 1, "bytes": 10}}})
+    received = {"paths": {"/v1/traces": {"requests": 1, "bytes": 10}}}
+    assert _tracing_outcome(params, received)["otlp_received"]["/v1/traces"]["bytes"] == 10
