@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -81,6 +81,7 @@ class _Process:
     argv: list[str]
     queue: str | None  # the queue it consumes, to tell when it is ready
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
     process: asyncio.subprocess.Process | None = None
 
     @property
@@ -100,6 +101,9 @@ class Stack:
         prefix: The broker namespace (``SAGAFLOW_PREFIX``).
         http_port: The order API's port; a free one by default.
         env_extra: More environment variables for every process.
+        process_env: More environment variables for some processes, by process
+            name (``{"payment": {"SAGAFLOW_FAULT_KILL_AFTER_COMMIT": "once:5"}}``);
+            :meth:`restart` can replace them.
         log_dir: Where ``<name>.log`` files go; a new temporary directory by default.
         sagas: ``module:attr`` specs the coordinators run.
         coordinators: How many coordinator processes (``coordinator``,
@@ -120,6 +124,7 @@ class Stack:
         prefix: str = "sagaflow",
         http_port: int | None = None,
         env_extra: Mapping[str, str] | None = None,
+        process_env: Mapping[str, Mapping[str, str]] | None = None,
         log_dir: str | Path | None = None,
         sagas: Sequence[str] = ("services.order.saga:create_order",),
         coordinators: int = 1,
@@ -164,6 +169,8 @@ class Stack:
             self._add(
                 "order", [sys.executable, "-m", "services.order"], topology.service_queue("order")
             )
+        for name, extra in (process_env or {}).items():
+            self._get(name).env = dict(extra)
         self.store = PostgresSagaStore(database_url, schema=schema)
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=30.0)
 
@@ -220,7 +227,7 @@ class Stack:
             proc.process = await asyncio.create_subprocess_exec(
                 *proc.argv,
                 cwd=ROOT,
-                env=self.env,
+                env={**self.env, **proc.env},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
@@ -291,11 +298,21 @@ class Stack:
         except StackError:
             return await self.kill(name, signal.SIGKILL)
 
-    async def restart(self, name: str, *, wait: bool = True) -> None:
-        """Stop the process if it runs, start it again and (by default) wait until ready."""
+    async def restart(
+        self, name: str, *, wait: bool = True, env: Mapping[str, str] | None = None
+    ) -> None:
+        """Stop the process if it runs, start it again and (by default) wait until ready.
+
+        Args:
+            name: The process.
+            wait: Wait until every process is ready again.
+            env: Replaces the process's own extra environment (see ``process_env``).
+        """
         proc = self._get(name)
         if proc.alive:
             await self.stop(name)
+        if env is not None:
+            proc.env = dict(env)
         await self._spawn(proc)
         if wait:
             await self.wait_ready()

@@ -558,7 +558,9 @@ def _dead_letter(broker: _SharedTransport) -> None:
     broker.inner.inject(broker.topology.dead_letter_queue, body, headers)
 
 
-def test_dlq_list_and_replay(runner: CliRunner, broker: _SharedTransport) -> None:
+def test_dlq_list_and_replay(
+    runner: CliRunner, broker: _SharedTransport, store: InMemorySagaStore
+) -> None:
     empty = invoke(runner, "dlq", "list", "--json")
     assert empty.exit_code == 0
     assert orjson.loads(empty.stdout) == []
@@ -581,11 +583,33 @@ def test_dlq_list_and_replay(runner: CliRunner, broker: _SharedTransport) -> Non
     assert invoke(runner, "dlq", "replay", "-r", "x").exit_code == 2  # neither ids nor --all
     assert invoke(runner, "dlq", "replay", letter["id"], "--all", "-r", "x").exit_code == 2
     assert invoke(runner, "dlq", "replay", "--all").exit_code == 2  # no reason
+    # the letter's saga exists: the replay is recorded in its log, with who and why
+    started = invoke(
+        runner,
+        "start",
+        "sample",
+        "--id",
+        "s-1",
+        "-d",
+        '{"order_id": "o"}',
+        "-m",
+        "tests.sample:saga",
+    )
+    assert started.exit_code == 0, started.output
     missing = invoke(runner, "dlq", "replay", letter["id"], "nope", "-r", "fixed the handler")
     assert missing.exit_code == 1
     assert "replayed 1 dead letter" in missing.stdout
+    assert "recorded in the log of 1 saga" in missing.stdout
     assert "1 of 2 ids were not in the dead-letter queue" in missing.stderr
     assert orjson.loads(invoke(runner, "dlq", "list", "--json").stdout) == []
+    (replayed,) = [
+        e for e in asyncio.run(store.log("s-1")) if e.event is LogEvent.DEAD_LETTER_REPLAYED
+    ]
+    assert (replayed.detail["by"], replayed.detail["reason"]) == (
+        getpass.getuser(),
+        "fixed the handler",
+    )
+    assert replayed.detail["dead_letter_id"] == letter["id"] and replayed.step == "reserve"
 
 
 # --------------------------------------------------------------------------- processes
