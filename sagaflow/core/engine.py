@@ -229,7 +229,12 @@ def _on_retry_requested(
     )
     # a refusal is stored by the participant: only a new command id can ask again
     refused = state.failure is not None and state.failure.cause == "failure"
-    resumed = _with(state, status=status, generation=state.generation + int(refused))
+    failure = state.failure
+    if failure is not None and failure.original is not None:
+        failure = failure.original  # compensating again: for the reason it first did
+    resumed = _with(
+        state, status=status, generation=state.generation + int(refused), failure=failure
+    )
     return _dispatch(
         saga, resumed, state.step_index, state.kind, state.attempt + 1, now, log, new_round=True
     )
@@ -330,6 +335,7 @@ def _retry_or_fail_compensation(
         step=step.name,
         reason=f"compensation {_compensation_type(step)} failed after {used} attempts: {reason}",
         cause="compensation",
+        original=state.failure,
     )
     return _fail(saga, state, failure, now, log)
 
@@ -455,9 +461,10 @@ def _dispatch(
     except Exception as exc:  # user code building a command: fail the step, never crash
         reason = f"building the {kind.value} raised {exc!r}"
         if kind is MessageKind.COMPENSATION:
-            return _fail(
-                saga, moved, Failure(step=step.name, reason=reason, cause="compensation"), now, log
+            failed = Failure(
+                step=step.name, reason=reason, cause="compensation", original=state.failure
             )
+            return _fail(saga, moved, failed, now, log)
         failure = Failure(step=step.name, reason=reason, cause="failure")
         if step.kind is StepKind.RETRIABLE:
             return _fail(saga, moved, failure, now, log)

@@ -50,6 +50,9 @@ class Failure(BaseModel):
     step: str | None
     reason: str
     cause: Literal["failure", "timeout", "retries_exhausted", "cancelled", "compensation"]
+    # for a compensation that failed: the failure that made the saga compensate,
+    # which becomes the saga's reason again once an operator's retry resumes it
+    original: Failure | None = None
 
 
 class SagaState(BaseModel):

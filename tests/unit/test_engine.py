@@ -155,6 +155,7 @@ def test_failing_compensation_ends_failed_then_operator_retry_resumes() -> None:
     assert d.state.round_start == 5
     d = engine.decide(saga, d.state, reply(d.messages[0], Outcome.SUCCESS), now)
     assert d.state.status is SagaStatus.COMPENSATED
+    assert d.state.failure is not None and d.state.failure.reason == "card declined"
 
 
 def test_retry_is_only_for_failed_sagas_and_cancel_only_before_the_pivot() -> None:
