@@ -225,33 +225,6 @@ class _SagaSql:
             f"SELECT state::text FROM {s}.sagas WHERE wake_at <= to_timestamp($1::float8)"
             " ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
         )
-        self.save = (
-            f"UPDATE {s}.sagas AS t SET status = u.status, state = u.state::jsonb,"
-            " wake_at = to_timestamp(u.wake_at), version = u.version + 1,"
-            " updated_at = to_timestamp(u.updated_at)"
-            " FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::int8[],"
-            " $6::float8[]) AS u(saga_id, status, state, wake_at, version, updated_at)"
-            " WHERE t.saga_id = u.saga_id AND t.version = u.version RETURNING t.saga_id"
-        )
-        self.append_log = (
-            f"INSERT INTO {s}.saga_log (saga_id, at, event, step, step_index, kind, attempt,"
-            " detail) SELECT u.saga_id, to_timestamp(u.at), u.event, u.step, u.step_index,"
-            " u.kind, u.attempt, u.detail::jsonb"
-            " FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], $5::int4[],"
-            " $6::text[], $7::int4[], $8::text[]) WITH ORDINALITY"
-            " AS u(saga_id, at, event, step, step_index, kind, attempt, detail, ord)"
-            " ORDER BY u.ord"
-        )
-        # One round trip: the rows, plus a NOTIFY (fired at commit) when $4 says
-        # they are due now. The gated branch adds a -1 row, dropped by the caller.
-        self.add_outbox = (
-            f"WITH ins AS (INSERT INTO {s}.outbox (saga_id, envelope, publish_after)"
-            " SELECT u.saga_id, u.envelope::jsonb, to_timestamp($3::float8)"
-            " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(saga_id, envelope, ord)"
-            " ORDER BY u.ord RETURNING id)"
-            " SELECT id FROM ins"
-            " UNION ALL SELECT -1 FROM pg_notify($5::text, '') AS n WHERE $4::bool"
-        )
         # A batch of decisions in one round trip: states, log and outbox rows.
         # Data-modifying CTEs all run; the result lists the saved saga ids ('s'),
         # the outbox ids ('o') and a NOTIFY marker ('n', when $17 says due now).
@@ -374,48 +347,13 @@ class PostgresSagaTransaction:
             ConcurrencyConflict: any of them is no longer at its version (none is saved
                 once the transaction rolls back).
         """
-        if not states:
-            return
-        ids = [s.saga_id for s in states]
-        if len(states) > 1 and len(set(ids)) != len(ids):
-            raise ValueError("save_many got the same saga twice")
-        try:
-            rows = await self._conn.fetch(
-                self._sql.save,
-                ids,
-                [s.status.value for s in states],
-                [_state_json(s, s.version + 1) for s in states],
-                [s.wake_at for s in states],
-                [s.version for s in states],
-                [s.updated_at for s in states],
-            )
-        except DB_ERRORS as exc:
-            raise store_error(exc, "save") from exc
-        if len(rows) != len(states):
-            saved = {row[0] for row in rows}
-            stale = [s.saga_id for s in states if s.saga_id not in saved]
-            raise ConcurrencyConflict(
-                f"sagas no longer at the version they were loaded at: {stale}"
-            )
+        if states:
+            await self.write(states, (), (), publish_after=0.0)
 
     async def append_log(self, entries: Sequence[LogEntry]) -> None:
         """Append log entries in order, in one statement."""
-        if not entries:
-            return
-        try:
-            await self._conn.execute(
-                self._sql.append_log,
-                [e.saga_id for e in entries],
-                [e.at for e in entries],
-                [e.event.value for e in entries],
-                [e.step for e in entries],
-                [e.step_index for e in entries],
-                [None if e.kind is None else e.kind.value for e in entries],
-                [e.attempt for e in entries],
-                [_detail_json(e.detail) for e in entries],
-            )
-        except DB_ERRORS as exc:
-            raise store_error(exc, "append_log") from exc
+        if entries:
+            await self.write((), entries, (), publish_after=0.0)
 
     async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
         """Queue envelopes; ``NOTIFY <schema>_outbox`` at commit when they are due now.
@@ -425,20 +363,7 @@ class PostgresSagaTransaction:
         """
         if not envelopes:
             return []
-        notify = not self.notified and publish_after <= time.time()
-        try:
-            rows = await self._conn.fetch(
-                self._sql.add_outbox,
-                [e.saga_id for e in envelopes],
-                [envelope_to_json(e) for e in envelopes],
-                publish_after,
-                notify,
-                self._sql.channel,
-            )
-        except DB_ERRORS as exc:
-            raise store_error(exc, "add_outbox") from exc
-        self.notified = self.notified or notify
-        return sorted(row[0] for row in rows if row[0] >= 0)
+        return await self.write((), (), envelopes, publish_after=publish_after)
 
     async def write(
         self,
