@@ -317,7 +317,12 @@ def test_sagas_show_json_derives_the_steps_from_the_log(
     assert doc["saga_id"] == saga_id
     assert doc["status"] == "COMPENSATED"
     assert doc["data"] == {"order_id": "o-1", "amount": 5, "reservation": "r-1"}
-    assert doc["failure"] == {"step": "charge", "reason": "card_declined", "cause": "failure", "original": None}
+    assert doc["failure"] == {
+        "step": "charge",
+        "reason": "card_declined",
+        "cause": "failure",
+        "original": None,
+    }
     assert doc["trace_id"] == TRACE_ID
     assert doc["jaeger_url"] == f"http://jaeger:16686/trace/{TRACE_ID}"
 
