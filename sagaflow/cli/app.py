@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
 
 from sagaflow.cli import dlq, run, sagas, tools
-from sagaflow.cli.common import begin_invocation
+from sagaflow.cli.common import EARLY_SIGNALS, begin_invocation
 
 __all__ = ["app", "main"]
 
@@ -56,4 +57,13 @@ app.command("demo")(tools.demo)
 
 def main() -> None:
     """The console script: run the ``sagaflow`` command."""
+    # A supervisor may stop a process that is still starting (loading the
+    # user's modules, connecting): note the signal now, act on it once the
+    # event loop runs, instead of dying by the default handler.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _note_early_signal)
     app(prog_name="sagaflow")
+
+
+def _note_early_signal(signum: int, frame: object) -> None:
+    EARLY_SIGNALS.append(signum)

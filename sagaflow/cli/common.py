@@ -94,6 +94,10 @@ class UsageProblem(CliError):
 # --------------------------------------------------------------------------- seams
 
 
+# Signals received before a long-running command's event loop was up (see app.main).
+EARLY_SIGNALS: list[int] = []
+
+
 def load_settings() -> Settings:
     """Build the settings from the environment (tests may monkeypatch this)."""
     return Settings()

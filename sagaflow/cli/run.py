@@ -19,7 +19,13 @@ from typing import Annotated
 import typer
 
 from sagaflow.cli import common
-from sagaflow.cli.common import UsageProblem, current_settings, guarded, run_async
+from sagaflow.cli.common import (
+    EARLY_SIGNALS,
+    UsageProblem,
+    current_settings,
+    guarded,
+    run_async,
+)
 from sagaflow.cli.resolve import load_participant, load_sagas, split_specs
 from sagaflow.runtime.coordinator import Coordinator
 from sagaflow.runtime.participant import Worker
@@ -54,6 +60,11 @@ async def serve(
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, signalled.set)
+    if EARLY_SIGNALS:  # stopped before the loop ran: nothing started, nothing to drain
+        log.info("%s: stop requested before start", name)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        return
     try:
         starting = asyncio.ensure_future(start())
         waiting = asyncio.ensure_future(signalled.wait())
