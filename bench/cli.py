@@ -50,8 +50,8 @@ def _ints(text: str) -> list[int]:
 
 def _tracing(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
-    if not values or any(v not in ("off", "on") for v in values):
-        raise argparse.ArgumentTypeError(f"expected off, on or both (off,on): {text!r}")
+    if not values or any(v not in ("none", "off", "on") for v in values):
+        raise argparse.ArgumentTypeError(f"expected none, off and/or on (e.g. off,on): {text!r}")
     return values
 
 
@@ -110,9 +110,10 @@ def parser() -> argparse.ArgumentParser:
         "--tracing",
         type=_tracing,
         default=[],
-        help="sagaflow only: run each sagaflow workload with telemetry set up as the CLI does, "
-        "once per value, interleaved: off = no OTEL_* variables, on = exporting to an OTLP/HTTP "
-        "sink this harness starts (e.g. off,on); prints the on/off ratios",
+        help="sagaflow only: run each sagaflow workload once per value, interleaved: none = no "
+        "telemetry set up (as the plain runs), off = telemetry set up as the CLI does with no "
+        "OTEL_* variables, on = the same exporting to an OTLP/HTTP sink this harness starts "
+        "(e.g. none,off,on); prints the on/off and off/none ratios",
     )
     p.add_argument("--profile", type=Path, help="record py-spy profiles of the coordinators here")
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")

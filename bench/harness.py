@@ -77,8 +77,9 @@ class Params:
     duration: float = 0.0
     queue_type: str = "quorum"
     starter: str = "coordinator"  # sagaflow: who starts sagas, "coordinator" or "client"
-    # sagaflow: "" = no telemetry set up at all (the plain runs); "off" = set up as the
-    # CLI does with no OTEL_* variables; "on" = the same, exporting to an OTLP sink
+    # sagaflow: "" = no telemetry set up at all (the plain runs); "none" = the same, in a
+    # --tracing comparison; "off" = set up as the CLI does with no OTEL_* variables;
+    # "on" = the same, exporting to an OTLP sink
     tracing: str = ""
 
     @property
@@ -351,7 +352,7 @@ def _processes(
             )
         ]
     drive = ["--drive", "--run", run, "--fail-rate", str(params.fail_rate), *load]
-    if params.tracing:
+    if params.tracing in ("off", "on"):
         common.append("--telemetry")
     return [
         Proc(
@@ -470,7 +471,8 @@ def _tracing_outcome(params: Params, sink_stopped: dict[str, Any] | None) -> dic
     paths: dict[str, dict[str, int]] = (sink_stopped or {}).get("paths", {})
     if params.tracing == "on" and not paths.get("/v1/traces", {}).get("bytes"):
         raise BenchFailure(f"tracing on, but the OTLP sink received no spans: {paths}")
-    return {"mode": params.tracing, "otlp_received": paths}
+    spans: dict[str, int] = (sink_stopped or {}).get("spans", {})
+    return {"mode": params.tracing, "otlp_received": paths, "spans": spans}
 
 
 async def run_in_memory(params: Params) -> dict[str, Any]:

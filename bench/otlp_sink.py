@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 _counts: dict[str, dict[str, int]] = {}
+_spans: dict[str, int] = {}
 _lock = threading.Lock()
 
 
@@ -32,6 +33,8 @@ class _Handler(BaseHTTPRequestHandler):
             entry = _counts.setdefault(self.path, {"requests": 0, "bytes": 0})
             entry["requests"] += 1
             entry["bytes"] += len(body)
+        if self.path == "/v1/traces":
+            _count_spans(body)
         # an empty protobuf Export*ServiceResponse is an empty body
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
@@ -40,6 +43,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def _count_spans(body: bytes) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(body)
+    except Exception:  # not protobuf (e.g. gzip): counted in bytes only
+        return
+    with _lock:
+        for resource in request.resource_spans:
+            for scoped in resource.scope_spans:
+                for span in scoped.spans:
+                    # query spans are named after the statement: keep the scope only
+                    name = span.name if scoped.scope.name.startswith("sagaflow") else "*"
+                    key = f"{scoped.scope.name}: {name}"
+                    _spans[key] = _spans.get(key, 0) + 1
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -57,7 +80,7 @@ def main() -> None:
         pass
     server.shutdown()
     with _lock:
-        _emit("stopped", paths=_counts)
+        _emit("stopped", paths=_counts, spans=_spans)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,11 @@ def _cpu(group: str) -> Any:
 
 
 def tracing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tracing on / off ratios of sagaflow runs of the same workload (medians over repeats)."""
+    """Tracing ratios of sagaflow runs of the same workload (medians over repeats).
+
+    ``on`` over ``off`` (the cost of exporting) and ``off`` over ``none`` (the
+    cost of telemetry set up with no exporter), for the pairs that ran.
+    """
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
     for r in results:
         p = r["params"]
@@ -178,55 +182,58 @@ def tracing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(key, {}).setdefault(p["tracing"], []).append(r)
     rows: list[dict[str, Any]] = []
     for key, by in groups.items():
-        off, on = by.get("off"), by.get("on")
-        if not off or not on:
-            continue
+        for base_name, name in (("off", "on"), ("none", "off")):
+            base, runs = by.get(base_name), by.get(name)
+            if not base or not runs:
+                continue
 
-        def ratio(
-            pick: Any, on: list[dict[str, Any]] = on, off: list[dict[str, Any]] = off
-        ) -> float:
-            b = _median(off, pick)
-            return round(_median(on, pick) / b, 3) if b else 0.0
+            def ratio(
+                pick: Any, runs: list[dict[str, Any]] = runs, base: list[dict[str, Any]] = base
+            ) -> float:
+                b = _median(base, pick)
+                return round(_median(runs, pick) / b, 3) if b else 0.0
 
-        row: dict[str, Any] = {
-            "kind": "tracing_comparison",
-            "mode": key[0],
-            "steps": key[1],
-            "inflight": key[3],
-            "coordinators": key[-2],
-            "runs": {"off": len(off), "on": len(on)},
-            "sagas_per_s": {
-                "off": [r["sagas_per_s"] for r in off],
-                "on": [r["sagas_per_s"] for r in on],
-            },
-            "throughput_ratio": ratio(lambda r: r["sagas_per_s"]),
-            "latency_p50_ratio": ratio(lambda r: r["latency_ms"]["p50"]),
-            "latency_p99_ratio": ratio(lambda r: r["latency_ms"]["p99"]),
-            "coordinator_cpu_ratio": ratio(_cpu("coordinator")),
-            "participants_cpu_ratio": ratio(_cpu("participants")),
-            "total_cpu_ratio": ratio(_cpu("total")),
-            "otlp_trace_bytes_per_saga": round(
-                _median(
-                    on,
-                    lambda r: (
-                        r["tracing"]["otlp_received"].get("/v1/traces", {}).get("bytes", 0)
-                        / max(r["sagas"], 1)
+            row: dict[str, Any] = {
+                "kind": "tracing_comparison",
+                "compare": f"{name}/{base_name}",
+                "mode": key[0],
+                "steps": key[1],
+                "inflight": key[3],
+                "coordinators": key[-2],
+                "runs": {base_name: len(base), name: len(runs)},
+                "sagas_per_s": {
+                    base_name: [r["sagas_per_s"] for r in base],
+                    name: [r["sagas_per_s"] for r in runs],
+                },
+                "throughput_ratio": ratio(lambda r: r["sagas_per_s"]),
+                "latency_p50_ratio": ratio(lambda r: r["latency_ms"]["p50"]),
+                "latency_p99_ratio": ratio(lambda r: r["latency_ms"]["p99"]),
+                "coordinator_cpu_ratio": ratio(_cpu("coordinator")),
+                "participants_cpu_ratio": ratio(_cpu("participants")),
+                "total_cpu_ratio": ratio(_cpu("total")),
+                "otlp_trace_bytes_per_saga": round(
+                    _median(
+                        runs,
+                        lambda r: (
+                            r["tracing"]["otlp_received"].get("/v1/traces", {}).get("bytes", 0)
+                            / max(r["sagas"], 1)
+                        ),
                     ),
+                    1,
                 ),
-                1,
-            ),
-        }
-        checks: dict[str, bool] = {}
-        if key[0] == "throughput":
-            checks["tracing_throughput"] = row["throughput_ratio"] >= TRACING_THROUGHPUT_TARGET
-        row["targets_met"] = checks
-        rows.append(row)
+            }
+            checks: dict[str, bool] = {}
+            if key[0] == "throughput" and name == "on":
+                checks["tracing_throughput"] = row["throughput_ratio"] >= TRACING_THROUGHPUT_TARGET
+            row["targets_met"] = checks
+            rows.append(row)
     return rows
 
 
 def tracing_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="sagaflow tracing on / off (same invocation)", title_justify="left")
+    table = Table(title="sagaflow tracing (same invocation)", title_justify="left")
     for name in (
+        "compare",
         "mode",
         "steps",
         "throughput",
@@ -238,11 +245,14 @@ def tracing_table(rows: list[dict[str, Any]]) -> Table:
         "OTLP B/saga",
         "targets",
     ):
-        table.add_column(name, justify="left" if name in ("mode", "targets") else "right")
+        table.add_column(
+            name, justify="left" if name in ("compare", "mode", "targets") else "right"
+        )
     for row in rows:
         met = row["targets_met"]
         targets = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) or "-"
         table.add_row(
+            row["compare"],
             row["mode"],
             str(row["steps"]),
             f"{row['throughput_ratio']:.2f}x",

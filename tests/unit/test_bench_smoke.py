@@ -154,9 +154,27 @@ def test_tracing_comparison_is_on_over_off_with_the_15_percent_target() -> None:
     assert len(rows) == 1
     row = rows[0]
     assert row["kind"] == "tracing_comparison"
+    assert row["compare"] == "on/off"
     assert row["throughput_ratio"] == pytest.approx(120.0 / 150.0, abs=1e-3)
     assert row["targets_met"] == {"tracing_throughput": False}
     assert row["otlp_trace_bytes_per_saga"] == 600.0
+
+
+def test_tracing_none_off_on_gives_both_ratios_and_only_on_has_a_target() -> None:
+    rows = tracing_compare(
+        [
+            _traced_run("none", 100.0, 0),
+            _traced_run("off", 99.0, 0),
+            _traced_run("on", 90.0, 40_000),
+        ]
+    )
+    by = {row["compare"]: row for row in rows}
+    assert set(by) == {"on/off", "off/none"}
+    assert by["off/none"]["throughput_ratio"] == 0.99
+    assert by["off/none"]["targets_met"] == {}
+    assert by["on/off"]["targets_met"] == {"tracing_throughput": True}
+    plan_runs = plan(parser().parse_args(["--system", "sagaflow", "--tracing", "none,off,on"]))
+    assert [r.tracing for r in plan_runs if r.mode == "throughput"] == ["none", "off", "on"] * 2
 
 
 def test_a_tracing_on_run_that_exported_no_span_fails() -> None:
