@@ -275,6 +275,18 @@ class TracingHooks(Hooks):
                 span.set_status(Status(StatusCode.ERROR, reply.reason or "handler failed"))
         span.end()
 
+    def rolled_back(self, envelope: Envelope) -> None:
+        """End the span of a handling undone with its batch, in error, without outcome."""
+        waiting = self._pending.get(envelope.message_id)
+        if not waiting:
+            return
+        span = waiting.pop(0)
+        if not waiting:
+            del self._pending[envelope.message_id]
+        self._pending_count -= 1
+        span.set_status(Status(StatusCode.ERROR, "rolled back with its batch; handled again"))
+        span.end()
+
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: SagaDecision) -> None:
         """Short INTERNAL spans for retries, timeouts, compensations and the end."""
         if not decision.log:

@@ -48,7 +48,11 @@ class Hooks:
         """A message was dead-lettered."""
 
     def handled(self, envelope: Envelope, reply: Envelope | None, seconds: float) -> None:
-        """A participant handled a command (``reply`` None when nothing is sent)."""
+        """A participant handled a command and it committed (``reply`` None when
+        nothing is sent)."""
+
+    def rolled_back(self, envelope: Envelope) -> None:
+        """A command's handling was rolled back with its batch (it runs again)."""
 
 
 class CompositeHooks(Hooks):
@@ -90,3 +94,7 @@ class CompositeHooks(Hooks):
     def handled(self, envelope: Envelope, reply: Envelope | None, seconds: float) -> None:
         for hook in self.hooks:
             hook.handled(envelope, reply, seconds)
+
+    def rolled_back(self, envelope: Envelope) -> None:
+        for hook in self.hooks:
+            hook.rolled_back(envelope)

@@ -141,6 +141,9 @@ class Participant:
 
 
 _Command = tuple[Delivery, Envelope, "_Registration[Any, Any]", BaseModel]
+_Replies = list[tuple[Delivery, Envelope | None]]
+# (command, reply, seconds) of the commands handled in a transaction not yet committed
+_Outcomes = list[tuple[Envelope, Envelope | None, float]]
 
 
 class _Redo(Exception):
@@ -301,13 +304,37 @@ class Worker:
     ) -> list[tuple[Delivery, Envelope | None]]:
         if self.store.atomic:
             try:
-                return await self._transact_at_once(commands)
+                return await self._settled(self._transact_at_once, commands)
             except _Redo:
                 pass  # a handler raised: all of it was rolled back; again, carefully
-        replies: list[tuple[Delivery, Envelope | None]] = []
+        return await self._settled(self._transact_carefully, commands)
+
+    async def _settled(
+        self,
+        transact: Callable[[Sequence[_Command], _Outcomes], Awaitable[_Replies]],
+        commands: Sequence[_Command],
+    ) -> _Replies:
+        """Run a transaction; report each command's outcome only once it committed."""
+        outcomes: _Outcomes = []
+        try:
+            replies = await transact(commands, outcomes)
+        except BaseException:
+            for envelope, _, _ in outcomes:
+                self.hooks.rolled_back(envelope)
+            raise
+        for envelope, reply, seconds in outcomes:
+            self.hooks.handled(envelope, reply, seconds)
+        return replies
+
+    async def _transact_carefully(
+        self, commands: Sequence[_Command], outcomes: _Outcomes
+    ) -> _Replies:
+        """Every command in its own savepoint."""
+        replies: _Replies = []
         async with self.store.transaction() as tx:
             for delivery, envelope, registration, command in commands:
-                replies.append((delivery, await self._traced(tx, envelope, registration, command)))
+                reply = await self._traced(tx, envelope, registration, command, outcomes)
+                replies.append((delivery, reply))
         return replies
 
     async def _traced(
@@ -316,6 +343,7 @@ class Worker:
         envelope: Envelope,
         registration: _Registration[Any, Any],
         command: BaseModel,
+        outcomes: _Outcomes,
     ) -> Envelope | None:
         """One command in its own savepoint, inside its CONSUMER span."""
         started = time.perf_counter()
@@ -323,12 +351,12 @@ class Worker:
             # replies carry the context of this handling (its CONSUMER span)
             traced = envelope.model_copy(update={"trace": trace})
             reply = await self._handle_one(tx, traced, registration, command)
-        self.hooks.handled(envelope, reply, time.perf_counter() - started)
+        outcomes.append((envelope, reply, time.perf_counter() - started))
         return reply
 
     async def _transact_at_once(
-        self, commands: Sequence[_Command]
-    ) -> list[tuple[Delivery, Envelope | None]]:
+        self, commands: Sequence[_Command], outcomes: _Outcomes
+    ) -> _Replies:
         """The fast path: claim every command id in one statement, run the handlers
         with no savepoint, store every reply in one statement. A handler that
         raises (a refusal or an error) rolls the whole batch back (``_Redo``), to
@@ -339,7 +367,7 @@ class Worker:
             for _, envelope, registration, command in commands:
                 if envelope.kind is MessageKind.COMPENSATION:
                     replies[envelope.message_id] = await self._traced(
-                        tx, envelope, registration, command
+                        tx, envelope, registration, command, outcomes
                     )
             fresh = [c for c in commands if c[1].kind is MessageKind.COMMAND]
             stored = await tx.claim_many(list({env.command_id for _, env, _, _ in fresh}))
@@ -351,7 +379,7 @@ class Worker:
                     earlier = stored.get(cid)
                     if earlier is None:
                         done[cid] = reply = await self._run_at_once(
-                            tx, envelope, registration, command
+                            tx, envelope, registration, command, outcomes
                         )
                         new.append(reply)
                     else:  # a duplicate answered as before, or tombstoned: no reply
@@ -366,6 +394,7 @@ class Worker:
         envelope: Envelope,
         registration: _Registration[Any, Any],
         command: BaseModel,
+        outcomes: _Outcomes,
     ) -> Envelope:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
@@ -378,7 +407,7 @@ class Worker:
             except Exception as exc:
                 raise _Redo from exc
             reply = traced.reply(Outcome.SUCCESS, payload)
-        self.hooks.handled(envelope, reply, time.perf_counter() - started)
+        outcomes.append((envelope, reply, time.perf_counter() - started))
         return reply
 
     async def _handle_one(
