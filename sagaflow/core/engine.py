@@ -508,16 +508,20 @@ def _build(
 ) -> tuple[str, dict[str, Any]]:
     model = saga.data_model.model_validate(data)
     if kind is MessageKind.COMMAND:
-        command = step.command(model)
-        return step.action.type, step.action.command.model_validate(command).model_dump(mode="json")
+        return step.action.type, _payload(step.action.command, step.command(model))
     assert step.compensation is not None  # only compensatable steps are compensated
     if step.compensation_command is not None:
         command = step.compensation_command(model)
     else:
         command = step.compensation.command.model_validate(step.command(model).model_dump())
-    return step.compensation.type, step.compensation.command.model_validate(command).model_dump(
-        mode="json"
-    )
+    return step.compensation.type, _payload(step.compensation.command, command)
+
+
+def _payload(model: type[BaseModel], command: Any) -> dict[str, Any]:
+    """The JSON payload of a command, validated unless it already is the model."""
+    if type(command) is not model:  # a dict, or another model: check it fits
+        command = model.model_validate(command)
+    return command.model_dump(mode="json")  # type: ignore[no-any-return]
 
 
 TRACEPARENT = "traceparent"

@@ -14,7 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sagaflow.core.errors import MessageRejected
-from sagaflow.core.fast import construct
+from sagaflow.core.fast import construct, replace
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -141,7 +141,7 @@ def decode(
     if trace:
         kept = {k: v for k, v in trace.items() if k in TRACE_HEADERS}
         if kept:
-            envelope = envelope.model_copy(update={"trace": kept})
+            envelope = replace(envelope, trace=kept)
     return envelope
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class CompositeHooks(Hooks):
             trace = envelope.trace
             for hook in self.hooks:
                 trace = stack.enter_context(hook.processing(envelope, queue))
-                envelope = envelope.model_copy(update={"trace": trace})
+                envelope = replace(envelope, trace=trace)
             yield trace
 
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: Decision) -> None:

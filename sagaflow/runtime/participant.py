@@ -34,6 +34,7 @@ from sagaflow.core.errors import (
     DefinitionError,
     MessageRejected,
 )
+from sagaflow.core.fast import replace
 from sagaflow.core.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
@@ -349,7 +350,7 @@ class Worker:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
             # replies carry the context of this handling (its CONSUMER span)
-            traced = envelope.model_copy(update={"trace": trace})
+            traced = replace(envelope, trace=trace)
             reply = await self._handle_one(tx, traced, registration, command)
         outcomes.append((envelope, reply, time.perf_counter() - started))
         return reply
@@ -398,7 +399,7 @@ class Worker:
     ) -> Envelope:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
-            traced = envelope.model_copy(update={"trace": trace})
+            traced = replace(envelope, trace=trace)
             try:
                 result = await registration.handler(command, self._context(traced, tx))
                 payload = registration.action.reply.model_validate(result).model_dump(mode="json")
