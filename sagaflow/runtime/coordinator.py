@@ -136,48 +136,46 @@ class SagaClient:
     ) -> SagaHandle:
         """Start a saga; with ``connection`` inside the caller's open transaction.
 
+        Its first command goes out once the work commits: published by this
+        process when it can (a ``Coordinator`` right after its own commit), else
+        by a coordinator's outbox relay, woken by the commit's notification.
+
         Raises:
             pydantic.ValidationError: ``data`` does not fit the saga's data model.
             ConfigurationError: the saga is not registered with this client.
         """
-        handle, _, _ = await self._start(saga, data, saga_id, connection, publish_now=False)
-        return handle
-
-    async def _start(
-        self,
-        saga: Saga[Any],
-        data: BaseModel | dict[str, Any],
-        saga_id: str | None,
-        connection: Any,
-        *,
-        publish_now: bool,
-        grace: float = 0.0,
-    ) -> tuple[SagaHandle, tuple[Envelope, ...], list[int]]:
         if self.registry.get(saga.name, saga.version) is not saga:
             raise ConfigurationError(f"saga {saga.name!r} v{saga.version} is not registered here")
         now = self.clock.now()
         sid = saga_id or self.ids.new_saga_id()
         decision = engine.start(saga, sid, data, now, trace=self.hooks.saga_started(saga, sid))
-        # published at once by the caller when it can; otherwise due for the relay now
-        publish_after = now + grace if publish_now and connection is None else now
+        # with the caller's transaction, only the relay can publish (after it commits)
+        publish_after = now if connection is not None else self._publish_after(now)
         async with self.store.transaction(connection) as tx:
             await tx.insert(decision.state)
-            await tx.append_log(decision.log)
-            ids = await tx.add_outbox(decision.messages, publish_after=publish_after)
+            ids = await tx.write((), decision.log, decision.messages, publish_after=publish_after)
         self.hooks.decided(saga, None, decision)
-        return SagaHandle(sid, decision.state), decision.messages, ids
+        if connection is None:
+            self._committed(decision.messages, ids)
+        return SagaHandle(sid, decision.state)
 
     async def cancel_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
         """Compensate a running saga as a business decision (ends CANCELLED)."""
-        return (await self._event(saga_id, engine.CancelRequested(by=by, reason=reason)))[0]
+        return await self._event(saga_id, engine.CancelRequested(by=by, reason=reason))
 
     async def retry_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
         """Resume a FAILED saga where it stopped, with a fresh retry budget."""
-        return (await self._event(saga_id, engine.RetryRequested(by=by, reason=reason)))[0]
+        return await self._event(saga_id, engine.RetryRequested(by=by, reason=reason))
 
-    async def _event(
-        self, saga_id: str, event: engine.Event, *, grace: float | None = None
-    ) -> tuple[SagaState, list[Envelope], list[int]]:
+    def _publish_after(self, now: float) -> float:
+        """When the relay may publish what this process queues: at once, since a
+        client publishes nothing itself."""
+        return now
+
+    def _committed(self, messages: Sequence[Envelope], outbox_ids: Sequence[int]) -> None:
+        """Called with the messages a committed start, cancel or retry queued."""
+
+    async def _event(self, saga_id: str, event: engine.Event) -> SagaState:
         now = self.clock.now()
         async with self.store.transaction() as tx:
             states = await tx.lock([saga_id])
@@ -194,9 +192,10 @@ class SagaClient:
                 raise SagaflowError(decision.rejected)
             changes = _Changes()
             changes.add(decision)
-            ids = await changes.write(tx, now if grace is None else now + grace)
+            ids = await changes.write(tx, self._publish_after(now))
         self.hooks.decided(saga, state, decision)
-        return decision.state, changes.messages, ids
+        self._committed(changes.messages, ids)
+        return decision.state
 
     async def get(self, saga_id: str) -> SagaState | None:
         return await self.store.get(saga_id)
@@ -308,25 +307,12 @@ class Coordinator(SagaClient):
 
     # ------------------------------------------------------------------ starting
 
-    async def start_saga(
-        self,
-        saga: Saga[Any],
-        data: BaseModel | dict[str, Any],
-        *,
-        saga_id: str | None = None,
-        connection: Any = None,
-    ) -> SagaHandle:
-        """Start a saga and publish its first command right after commit.
+    def _publish_after(self, now: float) -> float:
+        return now + self.outbox_grace  # published right after commit; the relay is the net
 
-        With ``connection`` (the caller's open transaction) the command can only
-        go once the caller commits: the relay publishes it then.
-        """
-        handle, messages, ids = await self._start(
-            saga, data, saga_id, connection, publish_now=True, grace=self.outbox_grace
-        )
-        if connection is None:
-            self._settle([], [], messages, ids)
-        return handle
+    def _committed(self, messages: Sequence[Envelope], outbox_ids: Sequence[int]) -> None:
+        if messages:
+            self._settle([], [], messages, outbox_ids)
 
     async def run_saga(
         self, saga: Saga[Any], data: BaseModel | dict[str, Any], *, timeout: float = 60.0
@@ -334,20 +320,6 @@ class Coordinator(SagaClient):
         """Start a saga and wait for its terminal state."""
         handle = await self.start_saga(saga, data)
         return await self.wait_for(handle.saga_id, timeout=timeout)
-
-    async def cancel_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
-        state, messages, ids = await self._event(
-            saga_id, engine.CancelRequested(by=by, reason=reason), grace=self.outbox_grace
-        )
-        self._settle([], [], messages, ids)
-        return state
-
-    async def retry_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
-        state, messages, ids = await self._event(
-            saga_id, engine.RetryRequested(by=by, reason=reason), grace=self.outbox_grace
-        )
-        self._settle([], [], messages, ids)
-        return state
 
     # ------------------------------------------------------------------ replies
 
