@@ -206,6 +206,30 @@ class SagaStore(Protocol):
         """Claim due outbox rows; they are deleted when the block exits without error."""
         ...
 
+    async def commit(
+        self,
+        *,
+        inserts: Sequence[SagaState] = (),
+        states: Sequence[SagaState] = (),
+        log: Sequence[LogEntry] = (),
+        envelopes: Sequence[Envelope] = (),
+        publish_after: float = 0.0,
+        delete_outbox: Sequence[int] = (),
+    ) -> list[int]:
+        """One whole unit of work, atomically, in a transaction of its own: add the
+        new sagas ``inserts``, save ``states`` (each at the version it was read at),
+        append ``log``, queue ``envelopes`` and delete published outbox rows.
+
+        One round trip where the store can. The result is the outbox ids of
+        ``envelopes``, in order.
+
+        Raises:
+            ConcurrencyConflict: a saga of ``states`` is no longer at its version;
+                nothing was written.
+            StoreError: a saga of ``inserts`` exists, or the store failed.
+        """
+        ...
+
     async def delete_outbox(self, ids: Sequence[int]) -> None: ...
 
     async def wait_for_outbox(self, timeout: float) -> None:

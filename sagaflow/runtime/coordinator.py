@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,13 @@ from pydantic import BaseModel
 
 from sagaflow.core import engine
 from sagaflow.core.definition import Saga
-from sagaflow.core.errors import ConfigurationError, MessageRejected, SagaflowError
+from sagaflow.core.errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    MessageRejected,
+    SagaflowError,
+)
+from sagaflow.core.fast import replace
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, decode
 from sagaflow.core.ports import (
     Clock,
@@ -94,6 +101,65 @@ class _Changes:
         )
 
 
+class _StateCache:
+    """The last committed state of the running sagas this coordinator wrote or read.
+
+    A batch of replies for sagas found here is decided without reading them
+    and written in one statement. Every save is still guarded by the version
+    it was decided on, so an entry gone stale (another coordinator, an
+    operator's ``sagas cancel``) costs a conflict and a pass through the
+    locking path, never a wrong write.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._states: OrderedDict[str, SagaState] = OrderedDict()
+
+    def get_all(self, saga_ids: Iterable[str]) -> dict[str, SagaState] | None:
+        """The states of all ``saga_ids``, or ``None`` if one is missing."""
+        found: dict[str, SagaState] = {}
+        for saga_id in saga_ids:
+            state = self._states.get(saga_id)
+            if state is None:
+                return None
+            found[saga_id] = state
+        return found
+
+    def put(self, state: SagaState) -> None:
+        """Remember a committed state (its ``version`` the stored one)."""
+        saga_id = state.saga_id
+        if state.status.terminal or self._size <= 0:
+            self._states.pop(saga_id, None)
+            return
+        known = self._states.get(saga_id)
+        if known is not None and known.version > state.version:
+            return  # a later commit got here first
+        self._states[saga_id] = state
+        self._states.move_to_end(saga_id)
+        if len(self._states) > self._size:
+            self._states.popitem(last=False)
+
+    def saved(self, states: Iterable[SagaState]) -> None:
+        """Remember states just saved: stored at their version + 1."""
+        for state in states:
+            self.put(replace(state, version=state.version + 1))
+
+    def drop(self, saga_ids: Iterable[str]) -> None:
+        for saga_id in saga_ids:
+            self._states.pop(saga_id, None)
+
+
+@dataclass
+class _Replies:
+    """A batch of replies decided against some states, before it is written."""
+
+    acks: list[Delivery] = field(default_factory=list)
+    rejects: list[tuple[Delivery, str]] = field(default_factory=list)
+    changes: _Changes = field(default_factory=_Changes)
+    decided: list[tuple[Saga[Any], SagaState, engine.Decision]] = field(default_factory=list)
+    ignored: list[tuple[Envelope, str]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class SagaHandle:
     """A started saga: its id, and the state as committed when it started."""
@@ -151,9 +217,19 @@ class SagaClient:
         decision = engine.start(saga, sid, data, now, trace=self.hooks.saga_started(saga, sid))
         # with the caller's transaction, only the relay can publish (after it commits)
         publish_after = now if connection is not None else self._publish_after(now)
-        async with self.store.transaction(connection) as tx:
-            await tx.insert(decision.state)
-            ids = await tx.write((), decision.log, decision.messages, publish_after=publish_after)
+        if connection is None:
+            ids = await self._commit(
+                inserts=(decision.state,),
+                log=decision.log,
+                envelopes=decision.messages,
+                publish_after=publish_after,
+            )
+        else:
+            async with self.store.transaction(connection) as tx:
+                await tx.insert(decision.state)
+                ids = await tx.write(
+                    (), decision.log, decision.messages, publish_after=publish_after
+                )
         self.hooks.decided(saga, None, decision)
         if connection is None:
             self._committed(decision.messages, ids)
@@ -174,6 +250,24 @@ class SagaClient:
 
     def _committed(self, messages: Sequence[Envelope], outbox_ids: Sequence[int]) -> None:
         """Called with the messages a committed start, cancel or retry queued."""
+
+    async def _commit(
+        self,
+        *,
+        inserts: Sequence[SagaState] = (),
+        states: Sequence[SagaState] = (),
+        log: Sequence[LogEntry] = (),
+        envelopes: Sequence[Envelope] = (),
+        publish_after: float,
+    ) -> list[int]:
+        """One unit of work in a transaction of its own (``SagaStore.commit``)."""
+        return await self.store.commit(
+            inserts=inserts,
+            states=states,
+            log=log,
+            envelopes=envelopes,
+            publish_after=publish_after,
+        )
 
     async def _event(self, saga_id: str, event: engine.Event) -> SagaState:
         now = self.clock.now()
@@ -224,6 +318,9 @@ class Coordinator(SagaClient):
             the coordinator has not (it publishes right after commit itself).
         timer_interval: Seconds between scans for due timers.
         max_message_bytes: Larger replies are dead-lettered.
+        cache_size: Running sagas whose last state is kept in memory, so that
+            their replies are applied in one round trip; 0 reads every saga
+            under a row lock first.
     """
 
     def __init__(
@@ -242,6 +339,7 @@ class Coordinator(SagaClient):
         timer_interval: float = 0.25,
         relay_interval: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        cache_size: int = 10_000,
     ) -> None:
         super().__init__(sagas, store=store, clock=clock, ids=ids, hooks=hooks)
         self.transport = transport
@@ -256,6 +354,8 @@ class Coordinator(SagaClient):
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        self._cache = _StateCache(cache_size)
+        self._published: list[int] = []  # outbox rows published, to delete with the next commit
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -285,6 +385,7 @@ class Coordinator(SagaClient):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._batcher.stop()
         await asyncio.gather(*self._settling, return_exceptions=True)
+        await self._delete_published()
         await self.transport.close()
         await self.store.close()
         log.info("coordinator stopped")
@@ -313,6 +414,48 @@ class Coordinator(SagaClient):
     def _committed(self, messages: Sequence[Envelope], outbox_ids: Sequence[int]) -> None:
         if messages:
             self._settle([], [], messages, outbox_ids)
+
+    async def _commit(
+        self,
+        *,
+        inserts: Sequence[SagaState] = (),
+        states: Sequence[SagaState] = (),
+        log: Sequence[LogEntry] = (),
+        envelopes: Sequence[Envelope] = (),
+        publish_after: float,
+    ) -> list[int]:
+        """Also deletes the outbox rows published since the last commit, and
+        remembers what it wrote."""
+        published, self._published = self._published, []
+        try:
+            ids = await self.store.commit(
+                inserts=inserts,
+                states=states,
+                log=log,
+                envelopes=envelopes,
+                publish_after=publish_after,
+                delete_outbox=published,
+            )
+        except BaseException:
+            self._published.extend(published)
+            self._cache.drop(s.saga_id for s in states)
+            raise
+        for state in inserts:
+            self._cache.put(state)
+        self._cache.saved(states)
+        return ids
+
+    async def _delete_published(self) -> None:
+        """Delete the published outbox rows no commit has taken along yet."""
+        published, self._published = self._published, []
+        try:
+            await self.store.delete_outbox(published)
+        except asyncio.CancelledError:
+            self._published.extend(published)
+            raise
+        except Exception as exc:
+            self._published.extend(published)
+            log.warning("deleting published outbox rows failed: %r", exc)
 
     async def run_saga(
         self, saga: Saga[Any], data: BaseModel | dict[str, Any], *, timeout: float = 60.0
@@ -359,33 +502,70 @@ class Coordinator(SagaClient):
     async def _apply_replies(
         self, events: Sequence[tuple[Delivery, Envelope]]
     ) -> tuple[list[Delivery], list[tuple[Delivery, str]], _Changes, list[int]]:
-        now = self.clock.now()
-        acks: list[Delivery] = []
-        rejects: list[tuple[Delivery, str]] = []
-        changes = _Changes()
-        decided: list[tuple[Saga[Any], SagaState, engine.Decision]] = []
-        ignored: list[tuple[Envelope, str]] = []
-        async with self.store.transaction() as tx:
-            states = await tx.lock(sorted({env.saga_id for _, env in events}))
-            for delivery, env in events:
-                state = changes.states.get(env.saga_id) or states.get(env.saga_id)
-                saga = self.registry.get(env.saga_name, env.saga_version)
-                if state is None or saga is None:
-                    rejects.append((delivery, f"unknown_saga_id: {env.saga_id!r}"))
-                    continue
-                with self.hooks.processing(env, delivery.queue):
-                    decision = engine.decide(saga, state, engine.ReplyReceived(env), now)
-                if decision.rejected:
-                    rejects.append((delivery, f"rejected: {decision.rejected}"))
-                    continue
-                acks.append(delivery)
-                if decision.changed:
-                    changes.add(decision)
+        saga_ids = sorted({env.saga_id for _, env in events})
+        cached = self._cache.get_all(saga_ids)
+        if cached is not None:
+            # Decided on the remembered states and written in one statement. Only
+            # when every reply changes its saga: a stale state could make a
+            # current reply look like a duplicate, and duplicates are not guarded.
+            now = self.clock.now()
+            replies = self._decide(events, cached, now)
+            if not (replies.rejects or replies.ignored):
+                changes = replies.changes
+                try:
+                    ids = await self._commit(
+                        states=list(changes.states.values()),
+                        log=changes.log,
+                        envelopes=changes.messages,
+                        publish_after=now + self.outbox_grace,
+                    )
+                except ConcurrencyConflict as exc:
+                    log.debug("remembered states went stale, locking instead: %s", exc)
                 else:
-                    ignored.append((env, decision.ignored or "unchanged"))
-                decided.append((saga, state, decision))
-            ids = await changes.write(tx, now + self.outbox_grace)
-        for env, why in ignored:
+                    return self._decided(replies, ids)
+            self._cache.drop(saga_ids)
+        now = self.clock.now()
+        async with self.store.transaction() as tx:
+            states = await tx.lock(saga_ids)
+            replies = self._decide(events, states, now)
+            ids = await replies.changes.write(tx, now + self.outbox_grace)
+        for state in states.values():
+            self._cache.put(state)
+        self._cache.saved(replies.changes.states.values())
+        return self._decided(replies, ids)
+
+    def _decide(
+        self,
+        events: Sequence[tuple[Delivery, Envelope]],
+        states: dict[str, SagaState],
+        now: float,
+    ) -> _Replies:
+        replies = _Replies()
+        changes = replies.changes
+        for delivery, env in events:
+            state = changes.states.get(env.saga_id) or states.get(env.saga_id)
+            saga = self.registry.get(env.saga_name, env.saga_version)
+            if state is None or saga is None:
+                replies.rejects.append((delivery, f"unknown_saga_id: {env.saga_id!r}"))
+                continue
+            with self.hooks.processing(env, delivery.queue):
+                decision = engine.decide(saga, state, engine.ReplyReceived(env), now)
+            if decision.rejected:
+                replies.rejects.append((delivery, f"rejected: {decision.rejected}"))
+                continue
+            replies.acks.append(delivery)
+            if decision.changed:
+                changes.add(decision)
+            else:
+                replies.ignored.append((env, decision.ignored or "unchanged"))
+            replies.decided.append((saga, state, decision))
+        return replies
+
+    def _decided(
+        self, replies: _Replies, ids: list[int]
+    ) -> tuple[list[Delivery], list[tuple[Delivery, str]], _Changes, list[int]]:
+        """After commit: log ignored replies, tell the hooks."""
+        for env, why in replies.ignored:
             # a duplicate or stale reply (redelivery, a retried attempt answering
             # late, a replay): acked and counted (metrics hooks), changes nothing
             log.info(
@@ -396,9 +576,9 @@ class Coordinator(SagaClient):
                 why,
                 extra=saga_fields(env),
             )
-        for saga, before, decision in decided:
+        for saga, before, decision in replies.decided:
             self.hooks.decided(saga, before, decision)
-        return acks, rejects, changes, ids
+        return replies.acks, replies.rejects, replies.changes, ids
 
     # ------------------------------------------------------------------ settle
 
@@ -424,7 +604,7 @@ class Coordinator(SagaClient):
         if messages:
             try:
                 await self._publish(messages)
-                await self.store.delete_outbox(outbox_ids)
+                self._published.extend(outbox_ids)  # deleted with the next commit
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the relay publishes them once the outbox rows are due
@@ -454,6 +634,8 @@ class Coordinator(SagaClient):
         while True:
             try:
                 await self.store.wait_for_outbox(self.relay_interval)
+                if self._published:  # no commit took them along: none since the last wake
+                    await self._delete_published()
                 while await self.relay_once() > 0:
                     pass
             except asyncio.CancelledError:
@@ -504,6 +686,7 @@ class Coordinator(SagaClient):
                     changes.add(decision)
                     decided.append((saga, state, decision))
             ids = await changes.write(tx, now + self.outbox_grace)
+        self._cache.saved(changes.states.values())
         for saga, before, decision in decided:
             self.hooks.decided(saga, before, decision)
         if changes.messages:

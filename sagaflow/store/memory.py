@@ -352,6 +352,24 @@ class InMemorySagaStore:
         """
         return _ClaimContext(self, now, limit)
 
+    async def commit(
+        self,
+        *,
+        inserts: Sequence[SagaState] = (),
+        states: Sequence[SagaState] = (),
+        log: Sequence[LogEntry] = (),
+        envelopes: Sequence[Envelope] = (),
+        publish_after: float = 0.0,
+        delete_outbox: Sequence[int] = (),
+    ) -> list[int]:
+        """Insert, save, log and queue in one transaction; then drop ``delete_outbox``."""
+        async with self.transaction() as tx:
+            for state in inserts:
+                await tx.insert(state)
+            ids = await tx.write(states, log, envelopes, publish_after=publish_after)
+        await self.delete_outbox(delete_outbox)
+        return ids
+
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         """Delete outbox rows."""
         for row_id in ids:

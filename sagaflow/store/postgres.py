@@ -228,8 +228,8 @@ class _SagaSql:
         # A batch of decisions in one round trip: states, log and outbox rows.
         # Data-modifying CTEs all run; the result lists the saved saga ids ('s'),
         # the outbox ids ('o') and a NOTIFY marker ('n', when $17 says due now).
-        self.write = (
-            f"WITH saved AS (UPDATE {s}.sagas AS t SET status = u.status,"
+        ctes = (
+            f"saved AS (UPDATE {s}.sagas AS t SET status = u.status,"
             " state = u.state::jsonb, wake_at = to_timestamp(u.wake_at), version = u.version + 1,"
             " updated_at = to_timestamp(u.updated_at)"
             " FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::int8[],"
@@ -246,9 +246,30 @@ class _SagaSql:
             " SELECT u.saga_id, u.envelope::jsonb, to_timestamp($16::float8)"
             " FROM unnest($15::text[], $18::text[]) WITH ORDINALITY AS u(saga_id, envelope, ord)"
             " ORDER BY u.ord RETURNING id)"
+        )
+        results = (
             " SELECT 's' AS k, saga_id AS v, 0::int8 AS id FROM saved"
             " UNION ALL SELECT 'o', NULL, id FROM queued"
             " UNION ALL SELECT 'n', NULL, -1 FROM pg_notify($19::text, '') AS n WHERE $17::bool"
+        )
+        self.write = f"WITH {ctes}{results}"
+        # The same as a whole transaction of its own (no BEGIN/COMMIT round trips):
+        # new sagas inserted ($20-$28; an existing id fails the statement), published
+        # outbox rows deleted ($29), and a version conflict raised inside the statement
+        # (expect_saved, from migration 0002), so that nothing of it commits.
+        self.commit = (
+            f"WITH inserted AS (INSERT INTO {s}.sagas (saga_id, saga_name, saga_version, status,"
+            " state, wake_at, version, created_at, updated_at)"
+            " SELECT u.saga_id, u.saga_name, u.saga_version, u.status, u.state::jsonb,"
+            " to_timestamp(u.wake_at), u.version, to_timestamp(u.created_at),"
+            " to_timestamp(u.updated_at)"
+            " FROM unnest($20::text[], $21::text[], $22::int4[], $23::text[], $24::text[],"
+            " $25::float8[], $26::int8[], $27::float8[], $28::float8[])"
+            " AS u(saga_id, saga_name, saga_version, status, state, wake_at, version,"
+            " created_at, updated_at)),"
+            f" deleted AS (DELETE FROM {s}.outbox WHERE id = ANY($29::int8[])), {ctes}{results}"
+            f" UNION ALL SELECT 'c', NULL, {s}.expect_saved((SELECT count(*) FROM saved),"
+            " cardinality($1::text[]))"
         )
         self.claim_outbox = (
             f"SELECT id, envelope::text FROM {s}.outbox"
@@ -379,33 +400,10 @@ class PostgresSagaTransaction:
             ValueError: a saga appears twice.
             ConcurrencyConflict: a saga is no longer at its version.
         """
-        ids = [s.saga_id for s in states]
-        if len(set(ids)) != len(ids):
-            raise ValueError("write got the same saga twice")
         notify = bool(envelopes) and not self.notified and publish_after <= time.time()
+        args = _write_args(states, log, envelopes, publish_after, notify, self._sql.channel)
         try:
-            rows = await self._conn.fetch(
-                self._sql.write,
-                ids,
-                [s.status.value for s in states],
-                [_state_json(s, s.version + 1) for s in states],
-                [s.wake_at for s in states],
-                [s.version for s in states],
-                [s.updated_at for s in states],
-                [e.saga_id for e in log],
-                [e.at for e in log],
-                [e.event.value for e in log],
-                [e.step for e in log],
-                [e.step_index for e in log],
-                [None if e.kind is None else e.kind.value for e in log],
-                [e.attempt for e in log],
-                [_detail_json(e.detail) for e in log],
-                [e.saga_id for e in envelopes],
-                publish_after,
-                notify,
-                [envelope_to_json(e) for e in envelopes],
-                self._sql.channel,
-            )
+            rows = await self._conn.fetch(self._sql.write, *args)
         except DB_ERRORS as exc:
             raise store_error(exc, "write") from exc
         self.notified = self.notified or notify
@@ -415,7 +413,61 @@ class PostgresSagaTransaction:
             raise ConcurrencyConflict(
                 f"sagas no longer at the version they were loaded at: {stale}"
             )
-        return sorted(row[2] for row in rows if row[0] == "o")
+        return _outbox_ids(rows)
+
+
+def _write_args(
+    states: Sequence[SagaState],
+    log: Sequence[LogEntry],
+    envelopes: Sequence[Envelope],
+    publish_after: float,
+    notify: bool,
+    channel: str,
+) -> list[Any]:
+    """The arguments $1-$19 of the write statement."""
+    ids = [s.saga_id for s in states]
+    if len(set(ids)) != len(ids):
+        raise ValueError("write got the same saga twice")
+    return [
+        ids,
+        [s.status.value for s in states],
+        [_state_json(s, s.version + 1) for s in states],
+        [s.wake_at for s in states],
+        [s.version for s in states],
+        [s.updated_at for s in states],
+        [e.saga_id for e in log],
+        [e.at for e in log],
+        [e.event.value for e in log],
+        [e.step for e in log],
+        [e.step_index for e in log],
+        [None if e.kind is None else e.kind.value for e in log],
+        [e.attempt for e in log],
+        [_detail_json(e.detail) for e in log],
+        [e.saga_id for e in envelopes],
+        publish_after,
+        notify,
+        [envelope_to_json(e) for e in envelopes],
+        channel,
+    ]
+
+
+def _insert_args(states: Sequence[SagaState]) -> list[Any]:
+    """The arguments $20-$28 of the commit statement: new sagas."""
+    return [
+        [s.saga_id for s in states],
+        [s.saga_name for s in states],
+        [s.saga_version for s in states],
+        [s.status.value for s in states],
+        [s.model_dump_json() for s in states],
+        [s.wake_at for s in states],
+        [s.version for s in states],
+        [s.created_at for s in states],
+        [s.updated_at for s in states],
+    ]
+
+
+def _outbox_ids(rows: Sequence[asyncpg.Record]) -> list[int]:
+    return sorted(row[2] for row in rows if row[0] == "o")
 
 
 class _TransactionContext:
@@ -628,6 +680,46 @@ class PostgresSagaStore:
         """
         return _ClaimContext(self, now, limit)
 
+    async def commit(
+        self,
+        *,
+        inserts: Sequence[SagaState] = (),
+        states: Sequence[SagaState] = (),
+        log: Sequence[LogEntry] = (),
+        envelopes: Sequence[Envelope] = (),
+        publish_after: float = 0.0,
+        delete_outbox: Sequence[int] = (),
+    ) -> list[int]:
+        """The whole unit of work in one statement, committed on its own (no
+        ``BEGIN``/``COMMIT`` round trips): one round trip and one commit.
+
+        A version conflict is detected inside the statement, so nothing is
+        written. If the connection is lost while the statement runs, the
+        outcome is unknown (as for any commit): a retry finds the sagas
+        moved (``ConcurrencyConflict``) or, for ``inserts``, existing.
+
+        Raises:
+            ConcurrencyConflict: a saga of ``states`` is no longer at its version.
+            StoreError: a saga of ``inserts`` exists (``__cause__`` is asyncpg's
+                ``UniqueViolationError``), or the database failed.
+        """
+        notify = bool(envelopes) and publish_after <= time.time()
+        args = _write_args(states, log, envelopes, publish_after, notify, self._sql.channel)
+        args += _insert_args(inserts)
+        args.append(list(delete_outbox))
+
+        async def run(conn: PoolConnectionProxy[Any]) -> list[asyncpg.Record]:
+            try:
+                return await conn.fetch(self._sql.commit, *args)
+            except asyncpg.UniqueViolationError as exc:
+                error = StoreError(f"saga already exists: {exc.detail or exc}")
+                raise error from exc
+
+        rows = await self._run("commit", run, retry=asyncpg.InterfaceError)
+        if notify:
+            self._wake.set()
+        return _outbox_ids(rows)
+
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         """Delete outbox rows (already published by the caller).
 
@@ -722,9 +814,18 @@ class PostgresSagaStore:
         return self._pool
 
     async def _run(
-        self, action: str, work: Callable[[PoolConnectionProxy[Any]], Awaitable[T]]
+        self,
+        action: str,
+        work: Callable[[PoolConnectionProxy[Any]], Awaitable[T]],
+        *,
+        retry: type[Exception] | tuple[type[Exception], ...] = BROKEN,
     ) -> T:
-        """Run one idempotent statement, retried on another connection if this one died."""
+        """Run one statement, retried on another connection if this one died.
+
+        Idempotent statements retry on any sign of a dead connection (``BROKEN``);
+        others pass ``retry=asyncpg.InterfaceError``: raised when the connection
+        was found closed *before* the statement was sent.
+        """
         pool = self._pool_or_raise()
         for attempt in range(1, self._attempts + 1):
             try:
@@ -733,7 +834,9 @@ class PostgresSagaStore:
                 raise store_error(exc, "connect") from exc
             try:
                 return await work(conn)
-            except BROKEN as exc:
+            except StoreError:
+                raise
+            except retry as exc:
                 if attempt >= self._attempts:
                     raise store_error(exc, action) from exc
             except DB_ERRORS as exc:

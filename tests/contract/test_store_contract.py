@@ -710,3 +710,63 @@ async def test_write_saves_logs_and_queues_a_batch_at_once(store: SagaStore) -> 
         LogEvent.COMPLETED,
         LogEvent.RETRY_REQUESTED,
     ]
+
+
+async def test_commit_is_one_unit_of_work_of_its_own(store: SagaStore) -> None:
+    """``commit``: inserts, guarded saves, log, outbox and deletes, all or nothing."""
+    published = await insert_with_outbox(store, "c-0")
+    ids = await store.commit(
+        inserts=[saga("c-1"), saga("c-2")],
+        log=[entry("c-1", 1.0, LogEvent.STARTED), entry("c-2", 2.0, LogEvent.STARTED)],
+        envelopes=[envelope("c-1"), envelope("c-2")],
+        publish_after=0.0,
+        delete_outbox=published,
+    )
+    assert len(ids) == 2 and ids == sorted(ids)
+    assert await outbox_ids(store, 10.0) == ids  # the published row is gone
+    first = await store.get("c-1")
+    assert first is not None and first.version == 0
+    assert [e.event for e in await store.log("c-1")] == [LogEvent.STARTED]
+
+    # a save is guarded by the version it was read at, and bumps it
+    moved = first.model_copy(update={"status": SagaStatus.COMPENSATING})
+    assert (
+        await store.commit(states=[moved], log=[entry("c-1", 3.0, LogEvent.COMPENSATION_STARTED)])
+        == []
+    )
+    again = await store.get("c-1")
+    assert again is not None and (again.version, again.status) == (1, SagaStatus.COMPENSATING)
+
+    # a stale save fails the whole unit: no insert, log, outbox row or delete
+    second = await store.get("c-2")
+    assert second is not None
+    with pytest.raises(ConcurrencyConflict):
+        await store.commit(
+            inserts=[saga("c-3")],
+            states=[second.model_copy(update={"status": SagaStatus.COMPLETED}), moved],
+            log=[entry("c-2", 4.0, LogEvent.COMPLETED)],
+            envelopes=[envelope("c-2", 5)],
+            publish_after=0.0,
+            delete_outbox=ids,
+        )
+    assert await store.get("c-3") is None
+    unchanged = await store.get("c-2")
+    assert unchanged is not None and unchanged.version == second.version
+    assert unchanged.status is SagaStatus.RUNNING
+    assert [e.event for e in await store.log("c-2")] == [LogEvent.STARTED]
+    assert await outbox_ids(store, 10.0) == ids
+
+    # an existing saga cannot be inserted again; nothing else of the unit lands
+    with pytest.raises(StoreError) as raised:
+        await store.commit(
+            inserts=[saga("c-4"), saga("c-1")], log=[entry("c-4", 5.0, LogEvent.STARTED)]
+        )
+    assert not isinstance(raised.value, ConcurrencyConflict)
+    assert await store.get("c-4") is None and await store.log("c-4") == []
+
+
+async def insert_with_outbox(store: SagaStore, saga_id: str) -> list[int]:
+    """A saga with one queued message; returns the message's outbox id."""
+    async with store.transaction() as tx:
+        await tx.insert(saga(saga_id))
+        return await tx.add_outbox([envelope(saga_id)], publish_after=0.0)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import pytest
 
 from sagaflow import BusinessFailure, HandlerContext, Participant, SagaStatus
+from sagaflow.core.engine import Decision
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, command_id, encode
-from sagaflow.core.state import LogEvent
+from sagaflow.core.state import LogEvent, SagaState
+from sagaflow.runtime.coordinator import SagaClient
+from sagaflow.runtime.hooks import Hooks
 from sagaflow.testing import HandlerFailed, SagaTestEnvironment
 from tests.sample import (
     Cmd,
@@ -274,3 +279,70 @@ async def test_each_kind_of_bad_input_is_dead_lettered_with_its_reason() -> None
     ]
     assert state.status is SagaStatus.COMPLETED
     assert len(world.effects) == 5
+
+
+class _CancelElsewhere(Hooks):
+    """Has another process cancel a saga as soon as its first step completed."""
+
+    def __init__(self) -> None:
+        self.operator: SagaClient | None = None
+        self.tasks: list[asyncio.Task[SagaState]] = []
+
+    def decided(self, saga: Any, before: SagaState | None, decision: Decision) -> None:
+        state = decision.state
+        if self.operator is not None and not self.tasks and len(state.completed) == 1:
+            cancel = self.operator.cancel_saga(state.saga_id, by="ops", reason="elsewhere")
+            self.tasks.append(asyncio.ensure_future(cancel))
+
+
+async def test_a_saga_moved_by_another_process_is_not_overwritten() -> None:
+    """The coordinator decides replies on the states it remembers; an operator's
+    cancel from another process makes that memory stale: the version guard
+    refuses the write and the reply is decided again on the stored state."""
+    hooks = _CancelElsewhere()
+    world = World()
+    # one reply per batch, so the late charge reply is decided on its own
+    async with SagaTestEnvironment([saga], participants(world), hooks=hooks, max_batch=1) as env:
+        hooks.operator = SagaClient([saga], store=env.store, clock=env.clock)
+        handle = await env.start_saga(saga, {"order_id": "o9"})
+        await env.drain()
+        await asyncio.gather(*hooks.tasks)
+        await env.drain()
+        state = await env.get(handle.saga_id)
+    assert hooks.tasks
+    assert state.status is SagaStatus.CANCELLED
+    assert world.effects.count("inventory.reserve:o9") == 1
+    assert world.effects.count("inventory.release:o9") == 1
+    assert world.effects.count("payment.charge:o9") == world.effects.count("payment.refund:o9")
+
+
+class _Forget(Hooks):
+    """Puts a saga's first state back into the coordinator's memory once it moved on."""
+
+    def __init__(self) -> None:
+        self.env: SagaTestEnvironment | None = None
+        self.first: dict[str, SagaState] = {}
+        self.done = False
+
+    def decided(self, saga: Any, before: SagaState | None, decision: Decision) -> None:
+        state = decision.state
+        if before is None:
+            self.first[state.saga_id] = state
+        elif not self.done and len(state.completed) == 1 and self.env is not None:
+            self.done = True  # the reply of step 2 will meet step 1's state
+            self.env.coordinator._cache.drop([state.saga_id])
+            self.env.coordinator._cache.put(self.first[state.saga_id])
+
+
+async def test_a_reply_that_looks_stale_to_remembered_state_is_checked_in_the_store() -> None:
+    """A current reply can look like a duplicate to an out-of-date state: it is
+    then decided again under a row lock, never acked as a duplicate unread."""
+    hooks = _Forget()
+    world = World()
+    async with SagaTestEnvironment([saga], participants(world), hooks=hooks) as env:
+        hooks.env = env
+        handle = await env.start_saga(saga, {"order_id": "o10"})
+        await env.drain()  # no clock advance: a lost reply would leave it RUNNING
+        state = await env.get(handle.saga_id)
+    assert hooks.done
+    assert state.status is SagaStatus.COMPLETED
