@@ -196,20 +196,22 @@ async def _stop_all(procs: list[Proc]) -> list[dict[str, Any] | None]:
 
 
 class _Profiler:
-    """py-spy attached to the coordinator processes during the measured window."""
+    """py-spy attached to the coordinator and participant processes during the
+    measured window; one file per process, named after its group."""
 
     def __init__(self, out_dir: Path | None, label: str) -> None:
         self.out_dir = out_dir
         self.label = label
         self.procs: list[asyncio.subprocess.Process] = []
 
-    async def start(self, pids: list[int]) -> None:
+    async def start(self, groups: dict[str, list[int]]) -> None:
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         py_spy = Path(sys.executable).with_name("py-spy")
-        for pid in pids:
-            out = self.out_dir / f"{self.label}-{pid}.txt"
+        profiled = [COORDINATOR, PARTICIPANTS]
+        for group, pid in ((g, pid) for g in profiled for pid in groups.get(g, [])):
+            out = self.out_dir / f"{self.label}-{group}-{pid}.txt"
             self.procs.append(
                 await asyncio.create_subprocess_exec(
                     str(py_spy),
@@ -410,7 +412,7 @@ async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dic
         groups: dict[str, list[int]] = {}
         for proc in procs:
             groups.setdefault(proc.group, []).append(proc.pid)
-        await profiler.start(groups[COORDINATOR])
+        await profiler.start(groups)
         sampler = Sampler(target.database, groups)
         sampler.begin()
         began = time.time()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from sagaflow.core.ports import Delivery
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 log = logging.getLogger("sagaflow.runtime")
 
 
@@ -85,6 +86,58 @@ class Batcher:
                         await delivery.nack(requeue=True)
             finally:
                 self._busy -= 1
+
+
+class GroupCommit(Generic[Item]):
+    """Writes concurrent requests together: whatever was submitted while the
+    previous write ran goes in the next one (one statement, one commit).
+
+    ``write`` takes a batch; when it raises for a batch of several, each item is
+    written again on its own, so one bad item (a duplicate saga id) fails only
+    its own caller. A lone request is written at once: no added latency.
+    """
+
+    def __init__(self, write: Callable[[Sequence[Item]], Awaitable[None]]) -> None:
+        self._write = write
+        self._pending: list[tuple[Item, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> None:
+        """Return once ``item`` is written; raise what writing it raised."""
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="group-commit")
+        await done
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._write_batch(batch)
+        finally:
+            self._flusher = None
+
+    async def _write_batch(self, batch: Sequence[tuple[Item, asyncio.Future[None]]]) -> None:
+        try:
+            await self._write([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                for one in batch:
+                    await self._write_batch([one])
+                return
+            _, done = batch[0]
+            if not done.done():
+                done.set_exception(exc)
+            return
+        except BaseException as exc:  # cancelled while writing: the outcome is unknown
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            raise
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
 
 
 async def retry_forever(

@@ -41,7 +41,7 @@ from sagaflow.core.ports import (
 )
 from sagaflow.core.state import LogEntry, SagaState
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import Batcher, retry_forever
+from sagaflow.runtime.batching import Batcher, GroupCommit, retry_forever
 from sagaflow.runtime.clock import SystemClock, UUIDFactory
 from sagaflow.runtime.hooks import Hooks
 
@@ -191,6 +191,7 @@ class SagaClient:
         self.clock: Clock = clock or SystemClock()
         self.ids: IdFactory = ids or UUIDFactory()
         self.hooks = hooks or Hooks()
+        self._starts = GroupCommit(self._commit_starts)
 
     async def start_saga(
         self,
@@ -215,25 +216,28 @@ class SagaClient:
         now = self.clock.now()
         sid = saga_id or self.ids.new_saga_id()
         decision = engine.start(saga, sid, data, now, trace=self.hooks.saga_started(saga, sid))
-        # with the caller's transaction, only the relay can publish (after it commits)
-        publish_after = now if connection is not None else self._publish_after(now)
         if connection is None:
-            ids = await self._commit(
-                inserts=(decision.state,),
-                log=decision.log,
-                envelopes=decision.messages,
-                publish_after=publish_after,
-            )
-        else:
-            async with self.store.transaction(connection) as tx:
-                await tx.insert(decision.state)
-                ids = await tx.write(
-                    (), decision.log, decision.messages, publish_after=publish_after
-                )
+            await self._starts.submit((saga, decision))
+            return SagaHandle(sid, decision.state)
+        # in the caller's transaction, only the relay can publish (after it commits)
+        async with self.store.transaction(connection) as tx:
+            await tx.insert(decision.state)
+            await tx.write((), decision.log, decision.messages, publish_after=now)
         self.hooks.decided(saga, None, decision)
-        if connection is None:
-            self._committed(decision.messages, ids)
         return SagaHandle(sid, decision.state)
+
+    async def _commit_starts(self, starts: Sequence[tuple[Saga[Any], engine.Decision]]) -> None:
+        """Write starts that arrived together in one commit, then publish them together."""
+        decisions = [decision for _, decision in starts]
+        ids = await self._commit(
+            inserts=[d.state for d in decisions],
+            log=[entry for d in decisions for entry in d.log],
+            envelopes=[message for d in decisions for message in d.messages],
+            publish_after=self._publish_after(self.clock.now()),
+        )
+        for saga, decision in starts:
+            self.hooks.decided(saga, None, decision)
+        self._committed([message for d in decisions for message in d.messages], ids)
 
     async def cancel_saga(self, saga_id: str, *, by: str, reason: str) -> SagaState:
         """Compensate a running saga as a business decision (ends CANCELLED)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -21,7 +22,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sagaflow import BusinessFailure, HandlerContext, Participant, SagaStatus
 from sagaflow.core.engine import LINK, TRACEPARENT
 from sagaflow.core.messages import Envelope, MessageKind
-from sagaflow.runtime.hooks import CompositeHooks
 from sagaflow.testing import SagaTestEnvironment
 from sagaflow.tracing import TracingHooks, configure_tracing, trace_id_of, tracing_configured
 from tests.sample import (
@@ -363,11 +363,19 @@ async def test_a_saga_started_without_tracing_still_gets_one_trace(
     provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     # the application that started the saga had no tracing: no stored context
-    env = SagaTestEnvironment([saga], participants(World()), worker_hooks=TracingHooks(provider))
-    env.coordinator.hooks = CompositeHooks([])  # starts without a context...
+
+    class StartedUntraced(TracingHooks):
+        def saga_started(self, saga: Any, saga_id: str) -> dict[str, str]:
+            return {}  # starts without a context, and is traced from then on
+
+    env = SagaTestEnvironment(
+        [saga],
+        participants(World()),
+        hooks=StartedUntraced(provider),
+        worker_hooks=TracingHooks(provider),
+    )
     async with env:
         handle = await env.start_saga(saga, {"order_id": "o8"})
-        env.coordinator.hooks = TracingHooks(provider)  # ...and is traced from then on
         await env.drain(fail_fast=True)
         state = await env.get(handle.saga_id)
     assert state.trace == {}
