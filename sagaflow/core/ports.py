@@ -278,13 +278,11 @@ class ParticipantTransaction(Protocol):
         """Store the reply of a claimed command."""
         ...
 
-    async def claim_many(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
-        """``claim`` several distinct ids at once; returns what was stored for the
-        ids already claimed (the new ones are absent)."""
-        ...
-
-    async def complete_many(self, replies: Sequence[Envelope]) -> None:
-        """``complete`` several claimed commands (each reply names its command id)."""
+    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
+        """Store the replies of commands never claimed, in one statement, without
+        a claim first; returns the command ids already in the inbox, for which
+        nothing was written (a duplicate or a tombstone: the caller rolls back).
+        A concurrent transaction recording the same id makes this one wait."""
         ...
 
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:

@@ -358,10 +358,12 @@ class Worker:
     async def _transact_at_once(
         self, commands: Sequence[_Command], outcomes: _Outcomes
     ) -> _Replies:
-        """The fast path: claim every command id in one statement, run the handlers
-        with no savepoint, store every reply in one statement. A handler that
-        raises (a refusal or an error) rolls the whole batch back (``_Redo``), to
-        be run again one savepoint each; compensations always take that path.
+        """The fast path: run the handlers with no claim and no savepoint, then
+        store every command id with its reply in one statement. A command already
+        in the inbox (a duplicate, a tombstone) or a handler that raises (a
+        refusal or an error) rolls the whole batch back (``_Redo``), to be run
+        again one savepoint each, where duplicates are answered from the inbox;
+        compensations always take that path.
         """
         replies: dict[str, Envelope | None] = {}
         async with self.store.transaction() as tx:
@@ -370,23 +372,17 @@ class Worker:
                     replies[envelope.message_id] = await self._traced(
                         tx, envelope, registration, command, outcomes
                     )
-            fresh = [c for c in commands if c[1].kind is MessageKind.COMMAND]
-            stored = await tx.claim_many(list({env.command_id for _, env, _, _ in fresh}))
-            done: dict[str, Envelope | None] = {}
-            new: list[Envelope] = []
-            for _, envelope, registration, command in fresh:
-                cid = envelope.command_id
-                if cid not in done:
-                    earlier = stored.get(cid)
-                    if earlier is None:
-                        done[cid] = reply = await self._run_at_once(
+            done: dict[str, Envelope] = {}
+            for _, envelope, registration, command in commands:
+                if envelope.kind is MessageKind.COMMAND:
+                    cid = envelope.command_id
+                    if cid not in done:
+                        done[cid] = await self._run_at_once(
                             tx, envelope, registration, command, outcomes
                         )
-                        new.append(reply)
-                    else:  # a duplicate answered as before, or tombstoned: no reply
-                        done[cid] = earlier if isinstance(earlier, Envelope) else None
-                replies[envelope.message_id] = done[cid]
-            await tx.complete_many(new)
+                    replies[envelope.message_id] = done[cid]
+            if await tx.record_many(list(done.values())):
+                raise _Redo  # seen before: the careful path answers from the inbox
         return [(delivery, replies[envelope.message_id]) for delivery, envelope, _, _ in commands]
 
     async def _run_at_once(

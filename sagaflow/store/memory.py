@@ -509,19 +509,15 @@ class InMemoryParticipantTransaction:
             raise StoreError(f"command {command_id!r} is already done or tombstoned")
         self._writes[command_id] = _InboxEntry("done", reply)
 
-    async def claim_many(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
-        """``claim`` each id in turn."""
-        stored: dict[str, Envelope | Tombstone] = {}
-        for command_id in command_ids:
-            outcome = await self.claim(command_id)
-            if outcome is not None:
-                stored[command_id] = outcome
-        return stored
-
-    async def complete_many(self, replies: Sequence[Envelope]) -> None:
-        """``complete`` each reply in turn."""
-        for reply in replies:
-            await self.complete(reply.command_id, reply)
+    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
+        """Store replies of commands not seen before; returns the ids already there."""
+        present: list[str] = []
+        for reply in sorted(replies, key=lambda r: r.command_id):
+            if await self._entry(reply.command_id) is None:
+                self._writes[reply.command_id] = _InboxEntry("done", reply)
+            else:
+                present.append(reply.command_id)
+        return present
 
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
         """Mark a command as never to be applied, unless it already was.

@@ -72,18 +72,11 @@ class _InboxSql:
             " ON CONFLICT (command_id) DO UPDATE SET status = 'done', reply = EXCLUDED.reply"
             " WHERE i.status = 'pending' RETURNING 1"
         )
-        self.claim_many = (
-            f"INSERT INTO {s}.inbox (command_id, status) SELECT unnest($1::text[]), 'pending'"
+        self.record_many = (
+            f"INSERT INTO {s}.inbox (command_id, status, reply)"
+            " SELECT u.command_id, 'done', u.reply::jsonb"
+            " FROM unnest($1::text[], $2::text[]) AS u(command_id, reply) ORDER BY u.command_id"
             " ON CONFLICT (command_id) DO NOTHING RETURNING command_id"
-        )
-        self.stored_many = (
-            f"SELECT command_id, status, reply::text FROM {s}.inbox"
-            " WHERE command_id = ANY($1::text[]) FOR UPDATE"
-        )
-        self.complete_many = (
-            f"UPDATE {s}.inbox AS i SET status = 'done', reply = u.reply::jsonb"
-            " FROM unnest($1::text[], $2::text[]) AS u(command_id, reply)"
-            " WHERE i.command_id = u.command_id AND i.status = 'pending' RETURNING i.command_id"
         )
         self.tombstone = (
             f"INSERT INTO {s}.inbox AS i (command_id, status) VALUES ($1, 'tombstone')"
@@ -128,46 +121,22 @@ class PostgresParticipantTransaction:
         except DB_ERRORS as exc:
             raise store_error(exc, "claim") from exc
 
-    async def claim_many(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
-        """Claim distinct ids in one statement (sorted, so concurrent batches lock in
-        the same order); returns the stored outcome of those claimed before."""
-        wanted = sorted(command_ids)
-        stored: dict[str, Envelope | Tombstone] = {}
-        try:
-            while wanted:
-                new = {row[0] for row in await self._conn.fetch(self._sql.claim_many, wanted)}
-                rest = [cid for cid in wanted if cid not in new]
-                if not rest:
-                    break
-                rows = await self._conn.fetch(self._sql.stored_many, rest)
-                for command_id, status, reply in rows:
-                    outcome = _stored(status, reply)
-                    if outcome is not None:  # a committed 'pending' row counts as new
-                        stored[command_id] = outcome
-                found = {row[0] for row in rows}
-                wanted = [cid for cid in rest if cid not in found]  # vanished: claim again
-        except DB_ERRORS as exc:
-            raise store_error(exc, "claim") from exc
-        return stored
-
-    async def complete_many(self, replies: Sequence[Envelope]) -> None:
-        """Store the replies of claimed commands in one statement.
-
-        Raises:
-            StoreError: one of them is already done or tombstoned.
-        """
+    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
+        """Insert the replies of commands not seen before, as done, in one
+        statement (sorted by id, so concurrent batches lock in the same order);
+        returns the ids that were already there."""
         if not replies:
-            return
+            return []
         try:
             rows = await self._conn.fetch(
-                self._sql.complete_many,
+                self._sql.record_many,
                 [r.command_id for r in replies],
                 [envelope_to_json(r) for r in replies],
             )
         except DB_ERRORS as exc:
-            raise store_error(exc, "complete") from exc
-        if len(rows) != len(replies):
-            raise StoreError("a command of the batch is already done or tombstoned")
+            raise store_error(exc, "record") from exc
+        written = {row[0] for row in rows}
+        return [r.command_id for r in replies if r.command_id not in written]
 
     async def complete(self, command_id: str, reply: Envelope) -> None:
         """Store the reply of a claimed (or not yet seen) command.

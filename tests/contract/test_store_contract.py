@@ -770,3 +770,43 @@ async def insert_with_outbox(store: SagaStore, saga_id: str) -> list[int]:
     async with store.transaction() as tx:
         await tx.insert(saga(saga_id))
         return await tx.add_outbox([envelope(saga_id)], publish_after=0.0)
+
+
+async def test_record_many_writes_new_commands_and_names_known_ones(
+    participant: ParticipantStore,
+) -> None:
+    done, dead, fresh = envelope("r-1"), envelope("r-2"), envelope("r-3")
+    async with participant.transaction() as tx:
+        assert await tx.claim(done.command_id) is None
+        await tx.complete(done.command_id, reply(done))
+        assert await tx.tombstone(dead.command_id) is None
+    async with participant.transaction() as tx:
+        known = await tx.record_many([reply(fresh), reply(done), reply(dead)])
+    assert sorted(known) == sorted([done.command_id, dead.command_id])
+    async with participant.transaction() as tx:
+        assert await tx.claim(fresh.command_id) == reply(fresh)
+        assert await tx.claim(done.command_id) == reply(done)  # not overwritten
+        assert await tx.claim(dead.command_id) == TOMBSTONE
+    # rolled back: nothing recorded
+    with pytest.raises(Boom):
+        async with participant.transaction() as tx:
+            assert await tx.record_many([reply(envelope("r-4"))]) == []
+            raise Boom
+    async with participant.transaction() as tx:
+        assert await tx.claim(envelope("r-4").command_id) is None
+
+
+async def test_concurrent_record_of_one_id_waits_for_the_first(
+    participant: ParticipantStore,
+) -> None:
+    command = envelope("r-5")
+    async with participant.transaction() as first:
+        assert await first.record_many([reply(command)]) == []
+
+        async def second() -> list[str]:
+            async with participant.transaction() as tx:
+                return await tx.record_many([reply(command)])
+
+        task = asyncio.create_task(second())
+        assert await blocked(task)
+    assert await asyncio.wait_for(task, WAIT) == [command.command_id]
