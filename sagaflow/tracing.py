@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -381,12 +382,21 @@ def _message_trace(decision: SagaDecision, entry: LogEntry) -> Mapping[str, str]
 # --------------------------------------------------------------------------- configuration
 
 
+_OWN_STATEMENT = re.compile(
+    r"\s*(BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE)\b|.*\.inbox\b", re.IGNORECASE | re.DOTALL
+)
+"""sagaflow's own statements in a worker's transaction: its control and the inbox."""
+
+
 class _DropOrphanQueries(Sampler):
-    """Drops database spans that have no parent span, then asks the configured sampler.
+    """Drops database spans that have no parent span, and sagaflow's own
+    statements, then asks the configured sampler.
 
     The store's polling (outbox relay, timers, commits) runs outside any saga
     span; traced, each query would be a one-span trace of its own. Queries a
-    handler runs beneath its CONSUMER span have a parent and are kept.
+    handler runs beneath its CONSUMER span have a parent and are kept; the
+    worker's transaction control and inbox statements are not the handler's
+    and were a third of all spans, so they are dropped too.
     """
 
     def __init__(self, delegate: Sampler) -> None:
@@ -406,9 +416,12 @@ class _DropOrphanQueries(Sampler):
             kind is SpanKind.CLIENT
             and attributes
             and ("db.system" in attributes or "db.system.name" in attributes)
-            and not trace.get_current_span(parent_context).get_span_context().is_valid
         ):
-            return SamplingResult(Decision.DROP)
+            statement = attributes.get("db.statement") or attributes.get("db.query.text")
+            if (
+                isinstance(statement, str) and _OWN_STATEMENT.match(statement)
+            ) or not trace.get_current_span(parent_context).get_span_context().is_valid:
+                return SamplingResult(Decision.DROP)
         return self.delegate.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )

@@ -441,3 +441,37 @@ def test_nothing_configured_means_no_tracing(monkeypatch: pytest.MonkeyPatch) ->
     assert not tracing_configured(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true"}
     )
+
+
+def test_only_the_handlers_own_queries_are_traced() -> None:
+    """Database spans: a handler's query beneath a span is kept; queries with no
+    parent, and sagaflow's transaction control and inbox statements, are not."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    from sagaflow.tracing import _DropOrphanQueries
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=_DropOrphanQueries(ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    def query(statement: str, key: str = "db.statement") -> None:
+        attributes = {"db.system": "postgresql", key: statement}
+        with tracer.start_as_current_span(statement, kind=SpanKind.CLIENT, attributes=attributes):
+            pass
+
+    query("UPDATE stock SET free = free - 1")  # no parent: polling, dropped
+    with tracer.start_as_current_span("process", kind=SpanKind.CONSUMER):
+        query("BEGIN;")
+        query("SAVEPOINT sp_1")
+        query("UPDATE inventory.stock SET free = free - $1 WHERE sku = $2")
+        query('INSERT INTO "inventory".inbox (command_id, status) VALUES ($1, $2)')
+        query("SELECT reserved FROM reservations WHERE order_id = $1", key="db.query.text")
+        query("release savepoint sp_1")
+        query("COMMIT;")
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert names == [
+        "UPDATE inventory.stock SET free = free - $1 WHERE sku = $2",
+        "SELECT reserved FROM reservations WHERE order_id = $1",
+        "process",
+    ]
