@@ -103,9 +103,50 @@ class _Consumer:
     task: asyncio.Task[None] | None = None
     channel: AbstractChannel | None = None
     tag: str | None = None
+    acks: _Acks | None = None  # of the current channel
     first_attempt_done: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     refused: bool = False
+
+
+class _Acks:
+    """Coalesces the acks of one channel: the acks given in one turn of the event
+    loop go out as one ``basic.ack multiple`` frame up to the highest tag below
+    any delivery still unsettled, plus single acks above it.
+
+    Deliveries are registered in tag order (aio-pika hands them over in order),
+    so a tag below the multiple ack's tag that is not being acked is known here
+    and bounds it: nothing is acked that was not asked to be.
+    """
+
+    __slots__ = ("_flushing", "_pending", "_track", "unsettled")
+
+    def __init__(self, track: Callable[[asyncio.Task[None]], None]) -> None:
+        self.unsettled: set[int] = set()
+        self._pending: dict[int, AbstractIncomingMessage] = {}
+        self._flushing = False
+        self._track = track
+
+    def ack(self, tag: int, message: AbstractIncomingMessage) -> None:
+        self._pending[tag] = message
+        if not self._flushing:
+            self._flushing = True
+            self._track(asyncio.create_task(self._flush(), name="acks"))
+
+    async def _flush(self) -> None:
+        self._flushing = False
+        pending, self._pending = self._pending, {}
+        self.unsettled.difference_update(pending)
+        floor = min(self.unsettled, default=None)
+        tags = sorted(pending)
+        below = [tag for tag in tags if floor is None or tag < floor]
+        try:
+            if below:
+                await pending[below[-1]].ack(multiple=True)
+            for tag in tags[len(below) :]:
+                await pending[tag].ack()
+        except Exception as exc:  # the channel is gone: the broker redelivers them
+            log.debug("acks of %d deliveries dropped (channel gone): %r", len(tags), exc)
 
 
 class RabbitMQDelivery:
@@ -115,13 +156,24 @@ class RabbitMQDelivery:
     put the message back and will deliver it again.
     """
 
-    __slots__ = ("_headers", "_settled", "message", "queue")
+    __slots__ = ("_acks", "_headers", "_settled", "message", "queue")
 
-    def __init__(self, message: AbstractIncomingMessage, queue: str) -> None:
+    def __init__(
+        self, message: AbstractIncomingMessage, queue: str, acks: _Acks | None = None
+    ) -> None:
         self.message = message
         self.queue = queue
+        self._acks = acks
         self._headers: dict[str, str] | None = None
         self._settled = False
+        if acks is not None:
+            acks.unsettled.add(self._tag)
+
+    @property
+    def _tag(self) -> int:
+        tag = self.message.delivery_tag
+        assert tag is not None  # a consumed message always has one
+        return tag
 
     @property
     def body(self) -> bytes:
@@ -138,10 +190,17 @@ class RabbitMQDelivery:
         return bool(self.message.redelivered)
 
     async def ack(self) -> None:
-        """Remove the message from its queue."""
+        """Remove the message from its queue.
+
+        The ack frame goes out once this turn of the event loop ends, together
+        with the other acks given meanwhile on the same channel.
+        """
         if self._settled:
             return
         self._settled = True
+        if self._acks is not None:
+            self._acks.ack(self._tag, self.message)
+            return
         try:
             await self.message.ack()
         except Exception as exc:
@@ -152,6 +211,8 @@ class RabbitMQDelivery:
         if self._settled:
             return
         self._settled = True
+        if self._acks is not None:
+            self._acks.unsettled.discard(self._tag)
         try:
             await self.message.nack(requeue=requeue)
         except Exception as exc:
@@ -510,6 +571,7 @@ class RabbitMQTransport:
             await channel.set_qos(prefetch_count=consumer.prefetch)
             queue = await self._declare_for_consume(channel, consumer.queue)
             consumer.channel = channel
+            consumer.acks = _Acks(self._track)
             consumer.tag = await queue.consume(partial(self._on_message, consumer))
         except BaseException:
             consumer.channel = None
@@ -522,9 +584,11 @@ class RabbitMQTransport:
         # cancelled when its channel closes, and a handler halfway through a
         # database transaction should finish, not be interrupted (its ack will
         # simply not arrive and the message is redelivered).
-        task = asyncio.create_task(
-            self._handle(consumer, RabbitMQDelivery(message, consumer.queue))
-        )
+        delivery = RabbitMQDelivery(message, consumer.queue, consumer.acks)
+        self._track(asyncio.create_task(self._handle(consumer, delivery)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        """Keep a task until it is done; ``close`` waits for the ones still running."""
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 

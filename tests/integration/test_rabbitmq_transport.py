@@ -325,3 +325,42 @@ async def test_consumer_and_messages_survive_a_broker_restart(
     await first.ack()  # its channel is gone: must not raise
     assert transport.is_connected
     assert transport.connections >= 2
+
+
+async def test_acks_given_together_ack_exactly_those_deliveries(amqp_url: str) -> None:
+    """Acks in one turn of the event loop go out as one ``multiple`` ack where the
+    tags allow; a delivery below it that was not acked (held, or nacked) must
+    come back, and every acked one must not."""
+    queue = TOPOLOGY.service_queue("inventory")
+    first = RabbitMQTransport(amqp_url, TOPOLOGY, publish_timeout=20)
+    await first.start(["inventory"])
+    collector = Collector()
+    try:
+        await first.consume(queue, collector, prefetch=50)
+        await first.publish([command(saga=f"s{i:02d}") for i in range(12)])
+        got = [await collector.next() for _ in range(12)]
+        by_saga = {decode(d.body).saga_id: d for d in got}
+        # acked together with gaps: s03 held, s06 nacked back to the queue
+        await by_saga["s06"].nack(requeue=True)
+        for name in ("s00", "s01", "s02", "s04", "s05", "s07"):
+            await by_saga[name].ack()
+        await asyncio.sleep(0.2)
+        for name in ("s08", "s10"):  # s09 and s11 held
+            await by_saga[name].ack()
+        requeued = await collector.next()  # the nacked one, redelivered meanwhile
+        assert decode(requeued.body).saga_id == "s06"
+        await asyncio.sleep(0.5)  # the acks reach the broker before the channel closes
+    finally:
+        await first.close()  # unacked deliveries go back to the queue
+
+    second = RabbitMQTransport(amqp_url, TOPOLOGY, publish_timeout=20)
+    await second.start(["inventory"])
+    again = Collector()
+    try:
+        await second.consume(queue, again, prefetch=50)
+        back = sorted([decode((await again.next()).body).saga_id for _ in range(4)])
+        assert back == ["s03", "s06", "s09", "s11"]
+        with pytest.raises(TimeoutError):  # and nothing else
+            await asyncio.wait_for(again.seen.get(), 1.0)
+    finally:
+        await second.close()
