@@ -32,13 +32,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -233,6 +233,18 @@ class TracingHooks(Hooks):
                 span.end()
 
     @contextmanager
+    def queries(self, *, own: bool) -> Iterator[None]:
+        """Leave the worker's own statements (transaction, inbox, savepoints) out of
+        the database instrumentation: it does not even build their spans. They
+        were a third of all spans and cost their instrumentation's overhead on
+        every statement; a handler's queries (``own=False``) are traced."""
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, own))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    @contextmanager
     def processing(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
         """The CONSUMER span of one received message, current while it is handled."""
         exchange, routing_key = route(self.topology, envelope)
@@ -382,21 +394,13 @@ def _message_trace(decision: SagaDecision, entry: LogEntry) -> Mapping[str, str]
 # --------------------------------------------------------------------------- configuration
 
 
-_OWN_STATEMENT = re.compile(
-    r"\s*(BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE)\b|.*\.inbox\b", re.IGNORECASE | re.DOTALL
-)
-"""sagaflow's own statements in a worker's transaction: its control and the inbox."""
-
-
 class _DropOrphanQueries(Sampler):
-    """Drops database spans that have no parent span, and sagaflow's own
-    statements, then asks the configured sampler.
+    """Drops database spans that have no parent span, then asks the configured sampler.
 
     The store's polling (outbox relay, timers, commits) runs outside any saga
     span; traced, each query would be a one-span trace of its own. Queries a
-    handler runs beneath its CONSUMER span have a parent and are kept; the
-    worker's transaction control and inbox statements are not the handler's
-    and were a third of all spans, so they are dropped too.
+    handler runs beneath its CONSUMER span have a parent and are kept. (The
+    worker's own statements are not even offered: see ``TracingHooks.queries``.)
     """
 
     def __init__(self, delegate: Sampler) -> None:
@@ -416,12 +420,9 @@ class _DropOrphanQueries(Sampler):
             kind is SpanKind.CLIENT
             and attributes
             and ("db.system" in attributes or "db.system.name" in attributes)
+            and not trace.get_current_span(parent_context).get_span_context().is_valid
         ):
-            statement = attributes.get("db.statement") or attributes.get("db.query.text")
-            if (
-                isinstance(statement, str) and _OWN_STATEMENT.match(statement)
-            ) or not trace.get_current_span(parent_context).get_span_context().is_valid:
-                return SamplingResult(Decision.DROP)
+            return SamplingResult(Decision.DROP)
         return self.delegate.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )

@@ -42,6 +42,13 @@ class Hooks:
         because of it (a participant's reply) should carry."""
         yield envelope.trace
 
+    @contextmanager
+    def queries(self, *, own: bool) -> Iterator[None]:
+        """Wrap database work in a worker: ``own=True`` its own (the transaction,
+        inbox and savepoint statements), ``own=False`` a handler's inside it; an
+        instrumentation may leave the worker's own out."""
+        yield
+
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: Decision) -> None:
         """A transition committed (``before`` is None for a start)."""
 
@@ -83,6 +90,13 @@ class CompositeHooks(Hooks):
                 trace = stack.enter_context(hook.processing(envelope, queue))
                 envelope = replace(envelope, trace=trace)
             yield trace
+
+    @contextmanager
+    def queries(self, *, own: bool) -> Iterator[None]:
+        with ExitStack() as stack:
+            for hook in self.hooks:
+                stack.enter_context(hook.queries(own=own))
+            yield
 
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: Decision) -> None:
         for hook in self.hooks:

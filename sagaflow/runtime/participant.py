@@ -332,10 +332,11 @@ class Worker:
     ) -> _Replies:
         """Every command in its own savepoint."""
         replies: _Replies = []
-        async with self.store.transaction() as tx:
-            for delivery, envelope, registration, command in commands:
-                reply = await self._traced(tx, envelope, registration, command, outcomes)
-                replies.append((delivery, reply))
+        with self.hooks.queries(own=True):
+            async with self.store.transaction() as tx:
+                for delivery, envelope, registration, command in commands:
+                    reply = await self._traced(tx, envelope, registration, command, outcomes)
+                    replies.append((delivery, reply))
         return replies
 
     async def _traced(
@@ -366,23 +367,24 @@ class Worker:
         compensations always take that path.
         """
         replies: dict[str, Envelope | None] = {}
-        async with self.store.transaction() as tx:
-            for _, envelope, registration, command in commands:
-                if envelope.kind is MessageKind.COMPENSATION:
-                    replies[envelope.message_id] = await self._traced(
-                        tx, envelope, registration, command, outcomes
-                    )
-            done: dict[str, Envelope] = {}
-            for _, envelope, registration, command in commands:
-                if envelope.kind is MessageKind.COMMAND:
-                    cid = envelope.command_id
-                    if cid not in done:
-                        done[cid] = await self._run_at_once(
+        with self.hooks.queries(own=True):
+            async with self.store.transaction() as tx:
+                for _, envelope, registration, command in commands:
+                    if envelope.kind is MessageKind.COMPENSATION:
+                        replies[envelope.message_id] = await self._traced(
                             tx, envelope, registration, command, outcomes
                         )
-                    replies[envelope.message_id] = done[cid]
-            if await tx.record_many(list(done.values())):
-                raise _Redo  # seen before: the careful path answers from the inbox
+                done: dict[str, Envelope] = {}
+                for _, envelope, registration, command in commands:
+                    if envelope.kind is MessageKind.COMMAND:
+                        cid = envelope.command_id
+                        if cid not in done:
+                            done[cid] = await self._run_at_once(
+                                tx, envelope, registration, command, outcomes
+                            )
+                        replies[envelope.message_id] = done[cid]
+                if await tx.record_many(list(done.values())):
+                    raise _Redo  # seen before: the careful path answers from the inbox
         return [(delivery, replies[envelope.message_id]) for delivery, envelope, _, _ in commands]
 
     async def _run_at_once(
@@ -397,7 +399,8 @@ class Worker:
         with self.hooks.processing(envelope, self._queue) as trace:
             traced = replace(envelope, trace=trace)
             try:
-                result = await registration.handler(command, self._context(traced, tx))
+                with self.hooks.queries(own=False):
+                    result = await registration.handler(command, self._context(traced, tx))
                 payload = registration.action.reply.model_validate(result).model_dump(mode="json")
             except asyncio.CancelledError:
                 raise
@@ -465,7 +468,8 @@ class Worker:
         ctx = self._context(envelope, tx)
         try:
             async with tx.savepoint():
-                result = await registration.handler(command, ctx)
+                with self.hooks.queries(own=False):
+                    result = await registration.handler(command, ctx)
                 payload = registration.action.reply.model_validate(result).model_dump(mode="json")
         except asyncio.CancelledError:
             raise

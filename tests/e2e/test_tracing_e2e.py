@@ -28,6 +28,7 @@ pytestmark = pytest.mark.e2e
 
 COMMANDS = "sagaflow.commands"
 REPLIES = "sagaflow.replies"
+_OWN = {"BEGIN", "BEGIN;", "COMMIT", "COMMIT;", "SAVEPOINT", "RELEASE", "ROLLBACK"}
 SAGA = "create-order"
 STEPS = {  # step -> participant service, in saga order
     "validate": "order",
@@ -149,6 +150,9 @@ def check_chain(t: Trace, start: ReceivedSpan, saga_id: str, step: str, kind: st
             assert query.service == service
             assert "postgresql" in (query.attr("db.system"), query.attr("db.system.name"))
             assert not any("parameters" in key for key in query.attributes), query.attributes
+            statement = str(query.attr("db.statement") or query.attr("db.query.text"))
+            # the handler's own queries, not the worker's transaction or inbox
+            assert ".inbox" not in statement and query.name not in _OWN, statement
     replies = t.find(names[2], **ident, **{"saga.reply_to": kind})
     assert replies, (step, kind)
     for reply in replies:

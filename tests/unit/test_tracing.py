@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sagaflow import BusinessFailure, HandlerContext, Participant, SagaStatus
 from sagaflow.core.engine import LINK, TRACEPARENT
 from sagaflow.core.messages import Envelope, MessageKind
+from sagaflow.runtime.hooks import CompositeHooks
 from sagaflow.testing import SagaTestEnvironment
 from sagaflow.tracing import TracingHooks, configure_tracing, trace_id_of, tracing_configured
 from tests.sample import (
@@ -443,35 +444,18 @@ def test_nothing_configured_means_no_tracing(monkeypatch: pytest.MonkeyPatch) ->
     )
 
 
-def test_only_the_handlers_own_queries_are_traced() -> None:
-    """Database spans: a handler's query beneath a span is kept; queries with no
-    parent, and sagaflow's transaction control and inbox statements, are not."""
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+def test_only_the_handlers_queries_are_offered_to_the_instrumentation(
+    provider: TracerProvider,
+) -> None:
+    """In a worker's own work (transaction, inbox, savepoints) instrumentations
+    are switched off; a handler's queries inside it are instrumented again."""
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
-    from sagaflow.tracing import _DropOrphanQueries
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=_DropOrphanQueries(ALWAYS_ON))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-
-    def query(statement: str, key: str = "db.statement") -> None:
-        attributes = {"db.system": "postgresql", key: statement}
-        with tracer.start_as_current_span(statement, kind=SpanKind.CLIENT, attributes=attributes):
-            pass
-
-    query("UPDATE stock SET free = free - 1")  # no parent: polling, dropped
-    with tracer.start_as_current_span("process", kind=SpanKind.CONSUMER):
-        query("BEGIN;")
-        query("SAVEPOINT sp_1")
-        query("UPDATE inventory.stock SET free = free - $1 WHERE sku = $2")
-        query('INSERT INTO "inventory".inbox (command_id, status) VALUES ($1, $2)')
-        query("SELECT reserved FROM reservations WHERE order_id = $1", key="db.query.text")
-        query("release savepoint sp_1")
-        query("COMMIT;")
-    names = [span.name for span in exporter.get_finished_spans()]
-    assert names == [
-        "UPDATE inventory.stock SET free = free - $1 WHERE sku = $2",
-        "SELECT reserved FROM reservations WHERE order_id = $1",
-        "process",
-    ]
+    hooks = CompositeHooks([TracingHooks(provider)])
+    assert is_instrumentation_enabled()
+    with hooks.queries(own=True):
+        assert not is_instrumentation_enabled()
+        with hooks.queries(own=False):
+            assert is_instrumentation_enabled()
+        assert not is_instrumentation_enabled()
+    assert is_instrumentation_enabled()
