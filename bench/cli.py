@@ -115,6 +115,20 @@ def parser() -> argparse.ArgumentParser:
         "OTEL_* variables, on = the same exporting to an OTLP/HTTP sink this harness starts "
         "(e.g. none,off,on); prints the on/off and off/none ratios",
     )
+    p.add_argument(
+        "--trace-sample",
+        type=float,
+        default=1.0,
+        help="with --tracing on: trace this share of sagas (OTEL_TRACES_SAMPLER="
+        "parentbased_traceidratio; default 1.0, every saga)",
+    )
+    p.add_argument(
+        "--no-otel-metrics",
+        dest="otel_metrics",
+        action="store_false",
+        help="with --tracing on: traces only (OTEL_METRICS_EXPORTER=none: no metrics "
+        "recorded or exported), to tell the cost of tracing from that of metrics",
+    )
     p.add_argument("--profile", type=Path, help="record py-spy profiles of the coordinators here")
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     p.add_argument(
@@ -170,6 +184,8 @@ def plan(args: argparse.Namespace) -> list[Params]:
                                 queue_type=args.queue_type,
                                 starter=_starter(args.starter, count),
                                 tracing=trace,
+                                trace_sample=args.trace_sample,
+                                otel_metrics=args.otel_metrics,
                             )
                         )
     return runs

@@ -81,6 +81,8 @@ class Params:
     # --tracing comparison; "off" = set up as the CLI does with no OTEL_* variables;
     # "on" = the same, exporting to an OTLP sink
     tracing: str = ""
+    trace_sample: float = 1.0  # with tracing on: the share of sagas traced (parent-based)
+    otel_metrics: bool = True  # with tracing on: export metrics over OTLP too
 
     @property
     def timeout(self) -> float:
@@ -326,6 +328,11 @@ def _environment(params: Params, name: str, sink_port: int | None) -> dict[str, 
         assert sink_port is not None
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
         env["OTEL_SERVICE_NAME"] = f"bench-{name}"
+        if not params.otel_metrics:
+            env["OTEL_METRICS_EXPORTER"] = "none"
+        if params.trace_sample < 1.0:
+            env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+            env["OTEL_TRACES_SAMPLER_ARG"] = str(params.trace_sample)
     return env
 
 

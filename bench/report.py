@@ -201,6 +201,8 @@ def tracing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "inflight": key[3],
                 "coordinators": key[-2],
                 "runs": {base_name: len(base), name: len(runs)},
+                "trace_sample": runs[0]["params"].get("trace_sample", 1.0),
+                "otel_metrics": runs[0]["params"].get("otel_metrics", True),
                 "sagas_per_s": {
                     base_name: [r["sagas_per_s"] for r in base],
                     name: [r["sagas_per_s"] for r in runs],
