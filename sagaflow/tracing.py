@@ -58,6 +58,7 @@ from opentelemetry.util.types import Attributes
 
 from sagaflow import __version__
 from sagaflow.core.engine import LINK, TRACEPARENT
+from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.ports import Topology
 from sagaflow.core.state import LogEvent
@@ -220,7 +221,7 @@ class TracingHooks(Hooks):
                 links=_links(envelope.trace),
             )
             spans.append(span)
-            outgoing.append(envelope.model_copy(update={"trace": _inject(span, envelope.trace)}))
+            outgoing.append(replace(envelope, trace=_inject(span, envelope.trace)))
         try:
             yield outgoing
         except BaseException as exc:

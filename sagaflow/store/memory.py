@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
+from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import TOMBSTONE, Clock, OutboxItem, Tombstone
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
@@ -190,7 +191,7 @@ class InMemorySagaTransaction:
             raise ConcurrencyConflict(
                 f"saga {state.saga_id!r} is no longer at version {state.version}"
             )
-        self._states[state.saga_id] = state.model_copy(update={"version": state.version + 1})
+        self._states[state.saga_id] = replace(state, version=state.version + 1)
 
     async def save_many(self, states: Sequence[SagaState]) -> None:
         """:meth:`save` several sagas.

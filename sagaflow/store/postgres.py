@@ -51,6 +51,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
+from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope, MessageKind
 from sagaflow.core.ports import OutboxItem
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
@@ -153,7 +154,7 @@ def _detail_json(detail: dict[str, Any]) -> str:
 
 def _state_json(state: SagaState, version: int) -> str:
     if state.version != version:
-        state = state.model_copy(update={"version": version})
+        state = replace(state, version=version)
     return state.model_dump_json()
 
 
