@@ -1,13 +1,18 @@
 """The coordinator: consumes replies, runs the engine, commits, publishes.
 
-Per batch of replies it does exactly: decode; lock the sagas concerned (one
-query); ``decide`` each event; write states, log and outbox rows in the same
-transaction; commit; then publish the new commands and delete their outbox
-rows. The outbox relay publishes whatever a crash left behind (rows become
-due ``outbox_grace`` seconds after commit), and the timer loop fires due step
+Per batch of replies it does: decode; decide each event on the state of the
+saga it remembers from its last commit; write states, log and outbox rows in
+one statement committed on its own, whose version check fails it whole if
+another writer moved a saga; then publish the new commands (their outbox rows
+are deleted with the next commit). A saga it does not remember, a conflict,
+or a reply that looks stale to the remembered state sends the batch through
+the locking path: read the sagas with ``SELECT ... FOR UPDATE``, decide,
+write, commit. Starts submitted together share one statement. The outbox
+relay publishes whatever a crash left behind (rows become due
+``outbox_grace`` seconds after commit), and the timer loop fires due step
 timeouts and retry back-offs. Several coordinators may run against one
-database: row locks serialize each saga, ``SKIP LOCKED`` shares timers and
-outbox rows.
+database: versions (and, on the locking path, row locks) serialize each
+saga, ``SKIP LOCKED`` shares timers and outbox rows.
 """
 
 from __future__ import annotations
