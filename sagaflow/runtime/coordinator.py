@@ -197,6 +197,8 @@ class SagaClient:
         self.ids: IdFactory = ids or UUIDFactory()
         self.hooks = hooks or Hooks()
         self._starts = GroupCommit(self._commit_starts)
+        self._cache = _StateCache(0)  # a client remembers nothing
+        self._published: list[int] = []  # outbox rows published, to delete with the next commit
 
     async def start_saga(
         self,
@@ -269,14 +271,28 @@ class SagaClient:
         envelopes: Sequence[Envelope] = (),
         publish_after: float,
     ) -> list[int]:
-        """One unit of work in a transaction of its own (``SagaStore.commit``)."""
-        return await self.store.commit(
-            inserts=inserts,
-            states=states,
-            log=log,
-            envelopes=envelopes,
-            publish_after=publish_after,
-        )
+        """One unit of work in a transaction of its own (``SagaStore.commit``),
+        taking along the outbox rows published since the last commit (a
+        coordinator's; a client publishes nothing), and remembering what it
+        wrote (a coordinator's memory; a client's holds nothing)."""
+        published, self._published = self._published, []
+        try:
+            ids = await self.store.commit(
+                inserts=inserts,
+                states=states,
+                log=log,
+                envelopes=envelopes,
+                publish_after=publish_after,
+                delete_outbox=published,
+            )
+        except BaseException:
+            self._published.extend(published)
+            self._cache.drop(s.saga_id for s in states)
+            raise
+        for state in inserts:
+            self._cache.put(state)
+        self._cache.saved(states)
+        return ids
 
     async def _event(self, saga_id: str, event: engine.Event) -> SagaState:
         now = self.clock.now()
@@ -364,7 +380,6 @@ class Coordinator(SagaClient):
         self._settling: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._cache = _StateCache(cache_size)
-        self._published: list[int] = []  # outbox rows published, to delete with the next commit
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -423,36 +438,6 @@ class Coordinator(SagaClient):
     def _committed(self, messages: Sequence[Envelope], outbox_ids: Sequence[int]) -> None:
         if messages:
             self._settle([], [], messages, outbox_ids)
-
-    async def _commit(
-        self,
-        *,
-        inserts: Sequence[SagaState] = (),
-        states: Sequence[SagaState] = (),
-        log: Sequence[LogEntry] = (),
-        envelopes: Sequence[Envelope] = (),
-        publish_after: float,
-    ) -> list[int]:
-        """Also deletes the outbox rows published since the last commit, and
-        remembers what it wrote."""
-        published, self._published = self._published, []
-        try:
-            ids = await self.store.commit(
-                inserts=inserts,
-                states=states,
-                log=log,
-                envelopes=envelopes,
-                publish_after=publish_after,
-                delete_outbox=published,
-            )
-        except BaseException:
-            self._published.extend(published)
-            self._cache.drop(s.saga_id for s in states)
-            raise
-        for state in inserts:
-            self._cache.put(state)
-        self._cache.saved(states)
-        return ids
 
     async def _delete_published(self) -> None:
         """Delete the published outbox rows no commit has taken along yet."""
