@@ -99,7 +99,14 @@ class DeadLetter:
     headers: Mapping[str, str]
 
 
-DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+DeliveryCallback = Callable[[Delivery], Awaitable[None] | None]
+"""Called once per delivery; it must settle the delivery, now or later.
+
+A callback that returns ``None`` took the delivery synchronously (the
+coordinator and the worker put it on their batch queue): transports call it
+inline, with no task per message. One that returns an awaitable runs in a task
+of its own. If it raises, the delivery is nacked (requeued).
+"""
 
 
 class Transport(Protocol):

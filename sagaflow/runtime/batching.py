@@ -41,7 +41,8 @@ class Batcher:
         self._inflight: set[asyncio.Future[None]] = set()
         self._name = name
 
-    async def put(self, delivery: Delivery) -> None:
+    def put(self, delivery: Delivery) -> None:
+        """Take a delivery (a synchronous ``DeliveryCallback``: no task per message)."""
         self._queue.put_nowait(delivery)
 
     def start(self) -> None:

@@ -24,8 +24,9 @@ import asyncio
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sagaflow.core.errors import TransportError
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, encode
@@ -36,6 +37,7 @@ __all__ = [
     "MemoryDelivery",
     "as_dead_letter",
     "dead_letter_id",
+    "deliver",
     "is_death_header",
     "message_headers",
     "replay_route",
@@ -376,8 +378,9 @@ class InMemoryTransport:
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> None:
         """Deliver messages of ``queue`` to ``callback``, at most ``prefetch`` unacked.
 
-        Each delivery runs in its own task, as with the RabbitMQ adapter. A
-        callback that raises has its delivery nacked (requeued), so it counts
+        A callback returning an awaitable runs in its own task, one returning
+        ``None`` inline, as with the RabbitMQ adapter (see ``DeliveryCallback``).
+        A callback that raises has its delivery nacked (requeued), so it counts
         toward the delivery limit instead of holding a prefetch slot forever.
         """
         self._check_open()
@@ -574,24 +577,46 @@ class InMemoryTransport:
                     queue.unacked += 1
                     delivery = MemoryDelivery(self, consumer, message)
                     consumer.outstanding.add(delivery)
-                    task = asyncio.create_task(self._invoke(consumer, delivery))
-                    self._running.add(task)
-                    task.add_done_callback(self._task_done)
+                    deliver(consumer.callback, delivery, self._spawn)
                 consumer.wakeup.clear()
                 await consumer.wakeup.wait()
         finally:
             queue.consumers.remove(consumer)
 
-    async def _invoke(self, consumer: _Consumer, delivery: MemoryDelivery) -> None:
-        try:
-            await consumer.callback(delivery)
-        except Exception:
-            log.exception("delivery callback for %s failed; returning the message", delivery.queue)
-            await delivery.nack(requeue=True)
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._running.add(task)
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._changed()
+
+
+def deliver(
+    callback: DeliveryCallback,
+    delivery: Delivery,
+    spawn: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    """Hand ``delivery`` to ``callback`` as ``DeliveryCallback`` says: inline when
+    it returns ``None``, in a task made by ``spawn`` when it returns an awaitable.
+    A callback that raises has its delivery nacked (requeued)."""
+    try:
+        pending = callback(delivery)
+    except Exception:
+        log.exception("delivery callback for %s failed; returning the message", delivery.queue)
+        spawn(delivery.nack(requeue=True))
+        return
+    if pending is not None:
+        spawn(_settle_failed(pending, delivery))
+
+
+async def _settle_failed(pending: Awaitable[None], delivery: Delivery) -> None:
+    try:
+        await pending
+    except Exception:
+        log.exception("delivery callback for %s failed; returning the message", delivery.queue)
+        await delivery.nack(requeue=True)
 
 
 def _as_dead_letter(message: _Message) -> DeadLetter:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -50,6 +50,7 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
     PublishError,
 )
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from yarl import URL
 
@@ -64,6 +65,7 @@ from sagaflow.transport.memory import (
     REPLY_ROUTING_KEY,
     as_dead_letter,
     dead_letter_id,
+    deliver,
     is_death_header,
     message_headers,
     replay_route,
@@ -127,11 +129,11 @@ class _Acks:
 
     def __init__(self, track: Callable[[asyncio.Task[None]], None]) -> None:
         self.unsettled: set[int] = set()
-        self._pending: dict[int, AbstractIncomingMessage] = {}
+        self._pending: dict[int, DeliveredMessage] = {}
         self._flushing = False
         self._track = track
 
-    def ack(self, tag: int, message: AbstractIncomingMessage) -> None:
+    def ack(self, tag: int, message: DeliveredMessage) -> None:
         self._pending[tag] = message
         if not self._flushing:
             self._flushing = True
@@ -144,11 +146,12 @@ class _Acks:
         floor = min(self.unsettled, default=None)
         tags = sorted(pending)
         below = [tag for tag in tags if floor is None or tag < floor]
+        channel = pending[tags[0]].channel  # one channel per _Acks
         try:
             if below:
-                await pending[below[-1]].ack(multiple=True)
+                await channel.basic_ack(below[-1], multiple=True)
             for tag in tags[len(below) :]:
-                await pending[tag].ack()
+                await channel.basic_ack(tag)
         except Exception as exc:  # the channel is gone: the broker redelivers them
             log.debug("acks of %d deliveries dropped (channel gone): %r", len(tags), exc)
 
@@ -158,40 +161,46 @@ class RabbitMQDelivery:
 
     Settling after the channel died is not an error: the broker has already
     put the message back and will deliver it again.
+
+    It wraps aiormq's frame-level message: aio-pika's ``IncomingMessage`` (which
+    decodes every property) is built only when ``message`` is asked for.
     """
 
-    __slots__ = ("_acks", "_headers", "_settled", "message", "queue")
+    __slots__ = ("_acks", "_headers", "_message", "_settled", "_tag", "queue", "raw")
 
-    def __init__(
-        self, message: AbstractIncomingMessage, queue: str, acks: _Acks | None = None
-    ) -> None:
-        self.message = message
+    def __init__(self, raw: DeliveredMessage, queue: str, acks: _Acks | None = None) -> None:
+        self.raw = raw
         self.queue = queue
         self._acks = acks
         self._headers: dict[str, str] | None = None
+        self._message: AbstractIncomingMessage | None = None
         self._settled = False
+        tag = raw.delivery_tag
+        assert tag is not None  # a consumed message always has one
+        self._tag = tag
         if acks is not None:
-            acks.unsettled.add(self._tag)
+            acks.unsettled.add(tag)
 
     @property
-    def _tag(self) -> int:
-        tag = self.message.delivery_tag
-        assert tag is not None  # a consumed message always has one
-        return tag
+    def message(self) -> AbstractIncomingMessage:
+        """The delivery as aio-pika's message (for its properties)."""
+        if self._message is None:
+            self._message = aio_pika.IncomingMessage(self.raw, no_ack=False)
+        return self._message
 
     @property
     def body(self) -> bytes:
-        return self.message.body
+        return self.raw.body
 
     @property
     def headers(self) -> Mapping[str, str]:
         if self._headers is None:
-            self._headers = text_headers(self.message.headers)
+            self._headers = text_headers(self.raw.header.properties.headers or {})
         return self._headers
 
     @property
     def redelivered(self) -> bool:
-        return bool(self.message.redelivered)
+        return bool(self.raw.redelivered)
 
     async def ack(self) -> None:
         """Remove the message from its queue.
@@ -203,10 +212,10 @@ class RabbitMQDelivery:
             return
         self._settled = True
         if self._acks is not None:
-            self._acks.ack(self._tag, self.message)
+            self._acks.ack(self._tag, self.raw)
             return
         try:
-            await self.message.ack()
+            await self.raw.channel.basic_ack(self._tag)
         except Exception as exc:
             log.debug("ack of a delivery from %s dropped (channel gone): %r", self.queue, exc)
 
@@ -218,7 +227,7 @@ class RabbitMQDelivery:
         if self._acks is not None:
             self._acks.unsettled.discard(self._tag)
         try:
-            await self.message.nack(requeue=requeue)
+            await self.raw.channel.basic_nack(self._tag, requeue=requeue)
         except Exception as exc:
             log.debug("nack of a delivery from %s dropped (channel gone): %r", self.queue, exc)
 
@@ -495,9 +504,11 @@ class RabbitMQTransport:
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> None:
         """Start a consumer that survives reconnects and consumer cancellation.
 
-        Each delivery runs in its own task, at most ``prefetch`` at a time. A
-        callback that raises has its delivery nacked (requeued, counting toward
-        the delivery limit). Framework queues are declared (and bound) first.
+        At most ``prefetch`` deliveries are unsettled at a time. A callback
+        returning an awaitable runs in its own task, one returning ``None``
+        inline (see ``DeliveryCallback``). A callback that raises has its
+        delivery nacked (requeued, counting toward the delivery limit).
+        Framework queues are declared (and bound) first.
 
         Raises:
             TransportError: the broker refused the queue, or no subscription
@@ -578,33 +589,30 @@ class RabbitMQTransport:
             queue = await self._declare_for_consume(channel, consumer.queue)
             consumer.channel = channel
             consumer.acks = _Acks(self._track)
-            consumer.tag = await queue.consume(partial(self._on_message, consumer))
+            ok = await underlay.basic_consume(queue.name, partial(self._on_message, consumer))
+            consumer.tag = ok.consumer_tag
         except BaseException:
             consumer.channel = None
             await _close_quietly(channel)
             raise
         return stopped
 
-    async def _on_message(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
-        # Run the callback in a task of our own: aio-pika's delivery task is
-        # cancelled when its channel closes, and a handler halfway through a
-        # database transaction should finish, not be interrupted (its ack will
-        # simply not arrive and the message is redelivered).
+    async def _on_message(self, consumer: _Consumer, message: DeliveredMessage) -> None:
+        # aiormq runs this in a task per message. An asynchronous callback gets a
+        # task of our own: aiormq's is cancelled when its channel closes, and a
+        # handler halfway through a database transaction should finish, not be
+        # interrupted (its ack will simply not arrive and the message is
+        # redelivered). A synchronous one (the batch queues) runs right here.
         delivery = RabbitMQDelivery(message, consumer.queue, consumer.acks)
-        self._track(asyncio.create_task(self._handle(consumer, delivery)))
+        deliver(consumer.callback, delivery, self._spawn)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        self._track(asyncio.create_task(work))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         """Keep a task until it is done; ``close`` waits for the ones still running."""
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
-
-    @staticmethod
-    async def _handle(consumer: _Consumer, delivery: RabbitMQDelivery) -> None:
-        try:
-            await consumer.callback(delivery)
-        except Exception:
-            log.exception("delivery callback for %s failed; returning the message", delivery.queue)
-            await delivery.nack(requeue=True)
 
     async def _cancel_subscription(self, consumer: _Consumer) -> None:
         channel, tag = consumer.channel, consumer.tag

@@ -206,6 +206,54 @@ async def test_a_failing_callback_returns_its_message(make_transport: MakeTransp
     assert await asyncio.wait_for(seen.get(), WAIT) is True
 
 
+async def test_a_synchronous_callback_takes_deliveries_to_settle_later(
+    make_transport: MakeTransport,
+) -> None:
+    # What the coordinator and the worker do: a plain function puts each
+    # delivery on a queue and a batch loop settles it afterwards.
+    transport = await make_transport()
+    taken: asyncio.Queue[Delivery] = asyncio.Queue()
+    await transport.consume(
+        transport.topology.service_queue("inventory"), taken.put_nowait, prefetch=2
+    )
+    await transport.publish([command(saga=f"saga-{i}") for i in range(3)])
+
+    held = [await asyncio.wait_for(taken.get(), WAIT) for _ in range(2)]
+    await asyncio.sleep(0.3)
+    assert taken.empty(), "prefetch 2 must hold the third back until one is settled"
+    await held[0].ack()
+    await held[1].nack(requeue=True)
+
+    rest = [await asyncio.wait_for(taken.get(), WAIT) for _ in range(2)]
+    for delivery in rest:
+        await delivery.ack()
+    assert sorted(decode(d.body).saga_id for d in rest) == ["saga-1", "saga-2"]
+    assert [d.redelivered for d in rest if decode(d.body).saga_id == "saga-1"] == [True]
+
+
+async def test_a_synchronous_callback_that_raises_returns_its_message(
+    make_transport: MakeTransport,
+) -> None:
+    transport = await make_transport(delivery_limit=5)
+    seen: list[bool] = []
+    acked = asyncio.Event()
+
+    def flaky(delivery: Delivery) -> None:
+        seen.append(delivery.redelivered)
+        if not delivery.redelivered:
+            raise RuntimeError("transient")
+        asyncio.get_running_loop().create_task(delivery.ack()).add_done_callback(
+            lambda _: acked.set()
+        )
+
+    await transport.consume(transport.topology.service_queue("inventory"), flaky, prefetch=1)
+    await transport.publish([command()])
+
+    await asyncio.wait_for(acked.wait(), WAIT)
+    assert seen == [False, True]
+    assert await transport.dead_letters() == []
+
+
 async def test_delivery_limit_dead_letters_the_message(make_transport: MakeTransport) -> None:
     transport = await make_transport(delivery_limit=2)
     inbox = Inbox(ack=False)
