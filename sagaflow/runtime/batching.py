@@ -37,8 +37,8 @@ class Batcher:
         self._concurrency = concurrency
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._busy = 0
-        self._inflight: set[asyncio.Future[None]] = set()
+        self._busy: set[asyncio.Task[None]] = set()  # loops handling a batch
+        self._stopping = False
         self._name = name
 
     def put(self, delivery: Delivery) -> None:
@@ -46,6 +46,7 @@ class Batcher:
         self._queue.put_nowait(delivery)
 
     def start(self) -> None:
+        self._stopping = False
         self._tasks = [
             asyncio.create_task(self._loop(), name=f"{self._name}-{i}")
             for i in range(self._concurrency)
@@ -53,30 +54,34 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        return self._queue.empty() and self._busy == 0
+        return self._queue.empty() and not self._busy
 
     async def stop(self) -> None:
-        """Stop taking new batches; wait for the ones being handled to finish."""
+        """Stop taking new batches; wait for the ones being handled to finish.
+
+        Only loops waiting for a delivery are cancelled: a loop in the middle of a
+        batch finishes it (commit, publish, settle) and then sees ``_stopping``.
+        The batch runs in the loop's own task, with no extra task or shield each.
+        """
+        self._stopping = True
         for task in self._tasks:
-            task.cancel()
+            if task not in self._busy:
+                task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*self._inflight, return_exceptions=True)
         self._tasks = []
 
     async def _loop(self) -> None:
-        while True:
+        task = asyncio.current_task()
+        assert task is not None
+        while not self._stopping:
             first = await self._queue.get()
-            self._busy += 1
+            self._busy.add(task)
             try:
                 batch = [first]
                 while len(batch) < self._max_batch and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                # shield: a stop request lets the batch in hand finish (commit, settle)
-                inner = asyncio.ensure_future(self._handle(batch))
-                self._inflight.add(inner)
-                inner.add_done_callback(self._inflight.discard)
                 try:
-                    await asyncio.shield(inner)
+                    await self._handle(batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -86,7 +91,7 @@ class Batcher:
                     for delivery in batch:
                         await delivery.nack(requeue=True)
             finally:
-                self._busy -= 1
+                self._busy.discard(task)
 
 
 class GroupCommit(Generic[Item]):
