@@ -448,17 +448,17 @@ def _dispatch(
 ) -> Decision:
     """Send attempt ``attempt`` of step ``index``'s command or compensation."""
     step = saga.steps[index]
-    moved = _with(
-        state,
-        step_index=index,
-        kind=kind,
-        attempt=attempt,
-        round_start=attempt if new_round else state.round_start,
-        uncertain=False if new_round else state.uncertain,
-    )
+    position = {
+        "step_index": index,
+        "kind": kind,
+        "attempt": attempt,
+        "round_start": attempt if new_round else state.round_start,
+        "uncertain": False if new_round else state.uncertain,
+    }
     try:
         action, payload = _build(saga, step, kind, state.data)
     except Exception as exc:  # user code building a command: fail the step, never crash
+        moved = _with(state, **position)
         reason = f"building the {kind.value} raised {exc!r}"
         if kind is MessageKind.COMPENSATION:
             failed = Failure(
@@ -495,7 +495,7 @@ def _dispatch(
         attempt=attempt,
         due_at=now + step.timeout,
     )
-    sent = _with(moved, awaiting=True, timer=timer, updated_at=now)
+    sent = _with(state, **position, awaiting=True, timer=timer, updated_at=now)
     event = LogEvent.COMMAND_SENT if kind is MessageKind.COMMAND else LogEvent.COMPENSATION_SENT
     log.append(
         _entry(saga, sent, now, event, detail={"type": action, "message_id": envelope.message_id})

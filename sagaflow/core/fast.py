@@ -15,6 +15,13 @@ from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
 
+# BaseModel's slots, set through their descriptors: ``object.__setattr__`` by
+# name costs a lookup each, on the hottest path of a transition.
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+
 _DEFAULTS: dict[type[BaseModel], list[tuple[str, bool, Any]]] = {}
 
 
@@ -35,16 +42,20 @@ def construct(cls: type[M], /, **values: Any) -> M:
     for name, factory, default in _defaults(cls):
         if name not in values:
             values[name] = default() if factory else default
-    instance = cls.__new__(cls)
-    object.__setattr__(instance, "__dict__", values)
-    object.__setattr__(instance, "__pydantic_fields_set__", set(values))
-    object.__setattr__(instance, "__pydantic_extra__", None)
-    object.__setattr__(instance, "__pydantic_private__", None)
-    return instance
+    return _instance(cls, values)
 
 
 def replace(model: M, **changes: Any) -> M:
     """A copy of ``model`` with ``changes``, not validated."""
     values = model.__dict__.copy()
     values.update(changes)
-    return construct(type(model), **values)
+    return _instance(type(model), values)  # every field is there: no defaults to add
+
+
+def _instance(cls: type[M], values: dict[str, Any]) -> M:
+    instance = cls.__new__(cls)
+    _set_dict(instance, values)
+    _set_fields_set(instance, set(values))
+    _set_extra(instance, None)
+    _set_private(instance, None)
+    return instance
