@@ -14,7 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sagaflow.core.errors import MessageRejected
-from sagaflow.core.fast import construct, replace
+from sagaflow.core.fast import construct
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -130,6 +130,10 @@ def decode(
     version = raw.get("schema", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise MessageRejected(f"unsupported_schema: {version!r}")
+    if trace:
+        kept = {k: v for k, v in trace.items() if k in TRACE_HEADERS}
+        if kept:
+            raw["trace"] = kept  # validated with the rest: no copy afterwards
     try:
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
@@ -138,10 +142,6 @@ def decode(
         raise MessageRejected("invalid: a reply needs 'outcome' and 'for_kind'")
     if not envelope.is_reply and envelope.outcome is not None:
         raise MessageRejected("invalid: only replies carry an 'outcome'")
-    if trace:
-        kept = {k: v for k, v in trace.items() if k in TRACE_HEADERS}
-        if kept:
-            envelope = replace(envelope, trace=kept)
     return envelope
 
 

@@ -147,6 +147,12 @@ _Replies = list[tuple[Delivery, Envelope | None]]
 _Outcomes = list[tuple[Envelope, Envelope | None, float]]
 
 
+def _carrying(envelope: Envelope, trace: dict[str, str]) -> Envelope:
+    """``envelope`` with the trace context its reply should carry (no copy when
+    the hooks left it as it came, as with tracing off)."""
+    return envelope if trace is envelope.trace else replace(envelope, trace=trace)
+
+
 class _Redo(Exception):
     """A handler raised in a batch run without savepoints: run it again with them."""
 
@@ -352,7 +358,7 @@ class Worker:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
             # replies carry the context of this handling (its CONSUMER span)
-            traced = replace(envelope, trace=trace)
+            traced = _carrying(envelope, trace)
             reply = await self._handle_one(tx, traced, registration, command)
         outcomes.append((envelope, reply, time.perf_counter() - started))
         return reply
@@ -398,7 +404,7 @@ class Worker:
     ) -> Envelope:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
-            traced = replace(envelope, trace=trace)
+            traced = _carrying(envelope, trace)
             # An action that has refused before runs in a savepoint of its own, so
             # that a refusal undoes only itself and not the whole batch: a 10%
             # refusal rate would otherwise send almost every batch of that action
