@@ -23,6 +23,9 @@ _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 _DEFAULTS: dict[type[BaseModel], list[tuple[str, bool, Any]]] = {}
+# One "fields set" per class, shared by the instances built here: every field is
+# always given, and nothing adds to it (the models are frozen).
+_ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
 
 
 def _defaults(cls: type[BaseModel]) -> list[tuple[str, bool, Any]]:
@@ -53,9 +56,12 @@ def replace(model: M, **changes: Any) -> M:
 
 
 def _instance(cls: type[M], values: dict[str, Any]) -> M:
+    fields = _ALL_FIELDS.get(cls)
+    if fields is None:
+        fields = _ALL_FIELDS[cls] = set(cls.model_fields)
     instance = cls.__new__(cls)
     _set_dict(instance, values)
-    _set_fields_set(instance, set(values))
+    _set_fields_set(instance, fields)
     _set_extra(instance, None)
     _set_private(instance, None)
     return instance
