@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
@@ -436,25 +437,11 @@ class RabbitMQTransport:
                 continue
             try:
                 async with asyncio.timeout_at(deadline):
-                    results = await asyncio.gather(
-                        *(
-                            underlay.basic_publish(
-                                item.body,
-                                exchange=item.exchange,
-                                routing_key=item.routing_key,
-                                properties=item.properties,
-                                mandatory=True,
-                            )
-                            for item in wave
-                        ),
-                        return_exceptions=True,
-                    )
+                    results = await _confirmed(underlay, wave)
             except TimeoutError as exc:
                 raise TransportError(
                     f"message {wave[0].message_id} not confirmed within {self.publish_timeout}s"
                 ) from exc
-            # A CancelledError *result* is a confirm the closing channel cancelled;
-            # our own cancellation would have been raised by gather instead.
             failed.extend(
                 (item, result)
                 for item, result in zip(wave, results, strict=True)
@@ -883,6 +870,41 @@ def _waves(items: list[_Outgoing]) -> list[list[_Outgoing]]:
             waves.append([item])
             seen.append({item.message_id})
     return waves
+
+
+async def _confirmed(underlay: aiormq.abc.AbstractChannel, wave: list[_Outgoing]) -> list[object]:
+    """Publish a wave and wait for its confirms: a result per message, the
+    exception for one that failed (a CancelledError *result* is a confirm the
+    closing channel cancelled; our own cancellation is raised).
+
+    ``wait=False``: a publish does not wait for its frames to be written before
+    waiting for its confirm (which cannot come sooner anyway), so the channel's
+    lock is not held across a trip through the writer and a wave goes out
+    together. A lone message (one saga at a time) is awaited without a task.
+    """
+    channel = cast(aiormq.Channel, underlay)  # ``wait`` is not on the abstract class
+    publishes = [
+        channel.basic_publish(
+            item.body,
+            exchange=item.exchange,
+            routing_key=item.routing_key,
+            properties=item.properties,
+            mandatory=True,
+            wait=False,
+        )
+        for item in wave
+    ]
+    if len(publishes) > 1:
+        return await asyncio.gather(*publishes, return_exceptions=True)
+    try:
+        return [await publishes[0]]
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return [exc]
+    except Exception as exc:
+        return [exc]
 
 
 def _copy(

@@ -80,13 +80,16 @@ class Collector:
 
 
 class Proxy:
-    """A TCP proxy in front of the broker whose links can be cut on demand."""
+    """A TCP proxy in front of the broker whose links can be cut on demand, and
+    whose traffic from the broker can be held back (``downstream`` cleared)."""
 
     def __init__(self, target_port: int = 5672) -> None:
         self.target_port = target_port
         self.links: set[asyncio.StreamWriter] = set()
         self.server: asyncio.Server | None = None
         self.accepting = True
+        self.downstream = asyncio.Event()
+        self.downstream.set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -102,11 +105,20 @@ class Proxy:
             writer.close()
             return
         self.links.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer, self.downstream)
+        )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flowing: asyncio.Event | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if flowing is not None:
+                    await flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -243,6 +255,55 @@ async def test_a_cut_link_is_restored_and_publish_waits_for_it(amqp_url: str) ->
         await delivery.ack()
         assert transport.connections >= 2
     finally:
+        await transport.close()
+        await proxy.close()
+
+
+async def test_a_publish_whose_confirm_was_lost_is_published_again(amqp_url: str) -> None:
+    # One message at a time is awaited without a task of its own: a confirm the
+    # closing channel cancels must count as "not confirmed", not as our cancellation.
+    proxy = Proxy()
+    port = await proxy.start()
+    url = amqp_url.replace(":5672/", f":{port}/")
+    transport = RabbitMQTransport(url, TOPOLOGY, publish_timeout=20, reconnect_delay=(0.1, 0.5))
+    try:
+        await transport.start(["inventory"])
+        collector = Collector()
+        await transport.consume(TOPOLOGY.service_queue("inventory"), collector, prefetch=5)
+
+        proxy.downstream.clear()  # the broker's confirm never reaches us
+        publishing = asyncio.create_task(transport.publish([command(saga="held")]))
+        await asyncio.sleep(0.5)
+        assert not publishing.done()
+        proxy.cut()
+        proxy.downstream.set()
+        await asyncio.wait_for(publishing, WAIT)  # confirmed on the next link
+
+        delivery = await collector.next()  # once or twice: at least once by design
+        assert decode(delivery.body).saga_id == "held"
+        await delivery.ack()
+    finally:
+        await transport.close()
+        await proxy.close()
+
+
+async def test_cancelling_a_publish_waiting_for_its_confirm_cancels_it(amqp_url: str) -> None:
+    proxy = Proxy()
+    port = await proxy.start()
+    url = amqp_url.replace(":5672/", f":{port}/")
+    transport = RabbitMQTransport(url, TOPOLOGY, publish_timeout=20, reconnect_delay=(0.1, 0.5))
+    try:
+        await transport.start(["inventory"])
+        proxy.downstream.clear()
+        for batch in ([command(saga="one")], [command(saga="a"), command(saga="b")]):
+            publishing = asyncio.create_task(transport.publish(batch))
+            await asyncio.sleep(0.3)
+            assert not publishing.done()
+            publishing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(publishing, WAIT)
+    finally:
+        proxy.downstream.set()
         await transport.close()
         await proxy.close()
 
