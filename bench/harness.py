@@ -190,7 +190,15 @@ class Proc:
 async def _start_all(procs: list[Proc]) -> None:
     for proc in procs:
         await proc.start()
-    await asyncio.gather(*(proc.event("ready", 60) for proc in procs))
+    waits = [asyncio.ensure_future(proc.event("ready", 60)) for proc in procs]
+    try:
+        await asyncio.gather(*waits)
+    finally:
+        # one process failed to start: stop reading the others' output here, or
+        # stopping them (which reads it too) fails with "already waiting"
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def _stop_all(procs: list[Proc]) -> list[dict[str, Any] | None]:

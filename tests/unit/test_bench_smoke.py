@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from bench.cli import main, parser, plan
-from bench.harness import BenchFailure, Params, _tracing_outcome, verify
+from bench.harness import (
+    BenchFailure,
+    Params,
+    Proc,
+    _start_all,
+    _stop_all,
+    _tracing_outcome,
+    verify,
+)
 from bench.report import tracing_compare
 from bench.workload import expected, fail_step, failing_count, fails, percentiles
 
@@ -183,3 +192,20 @@ def test_a_tracing_on_run_that_exported_no_span_fails() -> None:
         _tracing_outcome(params, {"paths": {"/v1/metrics": {"requests": 1, "bytes": 10}}})
     received = {"paths": {"/v1/traces": {"requests": 1, "bytes": 10}}}
     assert _tracing_outcome(params, received)["otlp_received"]["/v1/traces"]["bytes"] == 10
+
+
+async def test_a_process_dying_at_start_fails_the_run_and_the_rest_stop_cleanly(
+    tmp_path: Path,
+) -> None:
+    # The others' "ready" readers are cancelled: stopping them reads their output
+    # again, which failed with "readuntil() called while another coroutine is
+    # already waiting" and hid the real error.
+    procs = [
+        Proc(name, "participants", ["tests.unit.fake_bench_process", mode], tmp_path)
+        for name, mode in (("slow", "ready"), ("broken", "die"), ("fine", "ready"))
+    ]
+    with pytest.raises(BenchFailure, match=r"broken exited \(code 3\) before 'ready'"):
+        await _start_all(procs)
+    stopped = await _stop_all(procs)
+    assert stopped[0] == {"event": "stopped"}
+    assert stopped[2] == {"event": "stopped"}
