@@ -206,7 +206,7 @@ async def keep_session(connection: asyncpg.Connection) -> None:
 
 
 class _SagaSql:
-    """The statements, rendered once for a schema."""
+    """The statements, rendered once for a schema (a unit of work's once per shape)."""
 
     def __init__(self, schema: str) -> None:
         s = quote_schema(schema)
@@ -226,52 +226,8 @@ class _SagaSql:
             f"SELECT state::text FROM {s}.sagas WHERE wake_at <= to_timestamp($1::float8)"
             " ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
         )
-        # A batch of decisions in one round trip: states, log and outbox rows.
-        # Data-modifying CTEs all run; the result lists the saved saga ids ('s'),
-        # the outbox ids ('o') and a NOTIFY marker ('n', when $17 says due now).
-        ctes = (
-            f"saved AS (UPDATE {s}.sagas AS t SET status = u.status,"
-            " state = u.state::jsonb, wake_at = to_timestamp(u.wake_at), version = u.version + 1,"
-            " updated_at = to_timestamp(u.updated_at)"
-            " FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::int8[],"
-            " $6::float8[]) AS u(saga_id, status, state, wake_at, version, updated_at)"
-            " WHERE t.saga_id = u.saga_id AND t.version = u.version RETURNING t.saga_id),"
-            f" logged AS (INSERT INTO {s}.saga_log (saga_id, at, event, step, step_index, kind,"
-            " attempt, detail) SELECT u.saga_id, to_timestamp(u.at), u.event, u.step,"
-            " u.step_index, u.kind, u.attempt, u.detail::jsonb"
-            " FROM unnest($7::text[], $8::float8[], $9::text[], $10::text[], $11::int4[],"
-            " $12::text[], $13::int4[], $14::text[]) WITH ORDINALITY"
-            " AS u(saga_id, at, event, step, step_index, kind, attempt, detail, ord)"
-            " ORDER BY u.ord),"
-            f" queued AS (INSERT INTO {s}.outbox (saga_id, envelope, publish_after)"
-            " SELECT u.saga_id, u.envelope::jsonb, to_timestamp($16::float8)"
-            " FROM unnest($15::text[], $18::text[]) WITH ORDINALITY AS u(saga_id, envelope, ord)"
-            " ORDER BY u.ord RETURNING id)"
-        )
-        results = (
-            " SELECT 's' AS k, saga_id AS v, 0::int8 AS id FROM saved"
-            " UNION ALL SELECT 'o', NULL, id FROM queued"
-            " UNION ALL SELECT 'n', NULL, -1 FROM pg_notify($19::text, '') AS n WHERE $17::bool"
-        )
-        self.write = f"WITH {ctes}{results}"
-        # The same as a whole transaction of its own (no BEGIN/COMMIT round trips):
-        # new sagas inserted ($20-$28; an existing id fails the statement), published
-        # outbox rows deleted ($29), and a version conflict raised inside the statement
-        # (expect_saved, from migration 0002), so that nothing of it commits.
-        self.commit = (
-            f"WITH inserted AS (INSERT INTO {s}.sagas (saga_id, saga_name, saga_version, status,"
-            " state, wake_at, version, created_at, updated_at)"
-            " SELECT u.saga_id, u.saga_name, u.saga_version, u.status, u.state::jsonb,"
-            " to_timestamp(u.wake_at), u.version, to_timestamp(u.created_at),"
-            " to_timestamp(u.updated_at)"
-            " FROM unnest($20::text[], $21::text[], $22::int4[], $23::text[], $24::text[],"
-            " $25::float8[], $26::int8[], $27::float8[], $28::float8[])"
-            " AS u(saga_id, saga_name, saga_version, status, state, wake_at, version,"
-            " created_at, updated_at)),"
-            f" deleted AS (DELETE FROM {s}.outbox WHERE id = ANY($29::int8[])), {ctes}{results}"
-            f" UNION ALL SELECT 'c', NULL, {s}.expect_saved((SELECT count(*) FROM saved),"
-            " cardinality($1::text[]))"
-        )
+        self.schema = s
+        self._units: dict[tuple[bool, ...], str] = {}
         self.claim_outbox = (
             f"SELECT id, envelope::text FROM {s}.outbox"
             " WHERE publish_after <= to_timestamp($1::float8)"
@@ -290,6 +246,142 @@ class _SagaSql:
             f"SELECT count(*), extract(epoch FROM min(publish_after))::float8 FROM {s}.outbox"
             " WHERE publish_after <= to_timestamp($1::float8)"
         )
+
+
+    def unit(
+        self,
+        *,
+        inserts: Sequence[SagaState] = (),
+        states: Sequence[SagaState] = (),
+        log: Sequence[LogEntry] = (),
+        envelopes: Sequence[Envelope] = (),
+        publish_after: float = 0.0,
+        delete_outbox: Sequence[int] = (),
+        notify: bool = False,
+        guarded: bool = False,
+    ) -> tuple[str, list[Any]]:
+        """One statement writing a unit of work, and its arguments ("" if empty).
+
+        Data-modifying CTEs all run whether the result reads them or not. Rows
+        come back as (kind, saga id, outbox id): ``o`` an outbox id (in order),
+        ``s`` a saved saga (unguarded only). ``guarded`` makes a version
+        conflict fail the statement inside it (``expect_saved``), for the
+        one-statement commit. Only the parts the unit has are in the statement:
+        unnest over empty arrays still costs PostgreSQL about a third of a
+        reply's commit. The text depends only on the shape, so each shape is
+        rendered (and prepared by asyncpg) once.
+        """
+        shape = (
+            bool(inserts),
+            bool(delete_outbox),
+            bool(states),
+            bool(log),
+            bool(envelopes),
+            notify,
+            guarded,
+        )
+        args: list[Any] = []
+        if inserts:
+            args += _inserted_args(inserts)
+        if delete_outbox:
+            args.append(list(delete_outbox))
+        if states:
+            args += _saved_args(states)
+        if log:
+            args += _log_args(log)
+        if envelopes:
+            args += [[e.saga_id for e in envelopes], [envelope_to_json(e) for e in envelopes]]
+            args.append(publish_after)
+        if notify:
+            args.append(self.channel)
+        sql = self._units.get(shape)
+        if sql is None:
+            sql = self._units[shape] = self._render(*shape)
+        return sql, args
+
+    def _render(
+        self,
+        inserts: bool,
+        deletes: bool,
+        states: bool,
+        log: bool,
+        envelopes: bool,
+        notify: bool,
+        guarded: bool,
+    ) -> str:
+        s = self.schema
+        count = 0
+
+        def p(n: int) -> list[str]:
+            nonlocal count
+            count += n
+            return [f"${i}" for i in range(count - n + 1, count + 1)]
+
+        ctes: list[str] = []
+        results: list[str] = []
+        if inserts:
+            a = p(9)
+            ctes.append(
+                f"inserted AS (INSERT INTO {s}.sagas (saga_id, saga_name, saga_version, status,"
+                " state, wake_at, version, created_at, updated_at)"
+                " SELECT u.saga_id, u.saga_name, u.saga_version, u.status, u.state::jsonb,"
+                " to_timestamp(u.wake_at), u.version, to_timestamp(u.created_at),"
+                " to_timestamp(u.updated_at)"
+                f" FROM unnest({a[0]}::text[], {a[1]}::text[], {a[2]}::int4[], {a[3]}::text[],"
+                f" {a[4]}::text[], {a[5]}::float8[], {a[6]}::int8[], {a[7]}::float8[],"
+                f" {a[8]}::float8[]) AS u(saga_id, saga_name, saga_version, status, state,"
+                " wake_at, version, created_at, updated_at))"
+            )
+        if deletes:
+            (ids,) = p(1)
+            ctes.append(f"deleted AS (DELETE FROM {s}.outbox WHERE id = ANY({ids}::int8[]))")
+        if states:
+            a = p(6)
+            ctes.append(
+                f"saved AS (UPDATE {s}.sagas AS t SET status = u.status,"
+                " state = u.state::jsonb, wake_at = to_timestamp(u.wake_at),"
+                " version = u.version + 1, updated_at = to_timestamp(u.updated_at)"
+                f" FROM unnest({a[0]}::text[], {a[1]}::text[], {a[2]}::text[],"
+                f" {a[3]}::float8[], {a[4]}::int8[], {a[5]}::float8[])"
+                " AS u(saga_id, status, state, wake_at, version, updated_at)"
+                " WHERE t.saga_id = u.saga_id AND t.version = u.version RETURNING t.saga_id)"
+            )
+            if guarded:
+                results.append(
+                    f"SELECT 'c', NULL, {s}.expect_saved((SELECT count(*) FROM saved),"
+                    f" cardinality({a[0]}::text[]))"
+                )
+            else:
+                results.append("SELECT 's', saga_id, 0::int8 FROM saved")
+        if log:
+            a = p(8)
+            ctes.append(
+                f"logged AS (INSERT INTO {s}.saga_log (saga_id, at, event, step, step_index,"
+                " kind, attempt, detail) SELECT u.saga_id, to_timestamp(u.at), u.event, u.step,"
+                " u.step_index, u.kind, u.attempt, u.detail::jsonb"
+                f" FROM unnest({a[0]}::text[], {a[1]}::float8[], {a[2]}::text[],"
+                f" {a[3]}::text[], {a[4]}::int4[], {a[5]}::text[], {a[6]}::int4[],"
+                f" {a[7]}::text[]) WITH ORDINALITY"
+                " AS u(saga_id, at, event, step, step_index, kind, attempt, detail, ord)"
+                " ORDER BY u.ord)"
+            )
+        if envelopes:
+            a = p(3)
+            ctes.append(
+                f"queued AS (INSERT INTO {s}.outbox (saga_id, envelope, publish_after)"
+                f" SELECT u.saga_id, u.envelope::jsonb, to_timestamp({a[2]}::float8)"
+                f" FROM unnest({a[0]}::text[], {a[1]}::text[]) WITH ORDINALITY"
+                " AS u(saga_id, envelope, ord) ORDER BY u.ord RETURNING id)"
+            )
+            results.append("SELECT 'o', NULL, id FROM queued")
+        if notify:
+            (channel,) = p(1)
+            results.append(f"SELECT 'n', NULL, -1::int8 FROM pg_notify({channel}::text, '')")
+        if not ctes:
+            return ""
+        if not results:  # a unit with nothing to report still needs a SELECT
+            results.append("SELECT 'x', NULL, -1::int8 WHERE false")
+        return f"WITH {', '.join(ctes)} {' UNION ALL '.join(results)}"
 
 
 class PostgresSagaTransaction:
@@ -402,9 +494,13 @@ class PostgresSagaTransaction:
             ConcurrencyConflict: a saga is no longer at its version.
         """
         notify = bool(envelopes) and not self.notified and publish_after <= time.time()
-        args = _write_args(states, log, envelopes, publish_after, notify, self._sql.channel)
+        sql, args = self._sql.unit(
+            states=states, log=log, envelopes=envelopes, publish_after=publish_after, notify=notify
+        )
+        if not sql:
+            return []
         try:
-            rows = await self._conn.fetch(self._sql.write, *args)
+            rows = await self._conn.fetch(sql, *args)
         except DB_ERRORS as exc:
             raise store_error(exc, "write") from exc
         self.notified = self.notified or notify
@@ -417,15 +513,7 @@ class PostgresSagaTransaction:
         return _outbox_ids(rows)
 
 
-def _write_args(
-    states: Sequence[SagaState],
-    log: Sequence[LogEntry],
-    envelopes: Sequence[Envelope],
-    publish_after: float,
-    notify: bool,
-    channel: str,
-) -> list[Any]:
-    """The arguments $1-$19 of the write statement."""
+def _saved_args(states: Sequence[SagaState]) -> list[Any]:
     ids = [s.saga_id for s in states]
     if len(set(ids)) != len(ids):
         raise ValueError("write got the same saga twice")
@@ -436,6 +524,11 @@ def _write_args(
         [s.wake_at for s in states],
         [s.version for s in states],
         [s.updated_at for s in states],
+    ]
+
+
+def _log_args(log: Sequence[LogEntry]) -> list[Any]:
+    return [
         [e.saga_id for e in log],
         [e.at for e in log],
         [e.event.value for e in log],
@@ -444,16 +537,10 @@ def _write_args(
         [None if e.kind is None else e.kind.value for e in log],
         [e.attempt for e in log],
         [_detail_json(e.detail) for e in log],
-        [e.saga_id for e in envelopes],
-        publish_after,
-        notify,
-        [envelope_to_json(e) for e in envelopes],
-        channel,
     ]
 
 
-def _insert_args(states: Sequence[SagaState]) -> list[Any]:
-    """The arguments $20-$28 of the commit statement: new sagas."""
+def _inserted_args(states: Sequence[SagaState]) -> list[Any]:
     return [
         [s.saga_id for s in states],
         [s.saga_name for s in states],
@@ -712,13 +799,22 @@ class PostgresSagaStore:
                 ``UniqueViolationError``), or the database failed.
         """
         notify = bool(envelopes) and publish_after <= time.time()
-        args = _write_args(states, log, envelopes, publish_after, notify, self._sql.channel)
-        args += _insert_args(inserts)
-        args.append(list(delete_outbox))
+        sql, args = self._sql.unit(
+            inserts=inserts,
+            states=states,
+            log=log,
+            envelopes=envelopes,
+            publish_after=publish_after,
+            delete_outbox=delete_outbox,
+            notify=notify,
+            guarded=True,
+        )
+        if not sql:
+            return []
 
         async def run(conn: PoolConnectionProxy[Any]) -> list[asyncpg.Record]:
             try:
-                return await conn.fetch(self._sql.commit, *args)
+                return await conn.fetch(sql, *args)
             except asyncpg.UniqueViolationError as exc:
                 error = StoreError(f"saga already exists: {exc.detail or exc}")
                 raise error from exc
