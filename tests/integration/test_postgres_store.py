@@ -108,8 +108,22 @@ async def test_migrate_from_five_connections_at_once(pg_url: str) -> None:
     assert sorted(map(len, results)) == [0, 0, 0, 0, len(load_migrations())]
 
     inbox = await asyncio.gather(*(migrate_participant(pg_url, "busy") for _ in range(5)))
-    assert sorted(map(len, inbox)) == [0, 0, 0, 0, 1]
-    assert inbox[[len(r) for r in inbox].index(1)] == ["participant/0001_inbox"]
+    wanted = [m.version for m in load_migrations(participant=True)]
+    assert wanted[:2] == ["participant/0001_inbox", "participant/0002_inbox_created_at_brin"]
+    assert sorted(map(len, inbox)) == [0, 0, 0, 0, len(wanted)]
+    assert inbox[[len(r) for r in inbox].index(len(wanted))] == wanted
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        indexes = await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes"
+            " WHERE schemaname = 'busy' AND tablename = 'inbox'"
+        )
+    finally:
+        await conn.close()
+    # no B-tree on created_at: every command's insert would maintain it
+    assert {r["indexname"] for r in indexes} == {"inbox_pkey", "inbox_created_at_brin"}
+    assert "USING brin" in next(r["indexdef"] for r in indexes if "brin" in r["indexname"])
 
 
 async def test_migrate_on_a_callers_connection_and_bad_schema(pg_url: str) -> None:
