@@ -382,12 +382,15 @@ class Worker:
                             tx, envelope, registration, command, outcomes
                         )
                 done: dict[str, Envelope] = {}
+                # A lone command that refuses costs one careful redo: cheaper than
+                # a savepoint (two more round trips) around every one of them.
+                isolate = len(commands) > 1
                 for _, envelope, registration, command in commands:
                     if envelope.kind is MessageKind.COMMAND:
                         cid = envelope.command_id
                         if cid not in done:
                             done[cid] = await self._run_at_once(
-                                tx, envelope, registration, command, outcomes
+                                tx, envelope, registration, command, outcomes, isolate=isolate
                             )
                         replies[envelope.message_id] = done[cid]
                 if await tx.record_many(list(done.values())):
@@ -401,15 +404,17 @@ class Worker:
         registration: _Registration[Any, Any],
         command: BaseModel,
         outcomes: _Outcomes,
+        *,
+        isolate: bool,
     ) -> Envelope:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
             traced = _carrying(envelope, trace)
-            # An action that has refused before runs in a savepoint of its own, so
-            # that a refusal undoes only itself and not the whole batch: a 10%
-            # refusal rate would otherwise send almost every batch of that action
-            # down the careful path.
-            refuses = envelope.type in self._refusing
+            # In a batch of several (``isolate``), an action that has refused before
+            # runs in a savepoint of its own, so that a refusal undoes only itself
+            # and not the whole batch: a 10% refusal rate would otherwise send
+            # almost every batch of that action down the careful path.
+            refuses = isolate and envelope.type in self._refusing
             try:
                 ctx = self._context(traced, tx)
                 if refuses:
