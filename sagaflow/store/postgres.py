@@ -247,7 +247,6 @@ class _SagaSql:
             " WHERE publish_after <= to_timestamp($1::float8)"
         )
 
-
     def unit(
         self,
         *,
