@@ -67,10 +67,18 @@ _NOTHING: AbstractContextManager[None] = nullcontext()
 
 
 class CompositeHooks(Hooks):
-    """Runs several hooks in order (tracing first, so metrics see its context)."""
+    """Runs several hooks in order (tracing first, so metrics see its context).
+
+    Each context-manager hook runs only through the hooks that override it: a
+    message handled with logging alone enters one context manager, not an
+    ``ExitStack`` of no-ops.
+    """
 
     def __init__(self, hooks: Sequence[Hooks]) -> None:
         self.hooks = list(hooks)
+        self._publishing = _overriding(self.hooks, "publishing")
+        self._processing = _overriding(self.hooks, "processing")
+        self._queries = _overriding(self.hooks, "queries")
 
     def saga_started(self, saga: Saga[Any], saga_id: str) -> dict[str, str]:
         trace: dict[str, str] = {}
@@ -78,26 +86,43 @@ class CompositeHooks(Hooks):
             trace.update(hook.saga_started(saga, saga_id))
         return trace
 
+    def publishing(
+        self, envelopes: Sequence[Envelope]
+    ) -> AbstractContextManager[Sequence[Envelope]]:
+        if len(self._publishing) <= 1:
+            return (self._publishing[0] if self._publishing else _BASE).publishing(envelopes)
+        return self._publishing_all(envelopes)
+
     @contextmanager
-    def publishing(self, envelopes: Sequence[Envelope]) -> Iterator[Sequence[Envelope]]:
+    def _publishing_all(self, envelopes: Sequence[Envelope]) -> Iterator[Sequence[Envelope]]:
         with ExitStack() as stack:
-            for hook in self.hooks:
+            for hook in self._publishing:
                 envelopes = stack.enter_context(hook.publishing(envelopes))
             yield envelopes
 
+    def processing(self, envelope: Envelope, queue: str) -> AbstractContextManager[dict[str, str]]:
+        if len(self._processing) <= 1:
+            return (self._processing[0] if self._processing else _BASE).processing(envelope, queue)
+        return self._processing_all(envelope, queue)
+
     @contextmanager
-    def processing(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
+    def _processing_all(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
         with ExitStack() as stack:
             trace = envelope.trace
-            for hook in self.hooks:
+            for hook in self._processing:
                 trace = stack.enter_context(hook.processing(envelope, queue))
                 envelope = replace(envelope, trace=trace)
             yield trace
 
+    def queries(self, *, own: bool) -> AbstractContextManager[None]:
+        if len(self._queries) <= 1:
+            return (self._queries[0] if self._queries else _BASE).queries(own=own)
+        return self._queries_all(own)
+
     @contextmanager
-    def queries(self, *, own: bool) -> Iterator[None]:
+    def _queries_all(self, own: bool) -> Iterator[None]:
         with ExitStack() as stack:
-            for hook in self.hooks:
+            for hook in self._queries:
                 stack.enter_context(hook.queries(own=own))
             yield
 
@@ -116,3 +141,12 @@ class CompositeHooks(Hooks):
     def rolled_back(self, envelope: Envelope) -> None:
         for hook in self.hooks:
             hook.rolled_back(envelope)
+
+
+_BASE = Hooks()
+
+
+def _overriding(hooks: Sequence[Hooks], name: str) -> list[Hooks]:
+    """The hooks whose class overrides ``name`` (the others' is a no-op)."""
+    base = getattr(Hooks, name)
+    return [hook for hook in hooks if getattr(type(hook), name) is not base]
