@@ -32,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -115,9 +116,14 @@ def _derived_context(saga_id: str) -> Context:
 
 
 def _parent(carrier: Mapping[str, str], saga_id: str) -> Context:
-    if _span_context(carrier.get(TRACEPARENT)) is None:
+    context = _PROPAGATOR.extract(carrier)
+    if not trace.get_current_span(context).get_span_context().is_valid:
         return _derived_context(saga_id)
-    return _PROPAGATOR.extract(dict(carrier))
+    return context
+
+
+def _sampled(parent: Context) -> bool:
+    return bool(trace.get_current_span(parent).get_span_context().trace_flags.sampled)
 
 
 def _inject(span: Span, keep: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -191,6 +197,30 @@ class TracingHooks(Hooks):
             attributes["saga.outcome"] = envelope.outcome.value
         return attributes
 
+    def _start(
+        self,
+        name: str,
+        parent: Context,
+        kind: SpanKind,
+        attributes: Callable[[], dict[str, Any]],
+        links: Callable[[], list[Link]],
+    ) -> Span:
+        """Start a span under ``parent``. Under a parent sampled out (a ratio
+        sampler's decision, carried in ``traceparent``) the span is all but
+        certainly not recorded, so its attributes and links are built only if
+        the sampler records it after all: with 10% of sagas traced, the other
+        90% cost the SDK's no-op span and the context propagation only."""
+        if _sampled(parent):
+            return self.tracer.start_span(
+                name, context=parent, kind=kind, attributes=attributes(), links=links()
+            )
+        span = self.tracer.start_span(name, context=parent, kind=kind)
+        if span.is_recording():
+            span.set_attributes(attributes())
+            for link in links():
+                span.add_link(link.context, link.attributes)
+        return span
+
     # ------------------------------------------------------------------ Hooks
 
     def saga_started(self, saga: Saga[Any], saga_id: str) -> dict[str, str]:
@@ -213,12 +243,12 @@ class TracingHooks(Hooks):
         for envelope in envelopes:
             exchange, routing_key = route(self.topology, envelope)
             destination = f"{exchange}:{routing_key}"
-            span = self.tracer.start_span(
+            span = self._start(
                 f"send {destination}",
-                context=_parent(envelope.trace, envelope.saga_id),
-                kind=SpanKind.PRODUCER,
-                attributes=self._message_attributes(envelope, destination, routing_key, "send"),
-                links=_links(envelope.trace),
+                _parent(envelope.trace, envelope.saga_id),
+                SpanKind.PRODUCER,
+                partial(self._message_attributes, envelope, destination, routing_key, "send"),
+                partial(_links, envelope.trace),
             )
             spans.append(span)
             outgoing.append(replace(envelope, trace=_inject(span, envelope.trace)))
@@ -250,12 +280,12 @@ class TracingHooks(Hooks):
         """The CONSUMER span of one received message, current while it is handled."""
         exchange, routing_key = route(self.topology, envelope)
         destination = f"{exchange}:{routing_key}:{queue}"
-        span = self.tracer.start_span(
+        span = self._start(
             f"process {destination}",
-            context=_parent(envelope.trace, envelope.saga_id),
-            kind=SpanKind.CONSUMER,
-            attributes=self._message_attributes(envelope, destination, routing_key, "process"),
-            links=_links(envelope.trace),
+            _parent(envelope.trace, envelope.saga_id),
+            SpanKind.CONSUMER,
+            partial(self._message_attributes, envelope, destination, routing_key, "process"),
+            partial(_links, envelope.trace),
         )
         deferred = False
         try:
@@ -313,24 +343,12 @@ class TracingHooks(Hooks):
                 continue
             name, needs_step = spec
             target = f"{saga.name}/{entry.step}" if needs_step and entry.step else saga.name
-            attributes: dict[str, Any] = {
-                "saga.id": state.saga_id,
-                "saga.name": saga.name,
-                "saga.version": saga.version,
-                "saga.event": entry.event.value,
-                **_entry_attributes(entry),
-            }
-            links: list[Link] = []
-            if entry.event is LogEvent.COMPENSATION_SENT:
-                links = _links(_message_trace(decision, entry))
-            if entry.event in _TERMINAL:
-                attributes["saga.outcome"] = state.status.value
-            span = self.tracer.start_span(
+            span = self._start(
                 f"saga {name} {target}",
-                context=parent,
-                kind=SpanKind.INTERNAL,
-                attributes=attributes,
-                links=links,
+                parent,
+                SpanKind.INTERNAL,
+                partial(_transition_attributes, saga, state, entry),
+                partial(_transition_links, decision, entry),
             )
             if entry.event is LogEvent.FAILED:
                 reason = state.failure.reason if state.failure else "failed"
@@ -359,6 +377,25 @@ _TRANSITIONS: dict[LogEvent, tuple[str, bool]] = {
 _TERMINAL = frozenset(
     {LogEvent.COMPLETED, LogEvent.COMPENSATED, LogEvent.FAILED, LogEvent.CANCELLED}
 )
+
+
+def _transition_attributes(saga: Saga[Any], state: SagaState, entry: LogEntry) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "saga.id": state.saga_id,
+        "saga.name": saga.name,
+        "saga.version": saga.version,
+        "saga.event": entry.event.value,
+        **_entry_attributes(entry),
+    }
+    if entry.event in _TERMINAL:
+        attributes["saga.outcome"] = state.status.value
+    return attributes
+
+
+def _transition_links(decision: SagaDecision, entry: LogEntry) -> list[Link]:
+    if entry.event is LogEvent.COMPENSATION_SENT:
+        return _links(_message_trace(decision, entry))
+    return []
 
 
 def _entry_attributes(entry: LogEntry) -> dict[str, Any]:

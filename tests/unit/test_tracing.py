@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, StaticSampler
 from opentelemetry.trace import SpanKind, StatusCode
 
 from sagaflow import BusinessFailure, HandlerContext, Participant, SagaStatus
@@ -459,3 +460,51 @@ def test_only_the_handlers_queries_are_offered_to_the_instrumentation(
             assert is_instrumentation_enabled()
         assert not is_instrumentation_enabled()
     assert is_instrumentation_enabled()
+
+
+class Collected(SpanProcessor):
+    """Every span that ends, sampled or not (exporters only get sampled ones)."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+async def test_spans_recorded_under_a_parent_sampled_out_still_get_attributes_and_links() -> None:
+    # Under a parent sampled out, spans are started bare (the usual sampler drops
+    # them); one that a sampler records anyway gets its attributes and links
+    # afterwards. RECORD_ONLY records every span without setting the sampled
+    # flag, so every parent looks sampled out.
+    collected = Collected()
+    recording = TracerProvider(sampler=StaticSampler(Decision.RECORD_ONLY), shutdown_on_exit=False)
+    recording.add_span_processor(collected)
+    async with environment(recording, World(refuse={"shipping.schedule"})) as env:
+        handle = await env.start_saga(saga, {"order_id": "o-rec"})
+        await env.drain(fail_fast=True)
+        assert (await env.get(handle.saga_id)).status is SagaStatus.COMPENSATED
+    sends = [s for s in collected.spans if s.name == f"send {COMMANDS}:inventory"]
+    assert len(sends) == 2  # the command and its compensation
+    for span in sends:
+        assert not span.context.trace_flags.sampled
+        assert attrs(span)["messaging.system"] == "rabbitmq"
+        assert attrs(span)["saga.step"] == "reserve"
+    compensate = next(s for s in collected.spans if s.name == "saga compensate sample/reserve")
+    assert attrs(compensate)["saga.step"] == "reserve"
+    assert len(compensate.links) == 1
+    compensation = next(s for s in sends if attrs(s)["saga.kind"] == "compensation")
+    assert [link.context.span_id for link in compensation.links] == [
+        compensate.links[0].context.span_id
+    ]
+
+
+async def test_a_saga_sampled_out_records_no_span_and_runs_as_usual() -> None:
+    collected = Collected()
+    off = TracerProvider(sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
+    off.add_span_processor(collected)
+    async with environment(off, World(refuse={"shipping.schedule"})) as env:
+        handle = await env.start_saga(saga, {"order_id": "o-off"})
+        await env.drain(fail_fast=True)
+        assert (await env.get(handle.saga_id)).status is SagaStatus.COMPENSATED
+    assert collected.spans == []
