@@ -43,7 +43,13 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -164,6 +170,9 @@ class TracingHooks(Hooks):
     ) -> None:
         provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = provider.get_tracer(SCOPE, __version__)
+        # With the SDK's default kind of sampler the children of a span sampled
+        # out are dropped too: for those sagas no span is even started.
+        self._skips_sampled_out = _drops_sampled_out(getattr(provider, "sampler", None))
         self.topology = topology or Topology()
         # a worker's CONSUMER span ends in handled(), once the reply's outcome is known
         self._pending: dict[str, list[Span]] = {}
@@ -241,11 +250,15 @@ class TracingHooks(Hooks):
         spans: list[Span] = []
         outgoing: list[Envelope] = []
         for envelope in envelopes:
+            parent = _parent(envelope.trace, envelope.saga_id)
+            if self._skips_sampled_out and not _sampled(parent):
+                outgoing.append(envelope)  # its trace context travels on as it came
+                continue
             exchange, routing_key = route(self.topology, envelope)
             destination = f"{exchange}:{routing_key}"
             span = self._start(
                 f"send {destination}",
-                _parent(envelope.trace, envelope.saga_id),
+                parent,
                 SpanKind.PRODUCER,
                 partial(self._message_attributes, envelope, destination, routing_key, "send"),
                 partial(_links, envelope.trace),
@@ -278,11 +291,21 @@ class TracingHooks(Hooks):
     @contextmanager
     def processing(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
         """The CONSUMER span of one received message, current while it is handled."""
+        parent = _parent(envelope.trace, envelope.saga_id)
+        if self._skips_sampled_out and not _sampled(parent):
+            # no span; the message's context is current (log lines keep its trace
+            # id, a handler's queries are dropped with it) and travels on as it came
+            token = otel_context.attach(parent)
+            try:
+                yield envelope.trace
+            finally:
+                otel_context.detach(token)
+            return
         exchange, routing_key = route(self.topology, envelope)
         destination = f"{exchange}:{routing_key}:{queue}"
         span = self._start(
             f"process {destination}",
-            _parent(envelope.trace, envelope.saga_id),
+            parent,
             SpanKind.CONSUMER,
             partial(self._message_attributes, envelope, destination, routing_key, "process"),
             partial(_links, envelope.trace),
@@ -337,6 +360,8 @@ class TracingHooks(Hooks):
             return
         state = decision.state
         parent = _parent(state.trace, state.saga_id)
+        if self._skips_sampled_out and not _sampled(parent):
+            return
         for entry in decision.log:
             spec = _TRANSITIONS.get(entry.event)
             if spec is None:
@@ -430,6 +455,18 @@ def _message_trace(decision: SagaDecision, entry: LogEntry) -> Mapping[str, str]
 
 
 # --------------------------------------------------------------------------- configuration
+
+
+def _drops_sampled_out(sampler: Sampler | None) -> bool:
+    """Whether ``sampler`` drops every span whose parent was sampled out: a
+    ``ParentBased`` one with its default for such parents (what every
+    ``OTEL_TRACES_SAMPLER=parentbased_*`` setting, the SDK's default, builds)."""
+    if isinstance(sampler, _DropOrphanQueries):
+        sampler = sampler.delegate
+    return isinstance(sampler, ParentBased) and all(
+        getattr(sampler, name, None) is ALWAYS_OFF
+        for name in ("_remote_parent_not_sampled", "_local_parent_not_sampled")
+    )
 
 
 class _DropOrphanQueries(Sampler):

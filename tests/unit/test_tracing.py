@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, StaticSampler
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sagaflow import BusinessFailure, HandlerContext, Participant, SagaStatus
 from sagaflow.core.engine import LINK, TRACEPARENT
@@ -56,6 +58,7 @@ SERVICE = {
 class World:
     refuse: set[str] = field(default_factory=set)
     crash: Counter[str] = field(default_factory=Counter)
+    contexts: list[SpanContext] = field(default_factory=list)  # current in each handler
 
 
 def participants(world: World, *, without: Sequence[str] = ()) -> list[Participant]:
@@ -67,6 +70,7 @@ def participants(world: World, *, without: Sequence[str] = ()) -> list[Participa
 
         def handler(kind: str = action.type) -> object:
             async def handle(cmd: Cmd, ctx: HandlerContext) -> Ok:
+                world.contexts.append(trace.get_current_span().get_span_context())
                 if world.crash[kind] > 0:
                     world.crash[kind] -= 1
                     raise ConnectionError("database went away")
@@ -500,11 +504,27 @@ async def test_spans_recorded_under_a_parent_sampled_out_still_get_attributes_an
 
 
 async def test_a_saga_sampled_out_records_no_span_and_runs_as_usual() -> None:
+    # A parent-based sampler drops the children of a span sampled out, so no
+    # span is even started; the saga's trace context still travels with every
+    # message (each handler runs under it, sampled out).
     collected = Collected()
     off = TracerProvider(sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
     off.add_span_processor(collected)
-    async with environment(off, World(refuse={"shipping.schedule"})) as env:
+    world = World(refuse={"shipping.schedule"})
+    async with environment(off, world) as env:
         handle = await env.start_saga(saga, {"order_id": "o-off"})
         await env.drain(fail_fast=True)
-        assert (await env.get(handle.saga_id)).status is SagaStatus.COMPENSATED
+        state = await env.get(handle.saga_id)
+    assert state.status is SagaStatus.COMPENSATED
     assert collected.spans == []
+    started = _span_context_of(state.trace[TRACEPARENT])
+    assert len(world.contexts) == 5  # reserve, charge, schedule (refused), refund, release
+    assert {c.trace_id for c in world.contexts} == {started.trace_id}
+    assert not any(c.trace_flags.sampled for c in world.contexts)
+
+
+def _span_context_of(traceparent: str) -> SpanContext:
+    carrier = {TRACEPARENT: traceparent}
+    return trace.get_current_span(
+        TraceContextTextMapPropagator().extract(carrier)
+    ).get_span_context()
