@@ -121,9 +121,13 @@ class _Acks:
     loop go out as one ``basic.ack multiple`` frame up to the highest tag below
     any delivery still unsettled, plus single acks above it.
 
-    Deliveries are registered in tag order (aio-pika hands them over in order),
+    Deliveries are registered in tag order (aiormq hands them over in order),
     so a tag below the multiple ack's tag that is not being acked is known here
-    and bounds it: nothing is acked that was not asked to be.
+    and bounds it: nothing is acked that was not asked to be. One flush runs at
+    a time: a second one, computing its bound while the first still had frames
+    to send, could cover their tags with its multiple ack, and the first's
+    single ack of such a tag then made the broker close the channel ("unknown
+    delivery tag"): every unacked delivery came back.
     """
 
     __slots__ = ("_flushing", "_pending", "_track", "unsettled")
@@ -141,18 +145,25 @@ class _Acks:
             self._track(asyncio.create_task(self._flush(), name="acks"))
 
     async def _flush(self) -> None:
-        self._flushing = False
-        pending, self._pending = self._pending, {}
+        try:
+            while self._pending:
+                pending, self._pending = self._pending, {}
+                await self._send(pending)
+        finally:
+            self._flushing = False
+
+    async def _send(self, pending: dict[int, DeliveredMessage]) -> None:
         self.unsettled.difference_update(pending)
         floor = min(self.unsettled, default=None)
         tags = sorted(pending)
         below = [tag for tag in tags if floor is None or tag < floor]
         channel = pending[tags[0]].channel  # one channel per _Acks
         try:
+            # wait=False: the frames are queued in this order; the ack needs no drain
             if below:
-                await channel.basic_ack(below[-1], multiple=True)
+                await channel.basic_ack(below[-1], multiple=True, wait=False)
             for tag in tags[len(below) :]:
-                await channel.basic_ack(tag)
+                await channel.basic_ack(tag, wait=False)
         except Exception as exc:  # the channel is gone: the broker redelivers them
             log.debug("acks of %d deliveries dropped (channel gone): %r", len(tags), exc)
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -232,13 +235,28 @@ async def test_a_deleted_queue_is_declared_again_and_consumed(
     await delivery.ack()
 
 
-async def test_a_cut_link_is_restored_and_publish_waits_for_it(amqp_url: str) -> None:
+@asynccontextmanager
+async def behind_proxy(
+    amqp_url: str, *, publish_timeout: float = 20, reconnect_delay: float = 0.5
+) -> AsyncIterator[tuple[Proxy, RabbitMQTransport]]:
+    """A started transport whose link to the broker goes through a ``Proxy``."""
     proxy = Proxy()
     port = await proxy.start()
     url = amqp_url.replace(":5672/", f":{port}/")
-    transport = RabbitMQTransport(url, TOPOLOGY, publish_timeout=20, reconnect_delay=(0.1, 0.5))
+    transport = RabbitMQTransport(
+        url, TOPOLOGY, publish_timeout=publish_timeout, reconnect_delay=(0.1, reconnect_delay)
+    )
     try:
         await transport.start(["inventory"])
+        yield proxy, transport
+    finally:
+        proxy.downstream.set()
+        await transport.close()
+        await proxy.close()
+
+
+async def test_a_cut_link_is_restored_and_publish_waits_for_it(amqp_url: str) -> None:
+    async with behind_proxy(amqp_url) as (proxy, transport):
         collector = Collector()
         await transport.consume(TOPOLOGY.service_queue("inventory"), collector, prefetch=5)
 
@@ -254,20 +272,12 @@ async def test_a_cut_link_is_restored_and_publish_waits_for_it(amqp_url: str) ->
         assert decode(delivery.body).saga_id == "during"
         await delivery.ack()
         assert transport.connections >= 2
-    finally:
-        await transport.close()
-        await proxy.close()
 
 
 async def test_a_publish_whose_confirm_was_lost_is_published_again(amqp_url: str) -> None:
     # One message at a time is awaited without a task of its own: a confirm the
     # closing channel cancels must count as "not confirmed", not as our cancellation.
-    proxy = Proxy()
-    port = await proxy.start()
-    url = amqp_url.replace(":5672/", f":{port}/")
-    transport = RabbitMQTransport(url, TOPOLOGY, publish_timeout=20, reconnect_delay=(0.1, 0.5))
-    try:
-        await transport.start(["inventory"])
+    async with behind_proxy(amqp_url) as (proxy, transport):
         collector = Collector()
         await transport.consume(TOPOLOGY.service_queue("inventory"), collector, prefetch=5)
 
@@ -282,18 +292,10 @@ async def test_a_publish_whose_confirm_was_lost_is_published_again(amqp_url: str
         delivery = await collector.next()  # once or twice: at least once by design
         assert decode(delivery.body).saga_id == "held"
         await delivery.ack()
-    finally:
-        await transport.close()
-        await proxy.close()
 
 
 async def test_cancelling_a_publish_waiting_for_its_confirm_cancels_it(amqp_url: str) -> None:
-    proxy = Proxy()
-    port = await proxy.start()
-    url = amqp_url.replace(":5672/", f":{port}/")
-    transport = RabbitMQTransport(url, TOPOLOGY, publish_timeout=20, reconnect_delay=(0.1, 0.5))
-    try:
-        await transport.start(["inventory"])
+    async with behind_proxy(amqp_url) as (proxy, transport):
         proxy.downstream.clear()
         for batch in ([command(saga="one")], [command(saga="a"), command(saga="b")]):
             publishing = asyncio.create_task(transport.publish(batch))
@@ -302,26 +304,17 @@ async def test_cancelling_a_publish_waiting_for_its_confirm_cancels_it(amqp_url:
             publishing.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(publishing, WAIT)
-    finally:
-        proxy.downstream.set()
-        await transport.close()
-        await proxy.close()
 
 
 async def test_publish_gives_up_after_publish_timeout(amqp_url: str) -> None:
-    proxy = Proxy()
-    port = await proxy.start()
-    url = amqp_url.replace(":5672/", f":{port}/")
-    transport = RabbitMQTransport(url, TOPOLOGY, publish_timeout=1, reconnect_delay=(0.1, 0.2))
-    try:
-        await transport.start(["inventory"])
+    async with behind_proxy(amqp_url, publish_timeout=1, reconnect_delay=0.2) as (
+        proxy,
+        transport,
+    ):
         proxy.accepting = False
         proxy.cut()
         with pytest.raises(TransportError, match="not connected"):
             await transport.publish([command()])
-    finally:
-        await transport.close()
-        await proxy.close()
 
 
 async def test_start_fails_on_bad_credentials(amqp_url: str) -> None:
@@ -425,3 +418,53 @@ async def test_acks_given_together_ack_exactly_those_deliveries(amqp_url: str) -
             await asyncio.wait_for(again.seen.get(), 1.0)
     finally:
         await second.close()
+
+
+async def test_acks_in_any_order_never_close_the_channel(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Acks given in random order and bursts, while more deliveries arrive. Two
+    # coalesced flushes running at once once acked a tag twice (a multiple ack
+    # covering a single ack still to be sent): the broker closed the channel
+    # with "unknown delivery tag" and every unacked delivery came back.
+    caplog.set_level(logging.WARNING, logger="sagaflow.transport.rabbitmq")
+    topology = Topology(prefix="any-order", delivery_limit=3)
+    transport = RabbitMQTransport(amqp_url, topology, publish_timeout=20)
+    await transport.start(["inventory"])
+    try:
+        taken: asyncio.Queue[Delivery] = asyncio.Queue()
+        await transport.consume(topology.service_queue("inventory"), taken.put_nowait, prefetch=100)
+        total = 1500
+
+        async def produce() -> None:
+            for first in range(0, total, 50):
+                await transport.publish([command(saga=f"s{n}") for n in range(first, first + 50)])
+
+        producing = asyncio.create_task(produce())
+        rnd = random.Random(7)
+        held: list[Delivery] = []
+        seen: list[Delivery] = []
+        while len(seen) < total:
+            delivery = await asyncio.wait_for(taken.get(), WAIT)
+            held.append(delivery)
+            seen.append(delivery)
+            if len(held) >= rnd.randint(1, 40) or taken.empty():
+                rnd.shuffle(held)
+                cut = rnd.randint(1, len(held))
+                for settled in held[:cut]:
+                    await settled.ack()
+                held = held[cut:]
+                if rnd.random() < 0.3:
+                    await asyncio.sleep(0)
+        for settled in held:
+            await settled.ack()
+        await producing
+        await asyncio.sleep(0.5)  # a late channel error would show up meanwhile
+
+        assert not any(d.redelivered for d in seen)
+        assert len({decode(d.body).saga_id for d in seen}) == total
+        stopped = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+        assert stopped == []
+        assert taken.empty()
+    finally:
+        await transport.close()
