@@ -18,6 +18,7 @@ from typing import Any
 from bench.workload import (
     SERVICES,
     EffectCounter,
+    Starts,
     chain_saga,
     expected,
     participant,
@@ -77,15 +78,7 @@ async def run_embedded(
     def more() -> bool:
         return time.perf_counter() < deadline if soak else len(started_at) < sagas
 
-    starting: set[asyncio.Task[Any]] = set()
-    errors: list[BaseException] = []
-
-    def started(task: asyncio.Task[Any]) -> None:
-        starting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            errors.append(task.exception())  # type: ignore[arg-type]
-            finish.wake.set()
-
+    starts = Starts(failed=finish.wake)
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -94,19 +87,14 @@ async def run_embedded(
                 while more() and len(started_at) - len(finish.finished) < inflight:
                     data = saga_data(len(started_at), run, steps, fail_rate)
                     started_at[data.order_id] = time.perf_counter()
-                    task = asyncio.create_task(
-                        coordinator.start_saga(saga, data, saga_id=data.order_id)
-                    )
-                    starting.add(task)
-                    task.add_done_callback(started)
-                if errors:
-                    raise errors[0]
+                    starts.add(coordinator.start_saga(saga, data, saga_id=data.order_id))
+                starts.check()
                 if not more() and len(finish.finished) >= len(started_at):
                     break
                 finish.wake.clear()
                 await finish.wake.wait()
     finally:
-        await asyncio.gather(*starting, return_exceptions=True)
+        await starts.settle()
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
         for worker in workers:

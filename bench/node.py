@@ -34,7 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bench.raw import emit, stdin_reader
-from bench.workload import SERVICES, chain_saga, participant, saga_data
+from bench.workload import SERVICES, Starts, chain_saga, participant, saga_data
 from sagaflow import Coordinator, Hooks, Worker
 from sagaflow.config import Settings
 from sagaflow.runtime.hooks import CompositeHooks
@@ -62,13 +62,7 @@ async def _drive(node: Coordinator, finished: _Finished, args: argparse.Namespac
     saga = chain_saga(args.steps[0])
     started = 0
     deadline = time.monotonic() + args.duration
-    tasks: set[asyncio.Task[Any]] = set()
-    errors: list[BaseException] = []
-
-    def done(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            errors.append(task.exception())  # type: ignore[arg-type]
+    starts = Starts()
 
     def more() -> bool:
         return time.monotonic() < deadline if args.duration > 0 else bool(started < args.sagas)
@@ -77,12 +71,9 @@ async def _drive(node: Coordinator, finished: _Finished, args: argparse.Namespac
         # concurrently, like the raw driver: one start must not wait for another
         while more() and started - finished.count < args.inflight:
             data = saga_data(started, args.run, args.steps[0], args.fail_rate)
-            task = asyncio.create_task(node.start_saga(saga, data, saga_id=data.order_id))
-            tasks.add(task)
-            task.add_done_callback(done)
+            starts.add(node.start_saga(saga, data, saga_id=data.order_id))
             started += 1
-        if errors:
-            raise errors[0]
+        starts.check()
         if not more() and finished.count >= started:
             return started
         finished.wake.clear()

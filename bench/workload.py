@@ -16,10 +16,12 @@ This module uses sagaflow's public API only, like any user's code.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -202,6 +204,40 @@ def participant(service: str, counter: EffectCounter | None = None) -> Participa
         return StepDone()
 
     return p
+
+
+class Starts:
+    """Saga starts in flight, each in its own task, as a load generator issues
+    them: a start never waits for another's commit (the raw driver, the
+    server-mode coordinator and the embedded run all start this way).
+
+    ``failed`` is set when a start raises; ``check`` raises the first failure.
+    """
+
+    def __init__(self, failed: asyncio.Event | None = None) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.errors: list[BaseException] = []
+        self._failed = failed
+
+    def add(self, start: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(start)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.errors.append(task.exception())  # type: ignore[arg-type]
+            if self._failed is not None:
+                self._failed.set()
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    async def settle(self) -> None:
+        """Wait for the starts still in flight (their failures are in ``errors``)."""
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
