@@ -206,6 +206,10 @@ class TracingHooks(Hooks):
             attributes["saga.outcome"] = envelope.outcome.value
         return attributes
 
+    def _dropped(self, parent: Context) -> bool:
+        """Whether every span under ``parent`` is dropped: a saga sampled out."""
+        return self._skips_sampled_out and not _sampled(parent)
+
     def _start(
         self,
         name: str,
@@ -251,7 +255,7 @@ class TracingHooks(Hooks):
         outgoing: list[Envelope] = []
         for envelope in envelopes:
             parent = _parent(envelope.trace, envelope.saga_id)
-            if self._skips_sampled_out and not _sampled(parent):
+            if self._dropped(parent):
                 outgoing.append(envelope)  # its trace context travels on as it came
                 continue
             exchange, routing_key = route(self.topology, envelope)
@@ -292,7 +296,7 @@ class TracingHooks(Hooks):
     def processing(self, envelope: Envelope, queue: str) -> Iterator[dict[str, str]]:
         """The CONSUMER span of one received message, current while it is handled."""
         parent = _parent(envelope.trace, envelope.saga_id)
-        if self._skips_sampled_out and not _sampled(parent):
+        if self._dropped(parent):
             # no span; the message's context is current (log lines keep its trace
             # id, a handler's queries are dropped with it) and travels on as it came
             token = otel_context.attach(parent)
@@ -360,7 +364,7 @@ class TracingHooks(Hooks):
             return
         state = decision.state
         parent = _parent(state.trace, state.saga_id)
-        if self._skips_sampled_out and not _sampled(parent):
+        if self._dropped(parent):
             return
         for entry in decision.log:
             spec = _TRANSITIONS.get(entry.event)

@@ -89,8 +89,8 @@ class CompositeHooks(Hooks):
     def publishing(
         self, envelopes: Sequence[Envelope]
     ) -> AbstractContextManager[Sequence[Envelope]]:
-        if len(self._publishing) <= 1:
-            return (self._publishing[0] if self._publishing else _BASE).publishing(envelopes)
+        if len(self._publishing) == 1:
+            return self._publishing[0].publishing(envelopes)
         return self._publishing_all(envelopes)
 
     @contextmanager
@@ -101,8 +101,8 @@ class CompositeHooks(Hooks):
             yield envelopes
 
     def processing(self, envelope: Envelope, queue: str) -> AbstractContextManager[dict[str, str]]:
-        if len(self._processing) <= 1:
-            return (self._processing[0] if self._processing else _BASE).processing(envelope, queue)
+        if len(self._processing) == 1:
+            return self._processing[0].processing(envelope, queue)
         return self._processing_all(envelope, queue)
 
     @contextmanager
@@ -115,8 +115,8 @@ class CompositeHooks(Hooks):
             yield trace
 
     def queries(self, *, own: bool) -> AbstractContextManager[None]:
-        if len(self._queries) <= 1:
-            return (self._queries[0] if self._queries else _BASE).queries(own=own)
+        if len(self._queries) == 1:
+            return self._queries[0].queries(own=own)
         return self._queries_all(own)
 
     @contextmanager
@@ -147,6 +147,7 @@ _BASE = Hooks()
 
 
 def _overriding(hooks: Sequence[Hooks], name: str) -> list[Hooks]:
-    """The hooks whose class overrides ``name`` (the others' is a no-op)."""
+    """The hooks whose class overrides ``name`` (the others' is a no-op), or the
+    base class's no-op alone when none does."""
     base = getattr(Hooks, name)
-    return [hook for hook in hooks if getattr(type(hook), name) is not base]
+    return [hook for hook in hooks if getattr(type(hook), name) is not base] or [_BASE]
