@@ -34,8 +34,8 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from functools import lru_cache, partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -95,20 +95,47 @@ TRACESTATE = "tracestate"
 SCOPE = "sagaflow"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _PENDING_LIMIT = 10_000  # worker spans awaiting their outcome (a safety bound, never reached)
+_CONTEXTS = 4_096  # parent contexts kept parsed: about the sagas in flight
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _span_context(traceparent: str | None) -> SpanContext | None:
-    if not traceparent:
-        return None
-    ctx = _PROPAGATOR.extract({TRACEPARENT: traceparent})
-    span_context = trace.get_current_span(ctx).get_span_context()
-    return span_context if span_context.is_valid else None
+    parent = _remote(traceparent, None) if traceparent else None
+    return parent.span_context if parent is not None else None
 
 
-def _derived_context(saga_id: str) -> Context:
+class _Parent(NamedTuple):
+    """A span's parent: the context, and what spans beneath it need to know."""
+
+    context: Context
+    span_context: SpanContext
+    sampled: bool
+
+
+def _parent_of(context: Context) -> _Parent:
+    span_context = trace.get_current_span(context).get_span_context()
+    return _Parent(context, span_context, span_context.trace_flags.sampled)
+
+
+@lru_cache(maxsize=_CONTEXTS)
+def _remote(traceparent: str, tracestate: str | None) -> _Parent | None:
+    """The parent a message's W3C headers carry (``None`` when they are invalid).
+
+    Cached: a saga's messages keep carrying the context of its start, and a
+    saga sampled out carries it unchanged to every hop, so most lookups hit
+    and skip the header parsing. A context is immutable, so sharing it is safe.
+    """
+    carrier = {TRACEPARENT: traceparent}
+    if tracestate is not None:
+        carrier[TRACESTATE] = tracestate
+    parent = _parent_of(_PROPAGATOR.extract(carrier))
+    return parent if parent.span_context.is_valid else None
+
+
+@lru_cache(maxsize=_CONTEXTS)
+def _derived(saga_id: str) -> _Parent:
     """A stand-in parent for a saga started without tracing: the same trace id for
     every span of the saga, derived from its id, so its spans still form one trace
     (Jaeger shows the root as missing)."""
@@ -118,18 +145,13 @@ def _derived_context(saga_id: str) -> Context:
     span_context = SpanContext(
         trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
     )
-    return trace.set_span_in_context(NonRecordingSpan(span_context))
+    return _parent_of(trace.set_span_in_context(NonRecordingSpan(span_context)))
 
 
-def _parent(carrier: Mapping[str, str], saga_id: str) -> Context:
-    context = _PROPAGATOR.extract(carrier)
-    if not trace.get_current_span(context).get_span_context().is_valid:
-        return _derived_context(saga_id)
-    return context
-
-
-def _sampled(parent: Context) -> bool:
-    return bool(trace.get_current_span(parent).get_span_context().trace_flags.sampled)
+def _parent(carrier: Mapping[str, str], saga_id: str) -> _Parent:
+    traceparent = carrier.get(TRACEPARENT)
+    parent = _remote(traceparent, carrier.get(TRACESTATE)) if traceparent else None
+    return parent if parent is not None else _derived(saga_id)
 
 
 def _inject(span: Span, keep: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -206,14 +228,14 @@ class TracingHooks(Hooks):
             attributes["saga.outcome"] = envelope.outcome.value
         return attributes
 
-    def _dropped(self, parent: Context) -> bool:
+    def _dropped(self, parent: _Parent) -> bool:
         """Whether every span under ``parent`` is dropped: a saga sampled out."""
-        return self._skips_sampled_out and not _sampled(parent)
+        return self._skips_sampled_out and not parent.sampled
 
     def _start(
         self,
         name: str,
-        parent: Context,
+        parent: _Parent,
         kind: SpanKind,
         attributes: Callable[[], dict[str, Any]],
         links: Callable[[], list[Link]],
@@ -223,11 +245,11 @@ class TracingHooks(Hooks):
         certainly not recorded, so its attributes and links are built only if
         the sampler records it after all: with 10% of sagas traced, the other
         90% cost the SDK's no-op span and the context propagation only."""
-        if _sampled(parent):
+        if parent.sampled:
             return self.tracer.start_span(
-                name, context=parent, kind=kind, attributes=attributes(), links=links()
+                name, context=parent.context, kind=kind, attributes=attributes(), links=links()
             )
-        span = self.tracer.start_span(name, context=parent, kind=kind)
+        span = self.tracer.start_span(name, context=parent.context, kind=kind)
         if span.is_recording():
             span.set_attributes(attributes())
             for link in links():
@@ -299,7 +321,7 @@ class TracingHooks(Hooks):
         if self._dropped(parent):
             # no span; the message's context is current (log lines keep its trace
             # id, a handler's queries are dropped with it) and travels on as it came
-            token = otel_context.attach(parent)
+            token = otel_context.attach(parent.context)
             try:
                 yield envelope.trace
             finally:
@@ -360,8 +382,8 @@ class TracingHooks(Hooks):
 
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: SagaDecision) -> None:
         """Short INTERNAL spans for retries, timeouts, compensations and the end."""
-        if not decision.log:
-            return
+        if not any(entry.event in _TRANSITIONS for entry in decision.log):
+            return  # a step's progress: its messages' spans tell it
         state = decision.state
         parent = _parent(state.trace, state.saga_id)
         if self._dropped(parent):

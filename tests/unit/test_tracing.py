@@ -27,7 +27,15 @@ from sagaflow.core.engine import LINK, TRACEPARENT
 from sagaflow.core.messages import Envelope, MessageKind
 from sagaflow.runtime.hooks import CompositeHooks
 from sagaflow.testing import SagaTestEnvironment
-from sagaflow.tracing import TracingHooks, configure_tracing, trace_id_of, tracing_configured
+from sagaflow.tracing import (
+    TRACESTATE,
+    TracingHooks,
+    _parent,
+    _remote,
+    configure_tracing,
+    trace_id_of,
+    tracing_configured,
+)
 from tests.sample import (
     Cmd,
     Ok,
@@ -511,16 +519,36 @@ async def test_a_saga_sampled_out_records_no_span_and_runs_as_usual() -> None:
     off = TracerProvider(sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
     off.add_span_processor(collected)
     world = World(refuse={"shipping.schedule"})
+    _remote.cache_clear()
     async with environment(off, world) as env:
         handle = await env.start_saga(saga, {"order_id": "o-off"})
         await env.drain(fail_fast=True)
         state = await env.get(handle.saga_id)
     assert state.status is SagaStatus.COMPENSATED
     assert collected.spans == []
+    # the one context it carries to every hop is parsed once
+    assert _remote.cache_info().misses == 1
+    assert _remote.cache_info().hits >= 10
     started = _span_context_of(state.trace[TRACEPARENT])
     assert len(world.contexts) == 5  # reserve, charge, schedule (refused), refund, release
     assert {c.trace_id for c in world.contexts} == {started.trace_id}
     assert not any(c.trace_flags.sampled for c in world.contexts)
+
+
+def test_a_parent_is_parsed_once_and_keeps_its_tracestate() -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    first = _parent({TRACEPARENT: traceparent, TRACESTATE: "k=a"}, "s-1")
+    other = _parent({TRACEPARENT: traceparent, TRACESTATE: "k=b"}, "s-1")
+    assert _parent({TRACEPARENT: traceparent, TRACESTATE: "k=a"}, "s-2") is first
+    assert first.span_context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert first.span_context.trace_state.get("k") == "a"
+    assert other.span_context.trace_state.get("k") == "b"
+    assert first.sampled
+    # no or an invalid traceparent: the stand-in derived from the saga id
+    derived = _parent({}, "s-1")
+    assert _parent({TRACEPARENT: "00-garbage"}, "s-1") is derived
+    assert derived.span_context.is_valid and derived.sampled
+    assert _parent({}, "s-2").span_context.trace_id != derived.span_context.trace_id
 
 
 def _span_context_of(traceparent: str) -> SpanContext:
