@@ -79,6 +79,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("sagaflow.store")
+_CHURNING = ("sagas", "outbox")  # rewritten or deleted at every step
+_OFF = frozenset({"false", "off", "no", "0"})
 T = TypeVar("T")
 
 DB_ERRORS: tuple[type[Exception], ...] = (
@@ -245,6 +247,13 @@ class _SagaSql:
         self.outbox_stats = (
             f"SELECT count(*), extract(epoch FROM min(publish_after))::float8 FROM {s}.outbox"
             " WHERE publish_after <= to_timestamp($1::float8)"
+        )
+        # what would keep the churning tables from being vacuumed (see unvacuumed())
+        self.vacuum_settings = (
+            "SELECT current_setting('autovacuum')::boolean,"
+            " array(SELECT c.relname || ':' || coalesce(array_to_string(c.reloptions, ','), '')"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = $1 AND c.relname = ANY($2::text[]))"
         )
 
     def unit(
@@ -742,6 +751,47 @@ class PostgresSagaStore:
             )
         except DB_ERRORS as exc:
             raise store_error(exc, "connect") from exc
+        await self._warn_if_unvacuumed()
+
+    async def unvacuumed(self) -> list[str]:
+        """What keeps autovacuum from the tables that churn: ``["server"]`` when the
+        server runs with ``autovacuum = off``, and the tables (``sagas``, ``outbox``)
+        whose ``autovacuum_enabled`` storage parameter is off; empty when none.
+
+        Every step writes a new version of its saga's row and every message an
+        outbox row that is deleted once published: unvacuumed, both tables bloat
+        and every commit and relay scan slows with them (measured in
+        docs/operations.md).
+        """
+        pool = self._pool_or_raise()
+        row = await pool.fetchrow(self._sql.vacuum_settings, self._schema, list(_CHURNING))
+        assert row is not None  # one row, always
+        found = [] if row[0] else ["server"]
+        for entry in row[1]:
+            table, _, reloptions = entry.partition(":")
+            for option in reloptions.split(","):
+                key, _, value = option.partition("=")
+                if key == "autovacuum_enabled" and value.lower() in _OFF:
+                    found.append(table)
+        return found
+
+    async def _warn_if_unvacuumed(self) -> None:
+        try:
+            found = await self.unvacuumed()
+        except DB_ERRORS as exc:  # advice only: never a reason not to start
+            log.debug("could not read the autovacuum settings: %r", exc)
+            return
+        if found:
+            where = [
+                "the server runs with autovacuum = off" if f == "server" else f"table {f}"
+                for f in found
+            ]
+            log.warning(
+                "PostgreSQL will not vacuum the saga tables (%s): the sagas and outbox"
+                " tables will bloat and every commit slow down; turn autovacuum on or"
+                " VACUUM them regularly (docs/operations.md)",
+                "; ".join(where),
+            )
 
     async def close(self) -> None:
         """Close the pool and the listening connection."""

@@ -364,3 +364,43 @@ async def test_participant_store_survives_terminated_connections(pg_url: str) ->
             assert await tx.claim("c-2") == "tombstone"
     finally:
         await inbox.close()
+
+
+async def test_a_store_on_a_database_that_will_not_vacuum_says_so(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sagas and outbox tables churn at every step: unvacuumed they bloat and
+    # every commit slows (docs/operations.md). The store warns at start when the
+    # server or one of those tables has autovacuum off.
+    await migrate(pg_url)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        server_on = await conn.fetchval("SELECT current_setting('autovacuum')::boolean")
+        await conn.execute("ALTER TABLE sagaflow.outbox SET (autovacuum_enabled = off)")
+    finally:
+        await conn.close()
+    store = PostgresSagaStore(pg_url, min_size=1, max_size=2)
+    with caplog.at_level("WARNING", logger="sagaflow.store"):
+        await store.start()
+    try:
+        expected = ["outbox"] if server_on else ["server", "outbox"]
+        assert await store.unvacuumed() == expected
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1
+        assert "table outbox" in warnings[0]
+        assert ("autovacuum = off" in warnings[0]) is not server_on
+    finally:
+        await store.close()
+
+
+async def test_a_store_whose_tables_are_vacuumed_starts_quietly(
+    store: PostgresSagaStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    server_on = "server" not in await store.unvacuumed()
+    assert await store.unvacuumed() == ([] if server_on else ["server"])
+    other = PostgresSagaStore(store._dsn, min_size=1, max_size=2)
+    with caplog.at_level("WARNING", logger="sagaflow.store"):
+        await other.start()
+    await other.close()
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == (0 if server_on else 1)
