@@ -217,6 +217,11 @@ async def _run_all(runs: list[Params], args: argparse.Namespace) -> list[dict[st
             result = await run_servers(params, profile_dir=args.profile)
         results.append(result)
         _emit({"kind": "run", **result}, args.out)
+        if result.get("postgres_settings", {}).get("autovacuum") == "off":
+            con.print(
+                "  [yellow]PostgreSQL runs with autovacuum = off[/]: churning tables are"
+                " never vacuumed, so long runs slow down as they bloat (docs/operations.md)"
+            )
         con.print(
             f"  {result['sagas_per_s']:,.1f} sagas/s, p50 {result['latency_ms']['p50']:.1f} ms,"
             f" p99 {result['latency_ms']['p99']:.1f} ms, verified"

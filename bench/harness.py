@@ -421,6 +421,7 @@ async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dic
             await raw.setup(target.dsn)
         else:
             await _setup_sagaflow(target.dsn)
+        settings = await infra.server_settings(target.database)
         await _start_all(procs)
         await asyncio.sleep(0.5)  # let start-up work settle out of the window
         xact0 = await infra.xact_counts(target.database)
@@ -467,6 +468,7 @@ async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dic
         db_transactions_per_saga=round(commits / n, 3) if n else 0.0,
         db_rollbacks_per_saga=round((xact1[1] - xact0[1]) / n, 3) if n else 0.0,
         started_at=datetime.fromtimestamp(began, UTC).isoformat(timespec="seconds"),
+        postgres_settings=settings,
     )
     if params.tracing:
         result["tracing"] = _tracing_outcome(params, sink_stopped)

@@ -95,6 +95,37 @@ async def drop(infra: Infra) -> None:
             await _rabbitmqctl("delete_vhost", infra.vhost)
 
 
+# Settings that change what a run measures; recorded with every run.
+SETTINGS = (
+    "server_version",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "autovacuum",
+    "shared_buffers",
+    "max_wal_size",
+)
+
+
+async def server_settings(database: str) -> dict[str, str]:
+    """The PostgreSQL settings of :data:`SETTINGS` as the server reports them.
+
+    ``autovacuum`` matters for long runs: the machines this project runs on
+    start PostgreSQL with it off, and unvacuumed churning tables slow every
+    commit as a soak goes on (docs/operations.md).
+    """
+    conn = await asyncpg.connect(f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{database}")
+    try:
+        rows = await conn.fetch(
+            "SELECT name, current_setting(name) AS value FROM pg_settings"
+            " WHERE name = ANY($1::text[])",
+            list(SETTINGS),
+        )
+    finally:
+        await conn.close()
+    return {row["name"]: row["value"] for row in sorted(rows, key=lambda r: SETTINGS.index(r[0]))}
+
+
 async def xact_counts(database: str) -> tuple[int, int]:
     """Committed and rolled-back transactions of ``database`` so far (pg_stat_database).
 
