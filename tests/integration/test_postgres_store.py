@@ -366,26 +366,40 @@ async def test_participant_store_survives_terminated_connections(pg_url: str) ->
         await inbox.close()
 
 
+async def _autovacuum_on_after(pg_url: str, *statements: str) -> bool:
+    """Migrate ``pg_url``, run ``statements``; whether the server runs autovacuum."""
+    await migrate(pg_url)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+        return bool(await conn.fetchval("SHOW autovacuum") == "on")
+    finally:
+        await conn.close()
+
+
+async def _start_warning(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> tuple[PostgresSagaStore, list[str]]:
+    """A started store, and the warnings its start logged."""
+    store = PostgresSagaStore(pg_url, min_size=1, max_size=2)
+    with caplog.at_level("WARNING", logger="sagaflow.store"):
+        await store.start()
+    return store, [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
 async def test_a_store_on_a_database_that_will_not_vacuum_says_so(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The sagas and outbox tables churn at every step: unvacuumed they bloat and
     # every commit slows (docs/operations.md). The store warns at start when the
     # server or one of those tables has autovacuum off.
-    await migrate(pg_url)
-    conn = await asyncpg.connect(pg_url)
+    server_on = await _autovacuum_on_after(
+        pg_url, "ALTER TABLE sagaflow.outbox SET (autovacuum_enabled = off)"
+    )
+    store, warnings = await _start_warning(pg_url, caplog)
     try:
-        server_on = await conn.fetchval("SELECT current_setting('autovacuum')::boolean")
-        await conn.execute("ALTER TABLE sagaflow.outbox SET (autovacuum_enabled = off)")
-    finally:
-        await conn.close()
-    store = PostgresSagaStore(pg_url, min_size=1, max_size=2)
-    with caplog.at_level("WARNING", logger="sagaflow.store"):
-        await store.start()
-    try:
-        expected = ["outbox"] if server_on else ["server", "outbox"]
-        assert await store.unvacuumed() == expected
-        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert await store.unvacuumed() == (["outbox"] if server_on else ["server", "outbox"])
         assert len(warnings) == 1
         assert "table outbox" in warnings[0]
         assert ("autovacuum = off" in warnings[0]) is not server_on
@@ -396,19 +410,11 @@ async def test_a_store_on_a_database_that_will_not_vacuum_says_so(
 async def test_a_store_whose_tables_are_vacuumed_starts_quietly(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await migrate(pg_url)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        server_on = await conn.fetchval("SHOW autovacuum") == "on"
-    finally:
-        await conn.close()
-    store = PostgresSagaStore(pg_url, min_size=1, max_size=2)
-    with caplog.at_level("WARNING", logger="sagaflow.store"):
-        await store.start()
+    server_on = await _autovacuum_on_after(pg_url)
+    store, warnings = await _start_warning(pg_url, caplog)
     try:
         # the tables are as the migrations made them: only the server can be at fault
         assert await store.unvacuumed() == ([] if server_on else ["server"])
-        warned = [r for r in caplog.records if r.levelname == "WARNING"]
-        assert len(warned) == (0 if server_on else 1)
+        assert len(warnings) == (0 if server_on else 1)
     finally:
         await store.close()
