@@ -123,7 +123,8 @@ async def server_settings(database: str) -> dict[str, str]:
         )
     finally:
         await conn.close()
-    return {row["name"]: row["value"] for row in sorted(rows, key=lambda r: SETTINGS.index(r[0]))}
+    values = {row["name"]: row["value"] for row in rows}
+    return {name: values[name] for name in SETTINGS if name in values}
 
 
 async def xact_counts(database: str) -> tuple[int, int]:

@@ -382,17 +382,14 @@ class TracingHooks(Hooks):
 
     def decided(self, saga: Saga[Any], before: SagaState | None, decision: SagaDecision) -> None:
         """Short INTERNAL spans for retries, timeouts, compensations and the end."""
-        if not any(entry.event in _TRANSITIONS for entry in decision.log):
+        traced = [(e, _TRANSITIONS[e.event]) for e in decision.log if e.event in _TRANSITIONS]
+        if not traced:
             return  # a step's progress: its messages' spans tell it
         state = decision.state
         parent = _parent(state.trace, state.saga_id)
         if self._dropped(parent):
             return
-        for entry in decision.log:
-            spec = _TRANSITIONS.get(entry.event)
-            if spec is None:
-                continue
-            name, needs_step = spec
+        for entry, (name, needs_step) in traced:
             target = f"{saga.name}/{entry.step}" if needs_step and entry.step else saga.name
             span = self._start(
                 f"saga {name} {target}",

@@ -111,7 +111,7 @@ class CompositeHooks(Hooks):
             trace = envelope.trace
             for hook in self._processing:
                 trace = stack.enter_context(hook.processing(envelope, queue))
-                envelope = replace(envelope, trace=trace)
+                envelope = carrying(envelope, trace)
             yield trace
 
     def queries(self, *, own: bool) -> AbstractContextManager[None]:
@@ -144,6 +144,12 @@ class CompositeHooks(Hooks):
 
 
 _BASE = Hooks()
+
+
+def carrying(envelope: Envelope, trace: dict[str, str]) -> Envelope:
+    """``envelope`` with the trace context ``trace`` (from ``processing``): no
+    copy when a hook left it as it came, as with tracing off or a saga sampled out."""
+    return envelope if trace is envelope.trace else replace(envelope, trace=trace)
 
 
 def _overriding(hooks: Sequence[Hooks], name: str) -> list[Hooks]:

@@ -34,7 +34,6 @@ from sagaflow.core.errors import (
     DefinitionError,
     MessageRejected,
 )
-from sagaflow.core.fast import replace
 from sagaflow.core.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
@@ -46,7 +45,7 @@ from sagaflow.core.messages import (
 from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
 from sagaflow.logs import saga_fields
 from sagaflow.runtime.batching import Batcher, retry_forever
-from sagaflow.runtime.hooks import Hooks
+from sagaflow.runtime.hooks import Hooks, carrying
 
 log = logging.getLogger("sagaflow.worker")
 
@@ -145,12 +144,6 @@ _Command = tuple[Delivery, Envelope, "_Registration[Any, Any]", BaseModel]
 _Replies = list[tuple[Delivery, Envelope | None]]
 # (command, reply, seconds) of the commands handled in a transaction not yet committed
 _Outcomes = list[tuple[Envelope, Envelope | None, float]]
-
-
-def _carrying(envelope: Envelope, trace: dict[str, str]) -> Envelope:
-    """``envelope`` with the trace context its reply should carry (no copy when
-    the hooks left it as it came, as with tracing off)."""
-    return envelope if trace is envelope.trace else replace(envelope, trace=trace)
 
 
 class _Redo(Exception):
@@ -358,7 +351,7 @@ class Worker:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
             # replies carry the context of this handling (its CONSUMER span)
-            traced = _carrying(envelope, trace)
+            traced = carrying(envelope, trace)
             reply = await self._handle_one(tx, traced, registration, command)
         outcomes.append((envelope, reply, time.perf_counter() - started))
         return reply
@@ -409,7 +402,7 @@ class Worker:
     ) -> Envelope:
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
-            traced = _carrying(envelope, trace)
+            traced = carrying(envelope, trace)
             # In a batch of several (``isolate``), an action that has refused before
             # runs in a savepoint of its own, so that a refusal undoes only itself
             # and not the whole batch: a 10% refusal rate would otherwise send

@@ -80,7 +80,6 @@ __all__ = [
 
 log = logging.getLogger("sagaflow.store")
 _CHURNING = ("sagas", "outbox")  # rewritten or deleted at every step
-_OFF = frozenset({"false", "off", "no", "0"})
 T = TypeVar("T")
 
 DB_ERRORS: tuple[type[Exception], ...] = (
@@ -251,9 +250,12 @@ class _SagaSql:
         # what would keep the churning tables from being vacuumed (see unvacuumed())
         self.vacuum_settings = (
             "SELECT current_setting('autovacuum')::boolean,"
-            " array(SELECT c.relname || ':' || coalesce(array_to_string(c.reloptions, ','), '')"
-            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = $1 AND c.relname = ANY($2::text[]))"
+            " array(SELECT c.relname FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace,"
+            " pg_options_to_table(c.reloptions) AS o"
+            " WHERE n.nspname = $1 AND c.relname = ANY($2::text[])"
+            " AND o.option_name = 'autovacuum_enabled' AND NOT o.option_value::boolean"
+            " ORDER BY c.relname)"
         )
 
     def unit(
@@ -766,14 +768,8 @@ class PostgresSagaStore:
         pool = self._pool_or_raise()
         row = await pool.fetchrow(self._sql.vacuum_settings, self._schema, list(_CHURNING))
         assert row is not None  # one row, always
-        found = [] if row[0] else ["server"]
-        for entry in row[1]:
-            table, _, reloptions = entry.partition(":")
-            for option in reloptions.split(","):
-                key, _, value = option.partition("=")
-                if key == "autovacuum_enabled" and value.lower() in _OFF:
-                    found.append(table)
-        return found
+        server_on, tables_off = row
+        return ([] if server_on else ["server"]) + list(tables_off)
 
     async def _warn_if_unvacuumed(self) -> None:
         try:
