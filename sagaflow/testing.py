@@ -29,7 +29,7 @@ from sagaflow.core.state import LogEntry, SagaState
 from sagaflow.runtime.coordinator import Coordinator, SagaHandle
 from sagaflow.runtime.hooks import CompositeHooks, Hooks
 from sagaflow.runtime.participant import Participant, Worker
-from sagaflow.store.memory import InMemoryParticipantStore, InMemorySagaStore
+from sagaflow.store import InMemoryParticipantStore, InMemorySagaStore
 from sagaflow.transport.memory import InMemoryTransport
 
 

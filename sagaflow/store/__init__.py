@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sagaflow.store.memory import (
+from sagaflow.store.memory import InMemorySagaStore, InMemorySagaTransaction
+from sagaflow.store.memory_participant import (
     InMemoryParticipantStore,
     InMemoryParticipantTransaction,
-    InMemorySagaStore,
-    InMemorySagaTransaction,
 )
 
 # Bound here so that the function, not the submodule of the same name, is

@@ -1,4 +1,4 @@
-"""In-memory saga and participant stores: supported code for tests and the demo.
+"""The in-memory saga store: supported code for tests and the demo.
 
 They keep the semantics of the PostgreSQL stores (the contract suite runs on
 both) without a database:
@@ -26,7 +26,6 @@ import builtins
 import heapq
 import itertools
 import time
-from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -34,67 +33,11 @@ from typing import Any, NamedTuple
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope
-from sagaflow.core.ports import TOMBSTONE, Clock, OutboxItem, Tombstone
+from sagaflow.core.ports import Clock, OutboxItem
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
+from sagaflow.store.locks import KeyedLocks
 
-__all__ = [
-    "InMemoryParticipantStore",
-    "InMemoryParticipantTransaction",
-    "InMemorySagaStore",
-    "InMemorySagaTransaction",
-]
-
-
-class _KeyedLocks:
-    """Exclusive per-key locks owned by transactions, granted first come first served."""
-
-    __slots__ = ("_owners", "_waiters")
-
-    def __init__(self) -> None:
-        self._owners: dict[str, object] = {}
-        self._waiters: dict[str, deque[tuple[object, asyncio.Future[None]]]] = {}
-
-    def owner(self, key: str) -> object | None:
-        return self._owners.get(key)
-
-    def try_acquire(self, key: str, owner: object) -> bool:
-        current = self._owners.get(key)
-        if current is None:
-            self._owners[key] = owner
-            return True
-        return current is owner
-
-    async def acquire(self, key: str, owner: object) -> None:
-        if self.try_acquire(key, owner):
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._waiters.setdefault(key, deque())
-        queue.append((owner, future))
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release(key, owner)  # granted just as we were cancelled: pass it on
-            else:
-                queue.remove((owner, future))
-                if not queue and self._waiters.get(key) is queue:
-                    del self._waiters[key]
-            raise
-
-    def release(self, key: str, owner: object) -> None:
-        if self._owners.get(key) is not owner:
-            return
-        queue = self._waiters.get(key)
-        while queue:
-            next_owner, future = queue.popleft()
-            if not future.done():
-                self._owners[key] = next_owner
-                future.set_result(None)
-                if not queue:
-                    del self._waiters[key]
-                return
-        self._waiters.pop(key, None)
-        del self._owners[key]
+__all__ = ["InMemorySagaStore", "InMemorySagaTransaction"]
 
 
 class _OutboxRow(NamedTuple):
@@ -331,7 +274,7 @@ class InMemorySagaStore:
         self._outbox: dict[int, _OutboxRow] = {}
         self._claimed: set[int] = set()
         self._ids = itertools.count(1)
-        self._locks = _KeyedLocks()
+        self._locks = KeyedLocks()
         self._wake: dict[str, float] = {}
         self._timers: list[tuple[float, str]] = []  # a heap; entries not in _wake are stale
         self._outbox_event = asyncio.Event()
@@ -441,164 +384,3 @@ class InMemorySagaStore:
         for saga_id in found:  # still due until a save moves their timer
             heapq.heappush(timers, (wake[saga_id], saga_id))
         return found
-
-
-# --------------------------------------------------------------------------- participant store
-
-
-class _InboxEntry(NamedTuple):
-    status: str  # "pending" | "done" | "tombstone"
-    reply: Envelope | None
-
-
-def _stored(entry: _InboxEntry) -> Envelope | Tombstone | None:
-    if entry.status == "tombstone":
-        return TOMBSTONE
-    return entry.reply if entry.status == "done" else None
-
-
-class InMemoryParticipantTransaction:
-    """The :class:`~sagaflow.core.ports.ParticipantTransaction` in memory.
-
-    Inbox writes are staged and applied at commit. Keys claimed here stay locked
-    until the transaction ends, even when a savepoint undoes the claim.
-    """
-
-    __slots__ = ("_held", "_store", "_writes")
-
-    def __init__(self, store: InMemoryParticipantStore) -> None:
-        self._store = store
-        self._writes: dict[str, _InboxEntry] = {}
-        self._held: set[str] = set()
-
-    @property
-    def connection(self) -> None:
-        """Always ``None``: handlers get no database connection in memory."""
-        return None
-
-    def savepoint(self) -> _Savepoint:
-        """A block whose inbox writes are undone if it raises."""
-        return _Savepoint(self)
-
-    async def _entry(self, command_id: str) -> _InboxEntry | None:
-        locks = self._store._locks
-        if not locks.try_acquire(command_id, self):
-            await locks.acquire(command_id, self)
-        self._held.add(command_id)
-        entry = self._writes.get(command_id)
-        return self._store._inbox.get(command_id) if entry is None else entry
-
-    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
-        """Claim a command id: ``None`` if new, else the stored reply or TOMBSTONE.
-
-        A concurrent claim of the same id waits until the first transaction ends.
-        """
-        entry = await self._entry(command_id)
-        if entry is None:
-            self._writes[command_id] = _InboxEntry("pending", None)
-            return None
-        return _stored(entry)
-
-    async def complete(self, command_id: str, reply: Envelope) -> None:
-        """Store the reply of a claimed (or not yet seen) command.
-
-        Raises:
-            StoreError: the command is already done or tombstoned.
-        """
-        entry = await self._entry(command_id)
-        if entry is not None and entry.status != "pending":
-            raise StoreError(f"command {command_id!r} is already done or tombstoned")
-        self._writes[command_id] = _InboxEntry("done", reply)
-
-    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
-        """Store replies of commands not seen before; returns the ids already there."""
-        present: list[str] = []
-        for reply in sorted(replies, key=lambda r: r.command_id):
-            if await self._entry(reply.command_id) is None:
-                self._writes[reply.command_id] = _InboxEntry("done", reply)
-            else:
-                present.append(reply.command_id)
-        return present
-
-    async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
-        """Mark a command as never to be applied, unless it already was.
-
-        Returns:
-            ``None`` when the tombstone is now set, else what was stored.
-        """
-        entry = await self._entry(command_id)
-        if entry is None or entry.status == "pending":
-            self._writes[command_id] = _InboxEntry("tombstone", None)
-            return None
-        return _stored(entry)
-
-
-class _Savepoint:
-    __slots__ = ("_snapshot", "_txn")
-
-    def __init__(self, txn: InMemoryParticipantTransaction) -> None:
-        self._txn = txn
-        self._snapshot: dict[str, _InboxEntry] = {}
-
-    async def __aenter__(self) -> None:
-        self._snapshot = dict(self._txn._writes)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None:
-            self._txn._writes = self._snapshot
-
-
-class _ParticipantTransactionContext:
-    __slots__ = ("_store", "_txn")
-
-    def __init__(self, store: InMemoryParticipantStore) -> None:
-        self._store = store
-        self._txn: InMemoryParticipantTransaction | None = None
-
-    async def __aenter__(self) -> InMemoryParticipantTransaction:
-        self._txn = InMemoryParticipantTransaction(self._store)
-        return self._txn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        txn = self._txn
-        assert txn is not None
-        if exc is None:
-            self._store._inbox.update(txn._writes)
-        locks = self._store._locks
-        for key in txn._held:
-            locks.release(key, txn)
-        txn._held.clear()
-
-
-class InMemoryParticipantStore:
-    """The :class:`~sagaflow.core.ports.ParticipantStore` in memory."""
-
-    def __init__(self) -> None:
-        self._inbox: dict[str, _InboxEntry] = {}
-        self._locks = _KeyedLocks()
-
-    @property
-    def atomic(self) -> bool:
-        """In memory, handlers' effects live in the services' own objects: a rollback
-        cannot undo them, so every command runs in its own savepoint."""
-        return False
-
-    async def start(self) -> None:
-        """Nothing to open."""
-
-    async def close(self) -> None:
-        """Nothing to close."""
-
-    def transaction(self) -> _ParticipantTransactionContext:
-        """One transaction for a handler's effect and the inbox record of its command."""
-        return _ParticipantTransactionContext(self)

@@ -56,88 +56,29 @@ from sagaflow.core.messages import Envelope, MessageKind
 from sagaflow.core.ports import OutboxItem
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
 from sagaflow.store.migrate import quote_schema
+from sagaflow.store.postgres_common import (
+    BROKEN,
+    CONNECT_TIMEOUT,
+    DB_ERRORS,
+    begin,
+    envelope_from_json,
+    envelope_to_json,
+    keep_session,
+    release,
+    store_error,
+)
 
 if TYPE_CHECKING:
-    from typing import TypeAlias
-
     from asyncpg.transaction import Transaction
 
     from sagaflow.store.migrate import Connection
+    from sagaflow.store.postgres_common import Pool
 
-    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
-
-__all__ = [
-    "BROKEN",
-    "DB_ERRORS",
-    "PostgresSagaStore",
-    "PostgresSagaTransaction",
-    "begin",
-    "envelope_from_json",
-    "envelope_to_json",
-    "release",
-    "store_error",
-]
+__all__ = ["PostgresSagaStore", "PostgresSagaTransaction"]
 
 log = logging.getLogger("sagaflow.store")
 _CHURNING = ("sagas", "outbox")  # rewritten or deleted at every step
 T = TypeVar("T")
-
-DB_ERRORS: tuple[type[Exception], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # e.g. a protocol state error on a dying connection
-    OSError,
-)
-"""What asyncpg raises when the database fails; translated by :func:`store_error`."""
-
-BROKEN: tuple[type[Exception], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    OSError,
-)
-"""Errors meaning the connection itself is gone (a restart, a terminated backend)."""
-
-_CONNECT_TIMEOUT = 10.0
-
-
-def store_error(exc: BaseException, action: str) -> StoreError:
-    """Wrap a database failure into the sagaflow error the runtime retries.
-
-    Args:
-        exc: The asyncpg or OS error.
-        action: What was being done, for the message ("lock", "commit"...).
-
-    Returns:
-        A :class:`ConcurrencyConflict` for SQLSTATE class 40, else a
-        :class:`StoreError`; its ``__cause__`` is ``exc``.
-    """
-    if isinstance(exc, StoreError):
-        return exc
-    message = f"{action} failed: {type(exc).__name__}: {exc}"
-    error = (
-        ConcurrencyConflict(message)
-        if isinstance(exc, asyncpg.TransactionRollbackError)
-        else StoreError(message)
-    )
-    error.__cause__ = exc
-    return error
-
-
-def envelope_to_json(envelope: Envelope) -> str:
-    """An envelope as stored: its JSON body plus its ``trace`` (excluded from dumps)."""
-    body = envelope.model_dump_json(by_alias=True)
-    if not envelope.trace:
-        return body
-    # The body is always a non-empty object, so its closing brace can be reopened.
-    return f'{body[:-1]},"trace":{orjson.dumps(envelope.trace).decode()}}}'
-
-
-def envelope_from_json(text: str) -> Envelope:
-    """The envelope stored by :func:`envelope_to_json`, trace included."""
-    return Envelope.model_validate_json(text)
 
 
 def _detail_default(value: object) -> object:
@@ -157,53 +98,6 @@ def _state_json(state: SagaState, version: int) -> str:
     if state.version != version:
         state = replace(state, version=version)
     return state.model_dump_json()
-
-
-async def release(pool: Pool | None, conn: PoolConnectionProxy[Any]) -> None:
-    """Give a connection back; the pool drops it if it is broken."""
-    if pool is None:  # closed meanwhile: the pool already terminated it
-        return
-    try:
-        await pool.release(conn)
-    except DB_ERRORS as exc:
-        log.debug("releasing a connection failed: %r", exc)
-
-
-async def begin(pool: Pool, attempts: int) -> tuple[PoolConnectionProxy[Any], Transaction]:
-    """Acquire a connection and start a transaction on it.
-
-    Pooled connections that died while idle (a restart) are only noticed when
-    used; nothing has happened yet, so ``BEGIN`` is retried on another (or a
-    reconnected) one, up to ``attempts`` times. Failing to connect is not retried.
-
-    Raises:
-        StoreError: no connection could be opened, or every attempt failed.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            conn = await pool.acquire()
-        except DB_ERRORS as exc:
-            raise store_error(exc, "connect") from exc
-        tx = conn.transaction()
-        try:
-            await tx.start()
-        except BROKEN as exc:
-            await release(pool, conn)
-            if attempt >= attempts:
-                raise store_error(exc, "begin") from exc
-            continue
-        except DB_ERRORS as exc:
-            await release(pool, conn)
-            raise store_error(exc, "begin") from exc
-        except BaseException:
-            await release(pool, conn)
-            raise
-        return conn, tx
-    raise StoreError("begin failed: no attempts")
-
-
-async def keep_session(connection: asyncpg.Connection) -> None:
-    """Pool ``reset`` that does nothing: see where the pools are created."""
 
 
 class _SagaSql:
@@ -738,7 +632,7 @@ class PostgresSagaStore:
                 self._dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                timeout=_CONNECT_TIMEOUT,
+                timeout=CONNECT_TIMEOUT,
                 # asyncpg resets every connection on release (a round trip and a
                 # transaction per batch, ~7% of the coordinator's time); skipped, as
                 # our statements leave no session state behind (no session SET, LISTEN or advisory locks on pooled connections)
@@ -1003,7 +897,7 @@ class PostgresSagaStore:
             conn: asyncpg.Connection[asyncpg.Record] | None = None
             try:
                 conn = await asyncpg.connect(
-                    self._dsn, timeout=min(_CONNECT_TIMEOUT, max(timeout, 1.0))
+                    self._dsn, timeout=min(CONNECT_TIMEOUT, max(timeout, 1.0))
                 )
                 await conn.add_listener(self._sql.channel, self._on_notify)
                 # A dead listener wakes its waiter, whose next call reconnects.

@@ -36,7 +36,8 @@ from sagaflow.core.errors import StoreError
 from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import TOMBSTONE, Tombstone
 from sagaflow.store.migrate import migrate_participant, quote_schema
-from sagaflow.store.postgres import (
+from sagaflow.store.postgres_common import (
+    CONNECT_TIMEOUT,
     DB_ERRORS,
     begin,
     envelope_from_json,
@@ -50,11 +51,9 @@ from sagaflow.store.postgres import (
 if TYPE_CHECKING:
     from asyncpg.transaction import Transaction
 
-    from sagaflow.store.postgres import Pool
+    from sagaflow.store.postgres_common import Pool
 
 __all__ = ["PostgresParticipantStore", "PostgresParticipantTransaction"]
-
-_CONNECT_TIMEOUT = 10.0
 
 
 class _InboxSql:
@@ -309,7 +308,7 @@ class PostgresParticipantStore:
                 self._dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                timeout=_CONNECT_TIMEOUT,
+                timeout=CONNECT_TIMEOUT,
                 # asyncpg resets every connection on release (a round trip and a
                 # transaction per batch, ~7% of the coordinator's time); skipped, as
                 # handlers must not leave session state behind either: use SET LOCAL, not SET

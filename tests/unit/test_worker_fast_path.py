@@ -19,7 +19,7 @@ from sagaflow import Action, BusinessFailure, HandlerContext, Participant, Worke
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, decode
 from sagaflow.core.ports import Delivery
 from sagaflow.store import InMemoryParticipantStore
-from sagaflow.store.memory import InMemoryParticipantTransaction
+from sagaflow.store.memory_participant import InMemoryParticipantTransaction
 from sagaflow.transport import InMemoryTransport
 
 

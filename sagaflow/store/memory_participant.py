@@ -1,0 +1,177 @@
+"""The in-memory participant store: supported code for tests and the demo.
+
+It keeps the semantics of the PostgreSQL participant store (the contract suite
+runs on both): a transaction stages its inbox writes and applies them when its
+block exits cleanly; claimed keys stay locked until the transaction ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import NamedTuple
+
+from sagaflow.core.errors import StoreError
+from sagaflow.core.messages import Envelope
+from sagaflow.core.ports import TOMBSTONE, Tombstone
+from sagaflow.store.locks import KeyedLocks
+
+__all__ = ["InMemoryParticipantStore", "InMemoryParticipantTransaction"]
+
+
+class _InboxEntry(NamedTuple):
+    status: str  # "pending" | "done" | "tombstone"
+    reply: Envelope | None
+
+
+def _stored(entry: _InboxEntry) -> Envelope | Tombstone | None:
+    if entry.status == "tombstone":
+        return TOMBSTONE
+    return entry.reply if entry.status == "done" else None
+
+
+class InMemoryParticipantTransaction:
+    """The :class:`~sagaflow.core.ports.ParticipantTransaction` in memory.
+
+    Inbox writes are staged and applied at commit. Keys claimed here stay locked
+    until the transaction ends, even when a savepoint undoes the claim.
+    """
+
+    __slots__ = ("_held", "_store", "_writes")
+
+    def __init__(self, store: InMemoryParticipantStore) -> None:
+        self._store = store
+        self._writes: dict[str, _InboxEntry] = {}
+        self._held: set[str] = set()
+
+    @property
+    def connection(self) -> None:
+        """Always ``None``: handlers get no database connection in memory."""
+        return None
+
+    def savepoint(self) -> _Savepoint:
+        """A block whose inbox writes are undone if it raises."""
+        return _Savepoint(self)
+
+    async def _entry(self, command_id: str) -> _InboxEntry | None:
+        locks = self._store._locks
+        if not locks.try_acquire(command_id, self):
+            await locks.acquire(command_id, self)
+        self._held.add(command_id)
+        entry = self._writes.get(command_id)
+        return self._store._inbox.get(command_id) if entry is None else entry
+
+    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
+        """Claim a command id: ``None`` if new, else the stored reply or TOMBSTONE.
+
+        A concurrent claim of the same id waits until the first transaction ends.
+        """
+        entry = await self._entry(command_id)
+        if entry is None:
+            self._writes[command_id] = _InboxEntry("pending", None)
+            return None
+        return _stored(entry)
+
+    async def complete(self, command_id: str, reply: Envelope) -> None:
+        """Store the reply of a claimed (or not yet seen) command.
+
+        Raises:
+            StoreError: the command is already done or tombstoned.
+        """
+        entry = await self._entry(command_id)
+        if entry is not None and entry.status != "pending":
+            raise StoreError(f"command {command_id!r} is already done or tombstoned")
+        self._writes[command_id] = _InboxEntry("done", reply)
+
+    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
+        """Store replies of commands not seen before; returns the ids already there."""
+        present: list[str] = []
+        for reply in sorted(replies, key=lambda r: r.command_id):
+            if await self._entry(reply.command_id) is None:
+                self._writes[reply.command_id] = _InboxEntry("done", reply)
+            else:
+                present.append(reply.command_id)
+        return present
+
+    async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
+        """Mark a command as never to be applied, unless it already was.
+
+        Returns:
+            ``None`` when the tombstone is now set, else what was stored.
+        """
+        entry = await self._entry(command_id)
+        if entry is None or entry.status == "pending":
+            self._writes[command_id] = _InboxEntry("tombstone", None)
+            return None
+        return _stored(entry)
+
+
+class _Savepoint:
+    __slots__ = ("_snapshot", "_txn")
+
+    def __init__(self, txn: InMemoryParticipantTransaction) -> None:
+        self._txn = txn
+        self._snapshot: dict[str, _InboxEntry] = {}
+
+    async def __aenter__(self) -> None:
+        self._snapshot = dict(self._txn._writes)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self._txn._writes = self._snapshot
+
+
+class _ParticipantTransactionContext:
+    __slots__ = ("_store", "_txn")
+
+    def __init__(self, store: InMemoryParticipantStore) -> None:
+        self._store = store
+        self._txn: InMemoryParticipantTransaction | None = None
+
+    async def __aenter__(self) -> InMemoryParticipantTransaction:
+        self._txn = InMemoryParticipantTransaction(self._store)
+        return self._txn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        txn = self._txn
+        assert txn is not None
+        if exc is None:
+            self._store._inbox.update(txn._writes)
+        locks = self._store._locks
+        for key in txn._held:
+            locks.release(key, txn)
+        txn._held.clear()
+
+
+class InMemoryParticipantStore:
+    """The :class:`~sagaflow.core.ports.ParticipantStore` in memory."""
+
+    def __init__(self) -> None:
+        self._inbox: dict[str, _InboxEntry] = {}
+        self._locks = KeyedLocks()
+
+    @property
+    def atomic(self) -> bool:
+        """In memory, handlers' effects live in the services' own objects: a rollback
+        cannot undo them, so every command runs in its own savepoint."""
+        return False
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def transaction(self) -> _ParticipantTransactionContext:
+        """One transaction for a handler's effect and the inbox record of its command."""
+        return _ParticipantTransactionContext(self)
