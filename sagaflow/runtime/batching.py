@@ -1,10 +1,18 @@
-"""Turning a stream of deliveries into batches, and retrying infrastructure work.
+"""Turning a stream of deliveries into batches; retrying what heals, returning what does not.
 
-Both the coordinator and the participant worker handle deliveries in batches:
-one database transaction per batch instead of one per message is most of
-their speed. A batch is whatever has arrived when the previous one finished,
-up to ``max_batch``: under light load a batch is one message (no added
-latency), under heavy load it grows by itself (group commit).
+The coordinator handles replies in batches: one database transaction per
+batch instead of one per message is most of its speed. A batch is whatever
+has arrived when the previous one finished, up to ``max_batch``: under light
+load a batch is one message (no added latency), under heavy load it grows by
+itself (group commit).
+
+Failures come in two kinds. The store or the broker being away heals by
+waiting: :func:`retry_healing` retries exactly those (``StoreError``,
+``TransportError``). Anything else is a bug or a poison message and must not
+loop: the batch is split so the innocent messages go through, and the one that
+fails is handed to :func:`give_back`, which returns it to the queue (counting
+toward the queue's delivery limit) and dead-letters it, with the error as its
+reason, on its last delivery.
 """
 
 from __future__ import annotations
@@ -14,25 +22,38 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from sagaflow.core.errors import StoreError, TransportError
 from sagaflow.core.ports import Delivery
 
 T = TypeVar("T")
+HEALING: tuple[type[Exception], ...] = (StoreError, TransportError)
+"""The failures that heal by waiting: the database or the broker being away."""
+DELIVERY_COUNT = "x-delivery-count"
+"""The header in which the broker counts a message's earlier deliveries."""
 Item = TypeVar("Item")
 log = logging.getLogger("sagaflow.runtime")
 
 
 class Batcher:
-    """Collects deliveries and runs ``handle`` on batches, ``concurrency`` at a time."""
+    """Collects deliveries and runs ``handle`` on batches, ``concurrency`` at a time.
+
+    ``handle`` must settle every delivery of its batch. If it raises, the batch
+    is handled again one delivery at a time, so that one poison message does
+    not hold up the others; a delivery that still raises alone is passed to
+    ``failed`` with the exception (which gives it back: :func:`give_back`).
+    """
 
     def __init__(
         self,
         handle: Callable[[Sequence[Delivery]], Awaitable[None]],
         *,
+        failed: Callable[[Delivery, Exception], Awaitable[None]],
         max_batch: int,
         concurrency: int = 1,
         name: str = "batcher",
     ) -> None:
         self._handle = handle
+        self._failed = failed
         self._max_batch = max_batch
         self._concurrency = concurrency
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -80,18 +101,28 @@ class Batcher:
                 batch = [first]
                 while len(batch) < self._max_batch and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                try:
-                    await self._handle(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # a bug, not a fault of the infrastructure (handlers retry those):
-                    # hand the messages back rather than leave them unacked forever
-                    log.exception("%s: batch of %d failed; returning it", self._name, len(batch))
-                    for delivery in batch:
-                        await delivery.nack(requeue=True)
+                await self._run(batch)
             finally:
                 self._busy.discard(task)
+
+    async def _run(self, batch: Sequence[Delivery]) -> None:
+        try:
+            await self._handle(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("%s: a message could not be handled", self._name)
+                await self._failed(batch[0], exc)
+                return
+            log.warning(
+                "%s: a batch of %d failed (%r); handling its messages one by one",
+                self._name,
+                len(batch),
+                exc,
+            )
+            for delivery in batch:
+                await self._run([delivery])
 
 
 class GroupCommit(Generic[Item]):
@@ -146,7 +177,7 @@ class GroupCommit(Generic[Item]):
                 done.set_result(None)
 
 
-async def retry_forever(
+async def retry_healing(
     operation: Callable[[], Awaitable[T]],
     *,
     what: str,
@@ -154,17 +185,56 @@ async def retry_forever(
     initial: float = 0.1,
     maximum: float = 5.0,
 ) -> T:
-    """Run ``operation`` until it succeeds: the broker or database may be restarting.
+    """Run ``operation`` until it succeeds while it fails in a way that heals.
 
+    ``StoreError`` and ``TransportError`` (the database or the broker
+    restarting, a lost deadlock) are retried with exponential back-off; any
+    other exception is raised at once: a bug retried forever is a stall.
     Cancellation is never swallowed.
     """
     delay = initial
     while True:
         try:
             return await operation()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except HEALING as exc:
             log.warning("%s failed, retrying in %.1fs: %r", what, delay, exc)
             await sleep(delay)
             delay = min(maximum, delay * 2)
+
+
+def deliveries(delivery: Delivery) -> int:
+    """How many times this message has been delivered, this time included."""
+    try:
+        return int(delivery.headers.get(DELIVERY_COUNT, "0")) + 1
+    except ValueError:
+        return 1
+
+
+def failure_reason(exc: BaseException) -> str:
+    """An unexpected exception as a dead letter's reason."""
+    return f"unhandled: {type(exc).__name__}: {exc}"
+
+
+async def give_back(
+    delivery: Delivery,
+    exc: Exception,
+    *,
+    limit: int,
+    dead_letter: Callable[[Delivery, str], Awaitable[None]],
+) -> None:
+    """Return a message whose handling raised something that does not heal.
+
+    Before its last delivery it is nacked and requeued (each return counts
+    toward the queue's ``limit``: a bug that a redeploy fixes, or a race, gets
+    another chance); on its last it is dead-lettered with the exception as the
+    reason, instead of by the broker with only ``delivery_limit``.
+    """
+    if deliveries(delivery) > limit:
+        await dead_letter(delivery, failure_reason(exc))
+        return
+    try:
+        await delivery.nack(requeue=True)
+    except asyncio.CancelledError:
+        raise
+    except Exception as nack_failed:  # the channel is gone: the broker redelivers it anyway
+        log.warning("returning a message failed: %r", nack_failed)
