@@ -46,7 +46,7 @@ from sagaflow.core.ports import (
 )
 from sagaflow.core.state import LogEntry, SagaState
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import Batcher, GroupCommit, retry_forever
+from sagaflow.runtime.batching import Batcher, GroupCommit, give_back, retry_healing
 from sagaflow.runtime.clock import SystemClock, UUIDFactory
 from sagaflow.runtime.hooks import Hooks
 
@@ -374,7 +374,11 @@ class Coordinator(SagaClient):
         self.relay_interval = relay_interval
         self.max_message_bytes = max_message_bytes
         self._batcher = Batcher(
-            self._handle_batch, max_batch=max_batch, concurrency=concurrency, name="coordinator"
+            self._handle_batch,
+            failed=self._give_back,
+            max_batch=max_batch,
+            concurrency=concurrency,
+            name="coordinator",
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: set[asyncio.Task[None]] = set()
@@ -385,8 +389,8 @@ class Coordinator(SagaClient):
 
     async def start(self) -> None:
         """Connect, declare, and start consumer, relay and timers (all eagerly)."""
-        await retry_forever(self.store.start, what="store start", sleep=self.clock.sleep)
-        await retry_forever(
+        await retry_healing(self.store.start, what="store start", sleep=self.clock.sleep)
+        await retry_healing(
             lambda: self.transport.start(self.registry.services),
             what="transport start",
             sleep=self.clock.sleep,
@@ -487,7 +491,7 @@ class Coordinator(SagaClient):
         changes = _Changes()
         ids: list[int] = []
         if events:
-            acks, more_rejects, changes, ids = await retry_forever(
+            acks, more_rejects, changes, ids = await retry_healing(
                 transact, what="reply transaction", sleep=self.clock.sleep
             )
             rejects.extend(more_rejects)
@@ -611,6 +615,14 @@ class Coordinator(SagaClient):
     async def _publish(self, envelopes: Sequence[Envelope]) -> None:
         with self.hooks.publishing(envelopes) as outgoing:
             await self.transport.publish(outgoing)
+
+    async def _give_back(self, delivery: Delivery, exc: Exception) -> None:
+        await give_back(
+            delivery,
+            exc,
+            limit=self.transport.topology.delivery_limit,
+            dead_letter=self._dead_letter,
+        )
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)

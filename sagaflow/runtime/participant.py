@@ -44,7 +44,7 @@ from sagaflow.core.messages import (
 )
 from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import Batcher, retry_forever
+from sagaflow.runtime.batching import Batcher, give_back, retry_healing
 from sagaflow.runtime.hooks import Hooks, carrying
 
 log = logging.getLogger("sagaflow.worker")
@@ -192,6 +192,7 @@ class Worker:
         self.after_commit = after_commit
         self._batcher = Batcher(
             self._handle_batch,
+            failed=self._give_back,
             max_batch=max_batch,
             concurrency=concurrency,
             name=participant.service,
@@ -202,10 +203,10 @@ class Worker:
         self._refusing: set[str] = set()  # action types that refused: savepoint each
 
     async def start(self) -> None:
-        await retry_forever(self.store.start, what="store start")
+        await retry_healing(self.store.start, what="store start")
         if self.participant.setup is not None:
-            await retry_forever(self._setup, what=f"{self.participant.service} setup")
-        await retry_forever(
+            await retry_healing(self._setup, what=f"{self.participant.service} setup")
+        await retry_healing(
             lambda: self.transport.start([self.participant.service]), what="transport start"
         )
         self._batcher.start()
@@ -255,7 +256,7 @@ class Worker:
                 rejects.append((delivery, exc.reason))
         replies: list[tuple[Delivery, Envelope | None]] = []
         if commands:
-            replies = await retry_forever(
+            replies = await retry_healing(
                 lambda: self._transact(commands), what=f"{self.participant.service} transaction"
             )
             if self.after_commit is not None:
@@ -282,6 +283,15 @@ class Worker:
                 raise
             except Exception as exc:
                 log.warning("dead-lettering failed: %r", exc)
+
+    async def _give_back(self, delivery: Delivery, exc: Exception) -> None:
+        async def dead_letter(delivery: Delivery, reason: str) -> None:
+            self.hooks.dead_lettered(delivery.queue, reason)
+            await self.transport.dead_letter(delivery, reason)
+
+        await give_back(
+            delivery, exc, limit=self.transport.topology.delivery_limit, dead_letter=dead_letter
+        )
 
     def _parse(self, delivery: Delivery) -> tuple[Envelope, _Registration[Any, Any], BaseModel]:
         envelope = decode(delivery.body, dict(delivery.headers), self.max_message_bytes)
