@@ -16,7 +16,8 @@ from sagaflow.core.errors import (
     TransportError,
 )
 from sagaflow.core.state import SagaState, SagaStatus
-from sagaflow.runtime.coordinator import Coordinator, SagaClient, SagaHandle
+from sagaflow.runtime.client import SagaClient, SagaHandle
+from sagaflow.runtime.coordinator import Coordinator
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.participant import HandlerContext, Participant, Worker
 

@@ -90,8 +90,6 @@ class Settings(BaseSettings):
         coordinator_max_batch: Replies handled per coordinator transaction at most.
         coordinator_prefetch: Unacknowledged replies a coordinator holds at most.
         coordinator_concurrency: Reply batches a coordinator handles at once.
-        coordinator_outbox_grace: Seconds before the relay publishes a message
-            the coordinator did not publish itself after commit.
         coordinator_timer_interval: Seconds between scans for due timers.
         worker_max_batch: Commands handled per worker transaction at most.
         worker_prefetch: Unacknowledged commands a worker holds at most.
@@ -122,7 +120,6 @@ class Settings(BaseSettings):
     coordinator_max_batch: int = Field(default=200, ge=1)
     coordinator_prefetch: int = Field(default=400, ge=1)
     coordinator_concurrency: int = Field(default=2, ge=1)
-    coordinator_outbox_grace: float = Field(default=5.0, ge=0)
     coordinator_timer_interval: float = Field(default=0.25, gt=0)
 
     worker_max_batch: int = Field(default=50, ge=1)

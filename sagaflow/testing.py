@@ -26,7 +26,8 @@ from sagaflow.core.errors import SagaflowError
 from sagaflow.core.messages import Envelope, Outcome
 from sagaflow.core.ports import Topology
 from sagaflow.core.state import LogEntry, SagaState
-from sagaflow.runtime.coordinator import Coordinator, SagaHandle
+from sagaflow.runtime.client import SagaHandle
+from sagaflow.runtime.coordinator import Coordinator
 from sagaflow.runtime.hooks import CompositeHooks, Hooks
 from sagaflow.runtime.participant import Participant, Worker
 from sagaflow.store import InMemoryParticipantStore, InMemorySagaStore
@@ -92,7 +93,7 @@ class SagaTestEnvironment:
     ) -> None:
         self.clock = clock or FakeClock()
         self.transport = InMemoryTransport(Topology())
-        self.store = InMemorySagaStore()
+        self.store = InMemorySagaStore(clock=self.clock)
         self._recorder = _Recorder()
         self.coordinator = Coordinator(
             list(sagas),

@@ -65,7 +65,6 @@ from opentelemetry.util.types import Attributes
 
 from sagaflow import __version__
 from sagaflow.core.engine import LINK, TRACEPARENT
-from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.ports import Topology
 from sagaflow.core.state import LogEvent
@@ -290,7 +289,7 @@ class TracingHooks(Hooks):
                 partial(_links, envelope.trace),
             )
             spans.append(span)
-            outgoing.append(replace(envelope, trace=_inject(span, envelope.trace)))
+            outgoing.append(envelope.model_copy(update={"trace": _inject(span, envelope.trace)}))
         try:
             yield outgoing
         except BaseException as exc:

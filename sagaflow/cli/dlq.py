@@ -24,7 +24,7 @@ from sagaflow.cli.common import (
 )
 from sagaflow.config import Settings
 from sagaflow.core.errors import SagaflowError
-from sagaflow.core.ports import DeadLetter
+from sagaflow.core.ports import DeadLetter, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent
 
 __all__ = ["app", "dead_letter_document"]
@@ -184,7 +184,7 @@ async def _record(settings: Settings, letters: list[DeadLetter], *, by: str, rea
                 )
             if entries:
                 async with store.transaction() as tx:
-                    await tx.append_log(entries)
+                    await tx.write(UnitOfWork(log=entries))
             return len(entries)
     except SagaflowError as exc:
         log.warning("replayed, but not recorded in the saga logs: %s", exc)

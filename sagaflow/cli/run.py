@@ -185,7 +185,6 @@ def coordinator(
             max_batch=settings.coordinator_max_batch,
             prefetch=settings.coordinator_prefetch,
             concurrency=settings.coordinator_concurrency,
-            outbox_grace=settings.coordinator_outbox_grace,
             timer_interval=settings.coordinator_timer_interval,
             max_message_bytes=settings.max_message_bytes,
         )

@@ -32,7 +32,8 @@ from sagaflow.cli.render import render_list, render_show, saga_document, saga_su
 from sagaflow.cli.resolve import load_sagas, split_specs
 from sagaflow.core.definition import Saga
 from sagaflow.core.state import SagaState, SagaStatus
-from sagaflow.runtime.coordinator import SagaClient, SagaRegistry
+from sagaflow.runtime.client import SagaClient
+from sagaflow.runtime.writer import SagaRegistry
 
 __all__ = ["app", "start"]
 

@@ -22,13 +22,14 @@ D = TypeVar("D", bound=BaseModel)
 C = TypeVar("C", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
 
-_NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,99}$")
 
 
 def check_name(what: str, name: str) -> None:
     if not _NAME.match(name):
         raise DefinitionError(
-            f"{what} {name!r} must be lower case letters, digits, '_' or '-', starting with a letter"
+            f"{what} {name!r} must be 1 to 100 lower case letters, digits, '_' or '-',"
+            " starting with a letter"
         )
 
 

@@ -29,7 +29,6 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from sagaflow.core.definition import Saga, Step, StepKind
-from sagaflow.core.fast import construct, replace
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, command_id
 from sagaflow.core.state import Failure, LogEntry, LogEvent, SagaState, SagaStatus, Timer
 
@@ -79,6 +78,25 @@ class Decision:
         return self.ignored is None and self.rejected is None
 
 
+MAX_SAGA_ID = 200
+"""The longest saga id, in characters (ids travel in every message and key)."""
+
+
+def check_saga_id(saga_id: str) -> str:
+    """A caller's saga id, checked where it enters (a message built from it must be
+    one its receiver accepts).
+
+    Raises:
+        ValueError: it is empty, longer than :data:`MAX_SAGA_ID` characters, or
+            has a control character.
+    """
+    if not isinstance(saga_id, str) or not 0 < len(saga_id) <= MAX_SAGA_ID:
+        raise ValueError(f"a saga id must be 1 to {MAX_SAGA_ID} characters: {saga_id!r:.80}")
+    if not saga_id.isprintable():
+        raise ValueError(f"a saga id must not contain control characters: {saga_id!r:.80}")
+    return saga_id
+
+
 def start(
     saga: Saga[Any],
     saga_id: str,
@@ -90,7 +108,9 @@ def start(
 
     Raises:
         pydantic.ValidationError: ``data`` does not fit the saga's data model.
+        ValueError: ``saga_id`` is not a valid saga id (:func:`check_saga_id`).
     """
+    check_saga_id(saga_id)
     model = data if isinstance(data, saga.data_model) else saga.data_model.model_validate(data)
     state = SagaState(
         saga_id=saga_id,
@@ -344,8 +364,7 @@ def _schedule_retry(
     saga: Saga[Any], state: SagaState, delay: float, now: float, log: list[LogEntry], reason: str
 ) -> Decision:
     attempt = state.attempt + 1
-    timer = construct(
-        Timer,
+    timer = Timer(
         purpose="retry",
         step_index=state.step_index,
         kind=state.kind,
@@ -472,8 +491,7 @@ def _dispatch(
     cid = command_id(state.saga_id, step.name, kind)
     if kind is MessageKind.COMMAND and state.generation:
         cid = f"{cid}:g{state.generation}"
-    envelope = construct(
-        Envelope,
+    envelope = Envelope(
         message_id=f"{cid}:{attempt}",
         command_id=cid,
         saga_id=state.saga_id,
@@ -487,8 +505,7 @@ def _dispatch(
         payload=payload,
         trace=_trace_for(state, index, kind),
     )
-    timer = construct(
-        Timer,
+    timer = Timer(
         purpose="timeout",
         step_index=index,
         kind=kind,
@@ -542,7 +559,7 @@ def _seed(state: SagaState) -> str:
 
 
 def _with(state: SagaState, **changes: Any) -> SagaState:
-    return replace(state, **changes)
+    return state.model_copy(update=changes)
 
 
 def _entry(
@@ -556,8 +573,7 @@ def _entry(
     detail: dict[str, Any] | None = None,
 ) -> LogEntry:
     on_step = event not in (LogEvent.STARTED, LogEvent.COMPLETED)
-    return construct(
-        LogEntry,
+    return LogEntry(
         saga_id=state.saga_id,
         at=now,
         event=event,

@@ -14,11 +14,12 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sagaflow.core.errors import MessageRejected
-from sagaflow.core.fast import construct
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+MAX_REASON = 2000
+"""The longest ``reason`` a message carries, in characters; longer ones are cut."""
 # the headers that are trace context (W3C, plus the link from a compensation to its step)
 TRACE_HEADERS = frozenset({"traceparent", "tracestate", "sagaflow-link"})
 
@@ -64,7 +65,7 @@ class Envelope(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
     for_kind: MessageKind | None = None  # replies: the kind of message answered
     outcome: Outcome | None = None  # replies only
-    reason: str | None = Field(default=None, max_length=2000)
+    reason: str | None = Field(default=None, max_length=MAX_REASON)
     trace: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property
@@ -78,9 +79,12 @@ class Envelope(BaseModel):
     def reply(
         self, outcome: Outcome, payload: dict[str, Any] | None = None, reason: str | None = None
     ) -> Envelope:
-        """The reply to this command or compensation."""
-        return construct(
-            Envelope,
+        """The reply to this command or compensation.
+
+        ``reason`` comes from a handler (a refusal's text, an exception's): one
+        longer than :data:`MAX_REASON` is cut, with a note of how much was left out.
+        """
+        return Envelope(
             message_id=f"{self.message_id}:reply",
             command_id=self.command_id,
             saga_id=self.saga_id,
@@ -94,9 +98,17 @@ class Envelope(BaseModel):
             payload=payload or {},
             for_kind=self.kind,
             outcome=outcome,
-            reason=reason,
+            reason=None if reason is None else shorten(reason),
             trace=self.trace,
         )
+
+
+def shorten(reason: str, limit: int = MAX_REASON) -> str:
+    """``reason`` cut to at most ``limit`` characters, saying how long it was."""
+    if len(reason) <= limit:
+        return reason
+    note = f"... [cut from {len(reason)} characters]"
+    return reason[: limit - len(note)] + note
 
 
 def command_id(saga_id: str, step: str, kind: MessageKind) -> str:

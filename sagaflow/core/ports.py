@@ -72,7 +72,9 @@ class Delivery(Protocol):
 
     @property
     def headers(self) -> Mapping[str, str]:
-        """String AMQP headers (``traceparent``, ``x-saga-*``...)."""
+        """String AMQP headers (``traceparent``, ``x-saga-*``...), and
+        ``x-delivery-count``, the broker's count of earlier deliveries, when the
+        message was delivered before."""
         ...
 
     @property
@@ -157,90 +159,72 @@ class OutboxItem:
     envelope: Envelope
 
 
-class SagaTransaction(Protocol):
-    """One atomic unit of coordinator work: state, log and outbox commit together."""
+@dataclass(frozen=True)
+class UnitOfWork:
+    """Everything one transaction writes for a batch of decisions.
 
-    async def insert(self, state: SagaState) -> None:
-        """Add a new saga. Raises ``StoreError`` when the id exists."""
-        ...
+    ``inserts`` are new sagas; ``states`` are sagas read in the transaction,
+    saved back (each at the ``version`` it was read at, which the store bumps);
+    ``log`` is appended in order; ``messages`` go to the outbox, in order, for
+    the relay to publish once the transaction has committed.
+    """
+
+    inserts: Sequence[SagaState] = ()
+    states: Sequence[SagaState] = ()
+    log: Sequence[LogEntry] = ()
+    messages: Sequence[Envelope] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.states or self.log or self.messages)
+
+
+class SagaTransaction(Protocol):
+    """One atomic unit of coordinator work: read and lock, then write it all at once."""
 
     async def lock(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
-        """Load and lock sagas (in id order, so concurrent lockers never deadlock)."""
+        """Load and lock sagas (in id order, so concurrent lockers never deadlock);
+        unknown ids are absent from the result."""
         ...
 
     async def lock_due(self, now: float, limit: int) -> list[SagaState]:
         """Lock up to ``limit`` sagas whose timer is due, skipping ones locked elsewhere."""
         ...
 
-    async def save(self, state: SagaState) -> None:
-        """Write back a state loaded in this transaction (its ``version`` is bumped)."""
-        ...
+    async def write(self, unit: UnitOfWork) -> None:
+        """Write ``unit`` (one round trip where the store can); it commits with
+        the transaction.
 
-    async def save_many(self, states: Sequence[SagaState]) -> None:
-        """``save`` for a batch, in one round trip."""
-        ...
-
-    async def append_log(self, entries: Sequence[LogEntry]) -> None: ...
-
-    async def write(
-        self,
-        states: Sequence[SagaState],
-        log: Sequence[LogEntry],
-        envelopes: Sequence[Envelope],
-        *,
-        publish_after: float,
-    ) -> list[int]:
-        """``save_many`` + ``append_log`` + ``add_outbox`` at once (one round trip
-        where the store can): the whole write of a batch of decisions."""
-        ...
-
-    async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
-        """Queue messages; the relay publishes any still there after ``publish_after``."""
+        Raises:
+            StoreError: a saga of ``unit.inserts`` exists (the transaction is
+                then unusable: roll it back), or the store failed.
+            ConcurrencyConflict: a saga of ``unit.states`` is no longer at its
+                version.
+            ValueError: a saga appears twice in ``unit.states``.
+        """
         ...
 
 
 class SagaStore(Protocol):
+    """Where sagas, their logs and the outbox live."""
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
     def transaction(self, connection: Any = None) -> AbstractAsyncContextManager[SagaTransaction]:
-        """A transaction; with ``connection`` (the caller's, already in a transaction)
-        the work joins the caller's transaction and commits with it."""
+        """A transaction, committed when the block exits cleanly; with ``connection``
+        (the caller's, already in a transaction) the work joins the caller's
+        transaction and commits with it. A commit that queued messages wakes
+        :meth:`wait_for_outbox` (in this process at once, in others by a hint)."""
         ...
 
-    def claim_outbox(self, now: float, limit: int) -> AbstractAsyncContextManager[list[OutboxItem]]:
-        """Claim due outbox rows; they are deleted when the block exits without error."""
+    def claim_outbox(self, limit: int) -> AbstractAsyncContextManager[list[OutboxItem]]:
+        """Claim up to ``limit`` outbox rows, oldest first, skipping rows claimed
+        elsewhere; they are deleted when the block exits without error."""
         ...
-
-    async def commit(
-        self,
-        *,
-        inserts: Sequence[SagaState] = (),
-        states: Sequence[SagaState] = (),
-        log: Sequence[LogEntry] = (),
-        envelopes: Sequence[Envelope] = (),
-        publish_after: float = 0.0,
-        delete_outbox: Sequence[int] = (),
-    ) -> list[int]:
-        """One whole unit of work, atomically, in a transaction of its own: add the
-        new sagas ``inserts``, save ``states`` (each at the version it was read at),
-        append ``log``, queue ``envelopes`` and delete published outbox rows.
-
-        One round trip where the store can. The result is the outbox ids of
-        ``envelopes``, in order.
-
-        Raises:
-            ConcurrencyConflict: a saga of ``states`` is no longer at its version;
-                nothing was written.
-            StoreError: a saga of ``inserts`` exists, or the store failed.
-        """
-        ...
-
-    async def delete_outbox(self, ids: Sequence[int]) -> None: ...
 
     async def wait_for_outbox(self, timeout: float) -> None:
-        """Return when new outbox rows may be due (a hint), or after ``timeout``."""
+        """Return when outbox rows may be waiting (a hint), or after ``timeout``."""
         ...
 
     async def get(self, saga_id: str) -> SagaState | None: ...

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope
 
 if TYPE_CHECKING:
@@ -149,7 +148,7 @@ _BASE = Hooks()
 def carrying(envelope: Envelope, trace: dict[str, str]) -> Envelope:
     """``envelope`` with the trace context ``trace`` (from ``processing``): no
     copy when a hook left it as it came, as with tracing off or a saga sampled out."""
-    return envelope if trace is envelope.trace else replace(envelope, trace=trace)
+    return envelope if trace is envelope.trace else envelope.model_copy(update={"trace": trace})
 
 
 def _overriding(hooks: Sequence[Hooks], name: str) -> list[Hooks]:

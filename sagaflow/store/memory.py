@@ -6,14 +6,14 @@ both) without a database:
 - A transaction stages its writes and applies them when its block exits
   cleanly, all at once (no ``await`` in between); an exception discards them.
 - Row locks are per-key locks owned by a transaction and released when it ends.
-  ``lock`` waits for them (in id order), as do ``save`` and ``insert``, which
-  in PostgreSQL wait on the row or the primary key; ``lock_due`` skips keys
-  locked by another transaction. Unlike PostgreSQL there is no deadlock
-  detection: lock in id order.
+  ``lock`` waits for them (in id order), as does ``write`` for the sagas it
+  inserts or saves, which in PostgreSQL wait on the row or the primary key;
+  ``lock_due`` skips keys locked by another transaction. Unlike PostgreSQL
+  there is no deadlock detection: lock in id order.
 - ``transaction(connection=...)`` ignores ``connection`` (there is no shared
   database to join) and commits on its own.
-- ``wait_for_outbox`` wakes on a commit that added rows due by the store's
-  clock (``time.time`` unless one is given), as PostgreSQL's ``NOTIFY`` does.
+- ``wait_for_outbox`` wakes on a commit that queued messages, as the
+  PostgreSQL store's commit does.
 
 States and envelopes are immutable pydantic models, so they are stored as they
 are: no copies beyond the ``version`` bump of a save.
@@ -28,21 +28,15 @@ import itertools
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
-from sagaflow.core.fast import replace
 from sagaflow.core.messages import Envelope
-from sagaflow.core.ports import Clock, OutboxItem
+from sagaflow.core.ports import Clock, OutboxItem, UnitOfWork
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
 from sagaflow.store.locks import KeyedLocks
 
 __all__ = ["InMemorySagaStore", "InMemorySagaTransaction"]
-
-
-class _OutboxRow(NamedTuple):
-    envelope: Envelope
-    publish_after: float
 
 
 # --------------------------------------------------------------------------- saga store
@@ -57,7 +51,7 @@ class InMemorySagaTransaction:
         self._store = store
         self._states: dict[str, SagaState] = {}
         self._log: list[LogEntry] = []
-        self._outbox: list[tuple[int, _OutboxRow]] = []
+        self._outbox: list[tuple[int, Envelope]] = []
         self._held: set[str] = set()
 
     @property
@@ -74,18 +68,6 @@ class InMemorySagaTransaction:
     def _current(self, saga_id: str) -> SagaState | None:
         state = self._states.get(saga_id)
         return self._store._sagas.get(saga_id) if state is None else state
-
-    async def insert(self, state: SagaState) -> None:
-        """Add a new saga (waits while another transaction holds the same id).
-
-        Raises:
-            StoreError: a saga with that id exists.
-        """
-        if state.saga_id not in self._store._sagas:  # else fail at once, like ON CONFLICT
-            await self._acquire(state.saga_id)
-        if self._current(state.saga_id) is not None:
-            raise StoreError(f"saga {state.saga_id!r} already exists")
-        self._states[state.saga_id] = state
 
     async def lock(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
         """Load and lock sagas in id order; unknown ids are absent from the result."""
@@ -122,57 +104,32 @@ class InMemorySagaTransaction:
                 locked.append(state)
         return locked
 
-    async def save(self, state: SagaState) -> None:
-        """Write back a state loaded with ``state.version``; the stored version becomes +1.
+    async def write(self, unit: UnitOfWork) -> None:
+        """Stage ``unit``; it is applied when the transaction commits.
 
         Raises:
-            ConcurrencyConflict: the stored version is not ``state.version``.
+            StoreError: a saga of ``unit.inserts`` exists.
+            ConcurrencyConflict: a saga of ``unit.states`` is no longer at its version.
+            ValueError: a saga appears twice in ``unit.states``.
         """
-        await self._acquire(state.saga_id)
-        current = self._current(state.saga_id)
-        if current is None or current.version != state.version:
-            raise ConcurrencyConflict(
-                f"saga {state.saga_id!r} is no longer at version {state.version}"
-            )
-        self._states[state.saga_id] = replace(state, version=state.version + 1)
-
-    async def save_many(self, states: Sequence[SagaState]) -> None:
-        """:meth:`save` several sagas.
-
-        Raises:
-            ValueError: a saga appears twice.
-            ConcurrencyConflict: any of them is no longer at its version.
-        """
-        if len({s.saga_id for s in states}) != len(states):
-            raise ValueError("save_many got the same saga twice")
-        for state in states:
-            await self.save(state)
-
-    async def append_log(self, entries: Sequence[LogEntry]) -> None:
-        """Append log entries in order."""
-        self._log.extend(entries)
-
-    async def write(
-        self,
-        states: Sequence[SagaState],
-        log: Sequence[LogEntry],
-        envelopes: Sequence[Envelope],
-        *,
-        publish_after: float,
-    ) -> list[int]:
-        """``save_many``, ``append_log`` and ``add_outbox`` together."""
-        await self.save_many(states)
-        await self.append_log(log)
-        return await self.add_outbox(envelopes, publish_after=publish_after)
-
-    async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
-        """Queue envelopes; returns their row ids in order."""
-        ids = [next(self._store._ids) for _ in envelopes]
-        self._outbox.extend(
-            (row_id, _OutboxRow(envelope, publish_after))
-            for row_id, envelope in zip(ids, envelopes, strict=True)
-        )
-        return ids
+        if len({s.saga_id for s in unit.states}) != len(unit.states):
+            raise ValueError("write got the same saga twice")
+        for state in unit.inserts:
+            if state.saga_id not in self._store._sagas:  # else fail at once, like ON CONFLICT
+                await self._acquire(state.saga_id)
+            if self._current(state.saga_id) is not None:
+                raise StoreError(f"saga {state.saga_id!r} already exists")
+            self._states[state.saga_id] = state
+        for state in unit.states:
+            await self._acquire(state.saga_id)
+            current = self._current(state.saga_id)
+            if current is None or current.version != state.version:
+                raise ConcurrencyConflict(
+                    f"saga {state.saga_id!r} is no longer at version {state.version}"
+                )
+            self._states[state.saga_id] = state.model_copy(update={"version": state.version + 1})
+        self._log.extend(unit.log)
+        self._outbox.extend((next(self._store._ids), envelope) for envelope in unit.messages)
 
     def _commit(self) -> None:
         store = self._store
@@ -188,9 +145,8 @@ class InMemorySagaTransaction:
                 entries.append(entry)
         if self._outbox:
             store._outbox.update(self._outbox)
-            now = store._now()
-            if any(row.publish_after <= now for _, row in self._outbox):
-                store._outbox_event.set()
+            store._queued_at.update((row_id, store._now()) for row_id, _ in self._outbox)
+            store._outbox_event.set()
 
     def _release(self) -> None:
         locks = self._store._locks
@@ -226,25 +182,20 @@ class _SagaTransactionContext:
 
 
 class _ClaimContext:
-    __slots__ = ("_ids", "_limit", "_now", "_store")
+    __slots__ = ("_ids", "_limit", "_store")
 
-    def __init__(self, store: InMemorySagaStore, now: float, limit: int) -> None:
+    def __init__(self, store: InMemorySagaStore, limit: int) -> None:
         self._store = store
-        self._now = now
         self._limit = limit
         self._ids: list[int] = []
 
     async def __aenter__(self) -> list[OutboxItem]:
-        store, now = self._store, self._now
+        store = self._store
         claimed = store._claimed
-        due = (
-            row_id
-            for row_id, row in store._outbox.items()
-            if row.publish_after <= now and row_id not in claimed
-        )
-        self._ids = heapq.nsmallest(self._limit, due)
+        free = (row_id for row_id in store._outbox if row_id not in claimed)
+        self._ids = heapq.nsmallest(self._limit, free)
         claimed.update(self._ids)
-        return [OutboxItem(id=i, envelope=store._outbox[i].envelope) for i in self._ids]
+        return [OutboxItem(id=i, envelope=store._outbox[i]) for i in self._ids]
 
     async def __aexit__(
         self,
@@ -257,21 +208,23 @@ class _ClaimContext:
             store._claimed.discard(row_id)
             if exc is None:
                 store._outbox.pop(row_id, None)
+                store._queued_at.pop(row_id, None)
 
 
 class InMemorySagaStore:
     """The :class:`~sagaflow.core.ports.SagaStore` in memory, for tests and the demo.
 
     Args:
-        clock: Decides which committed outbox rows are due now and wake
-            :meth:`wait_for_outbox`; the system clock by default.
+        clock: Stamps outbox rows when they commit (for :meth:`outbox_stats`);
+            the system clock by default.
     """
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._now = time.time if clock is None else clock.now
         self._sagas: dict[str, SagaState] = {}
         self._logs: dict[str, list[LogEntry]] = {}
-        self._outbox: dict[int, _OutboxRow] = {}
+        self._outbox: dict[int, Envelope] = {}
+        self._queued_at: dict[int, float] = {}
         self._claimed: set[int] = set()
         self._ids = itertools.count(1)
         self._locks = KeyedLocks()
@@ -289,38 +242,15 @@ class InMemorySagaStore:
         """A transaction; ``connection`` is ignored (this store commits on its own)."""
         return _SagaTransactionContext(self)
 
-    def claim_outbox(self, now: float, limit: int) -> _ClaimContext:
-        """Claim up to ``limit`` due rows, lowest id first, skipping rows claimed elsewhere.
+    def claim_outbox(self, limit: int) -> _ClaimContext:
+        """Claim up to ``limit`` rows, lowest id first, skipping rows claimed elsewhere.
 
         They are deleted when the block exits cleanly, released if it raises.
         """
-        return _ClaimContext(self, now, limit)
-
-    async def commit(
-        self,
-        *,
-        inserts: Sequence[SagaState] = (),
-        states: Sequence[SagaState] = (),
-        log: Sequence[LogEntry] = (),
-        envelopes: Sequence[Envelope] = (),
-        publish_after: float = 0.0,
-        delete_outbox: Sequence[int] = (),
-    ) -> list[int]:
-        """Insert, save, log and queue in one transaction; then drop ``delete_outbox``."""
-        async with self.transaction() as tx:
-            for state in inserts:
-                await tx.insert(state)
-            ids = await tx.write(states, log, envelopes, publish_after=publish_after)
-        await self.delete_outbox(delete_outbox)
-        return ids
-
-    async def delete_outbox(self, ids: Sequence[int]) -> None:
-        """Delete outbox rows."""
-        for row_id in ids:
-            self._outbox.pop(row_id, None)
+        return _ClaimContext(self, limit)
 
     async def wait_for_outbox(self, timeout: float) -> None:
-        """Return when a transaction committed rows due now, or after ``timeout``."""
+        """Return when a transaction committed outbox rows, or after ``timeout``."""
         event = self._outbox_event
         if not event.is_set():
             try:
@@ -350,9 +280,9 @@ class InMemorySagaStore:
         return builtins.list(self._logs.get(saga_id, ()))
 
     async def outbox_stats(self, now: float) -> tuple[int, float]:
-        """Rows due at ``now`` and the age in seconds of the oldest (0.0 when none)."""
-        due = [row.publish_after for row in self._outbox.values() if row.publish_after <= now]
-        return len(due), (max(0.0, now - min(due)) if due else 0.0)
+        """Rows waiting and the age in seconds of the oldest (0.0 when none)."""
+        queued = self._queued_at.values()
+        return len(queued), (max(0.0, now - min(queued)) if queued else 0.0)
 
     # ----------------------------------------------------------------- internals
 

@@ -14,8 +14,8 @@ Errors. Every database failure surfaces as a :class:`~sagaflow.core.errors.Store
 with asyncpg's exception as ``__cause__``; the runtime catches ``StoreError``
 and retries the whole unit of work:
 
-- :class:`~sagaflow.core.errors.ConcurrencyConflict`: ``save`` found another
-  version, or PostgreSQL reported a serialization failure or a deadlock
+- :class:`~sagaflow.core.errors.ConcurrencyConflict`: ``write`` found a saga
+  at another version than it was read at, or PostgreSQL reported a serialization failure or a deadlock
   (SQLSTATE class 40).
 - :class:`~sagaflow.core.errors.StoreError`: anything else, notably a lost
   or refused connection (``PostgresConnectionError``, ``InterfaceError``,
@@ -28,8 +28,7 @@ idempotence (versions, deterministic ids, the inbox) absorbs the retry.
 
 A PostgreSQL restart costs at most the calls in flight. A pooled connection
 that died while idle is only noticed when used, so ``BEGIN`` and the read-only
-or idempotent calls (``get``, ``list``, ``log``, ``outbox_stats``,
-``delete_outbox``) are retried on another connection when theirs turns out to
+or idempotent calls (``get``, ``list``, ``log``, ``outbox_stats``) are retried on another connection when theirs turns out to
 be dead (never a failure to connect: that raises at once); asyncpg's pool
 reopens broken connections on the next acquire. ``wait_for_outbox`` listens on a
 dedicated connection outside the pool and reconnects on its next call when that
@@ -41,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,22 +49,20 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
-from sagaflow.core.fast import replace
-from sagaflow.core.messages import Envelope, MessageKind
-from sagaflow.core.ports import OutboxItem
+from sagaflow.core.messages import MessageKind
+from sagaflow.core.ports import OutboxItem, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
-from sagaflow.store.migrate import quote_schema
 from sagaflow.store.postgres_common import (
     BROKEN,
     CONNECT_TIMEOUT,
     DB_ERRORS,
     begin,
     envelope_from_json,
-    envelope_to_json,
     keep_session,
     release,
     store_error,
 )
+from sagaflow.store.postgres_sql import SagaSql
 
 if TYPE_CHECKING:
     from asyncpg.transaction import Transaction
@@ -81,213 +77,6 @@ _CHURNING = ("sagas", "outbox")  # rewritten or deleted at every step
 T = TypeVar("T")
 
 
-def _detail_default(value: object) -> object:
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        return dump(mode="json")
-    return str(value)
-
-
-def _detail_json(detail: dict[str, Any]) -> str:
-    if not detail:
-        return "{}"
-    return orjson.dumps(detail, default=_detail_default).decode()
-
-
-def _state_json(state: SagaState, version: int) -> str:
-    if state.version != version:
-        state = replace(state, version=version)
-    return state.model_dump_json()
-
-
-class _SagaSql:
-    """The statements, rendered once for a schema (a unit of work's once per shape)."""
-
-    def __init__(self, schema: str) -> None:
-        s = quote_schema(schema)
-        self.channel = f"{schema}_outbox"
-        self.insert = (
-            f"INSERT INTO {s}.sagas (saga_id, saga_name, saga_version, status, state,"
-            " wake_at, version, created_at, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5::text::jsonb, to_timestamp($6::float8), $7::int8,"
-            " to_timestamp($8::float8), to_timestamp($9::float8))"
-            " ON CONFLICT (saga_id) DO NOTHING RETURNING 1"
-        )
-        self.lock = (
-            f"SELECT state::text FROM {s}.sagas WHERE saga_id = ANY($1::text[])"
-            " ORDER BY saga_id FOR UPDATE"
-        )
-        self.lock_due = (
-            f"SELECT state::text FROM {s}.sagas WHERE wake_at <= to_timestamp($1::float8)"
-            " ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
-        )
-        self.schema = s
-        self._units: dict[tuple[bool, ...], str] = {}
-        self.claim_outbox = (
-            f"SELECT id, envelope::text FROM {s}.outbox"
-            " WHERE publish_after <= to_timestamp($1::float8)"
-            " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
-        )
-        self.delete_outbox = f"DELETE FROM {s}.outbox WHERE id = ANY($1::int8[])"
-        self.outbox_table = f"{s}.outbox"
-        self.get = f"SELECT state::text FROM {s}.sagas WHERE saga_id = $1"
-        self.list_base = f"SELECT state::text FROM {s}.sagas"
-        self.log = (
-            f"SELECT saga_id, extract(epoch FROM at)::float8 AS at, event, step, step_index,"
-            f" kind, attempt, detail::text AS detail FROM {s}.saga_log"
-            " WHERE saga_id = $1 ORDER BY id"
-        )
-        self.outbox_stats = (
-            f"SELECT count(*), extract(epoch FROM min(publish_after))::float8 FROM {s}.outbox"
-            " WHERE publish_after <= to_timestamp($1::float8)"
-        )
-        # what would keep the churning tables from being vacuumed (see unvacuumed())
-        self.vacuum_settings = (
-            "SELECT current_setting('autovacuum')::boolean,"
-            " array(SELECT c.relname FROM pg_class c"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace,"
-            " pg_options_to_table(c.reloptions) AS o"
-            " WHERE n.nspname = $1 AND c.relname = ANY($2::text[])"
-            " AND o.option_name = 'autovacuum_enabled' AND NOT o.option_value::boolean"
-            " ORDER BY c.relname)"
-        )
-
-    def unit(
-        self,
-        *,
-        inserts: Sequence[SagaState] = (),
-        states: Sequence[SagaState] = (),
-        log: Sequence[LogEntry] = (),
-        envelopes: Sequence[Envelope] = (),
-        publish_after: float = 0.0,
-        delete_outbox: Sequence[int] = (),
-        notify: bool = False,
-        guarded: bool = False,
-    ) -> tuple[str, list[Any]]:
-        """One statement writing a unit of work, and its arguments ("" if empty).
-
-        Data-modifying CTEs all run whether the result reads them or not. Rows
-        come back as (kind, saga id, outbox id): ``o`` an outbox id (in order),
-        ``s`` a saved saga (unguarded only). ``guarded`` makes a version
-        conflict fail the statement inside it (``expect_saved``), for the
-        one-statement commit. Only the parts the unit has are in the statement:
-        unnest over empty arrays still costs PostgreSQL about a third of a
-        reply's commit. The text depends only on the shape, so each shape is
-        rendered (and prepared by asyncpg) once.
-        """
-        shape = (
-            bool(inserts),
-            bool(delete_outbox),
-            bool(states),
-            bool(log),
-            bool(envelopes),
-            notify,
-            guarded,
-        )
-        args: list[Any] = []
-        if inserts:
-            args += _inserted_args(inserts)
-        if delete_outbox:
-            args.append(list(delete_outbox))
-        if states:
-            args += _saved_args(states)
-        if log:
-            args += _log_args(log)
-        if envelopes:
-            args += [[e.saga_id for e in envelopes], [envelope_to_json(e) for e in envelopes]]
-            args.append(publish_after)
-        if notify:
-            args.append(self.channel)
-        sql = self._units.get(shape)
-        if sql is None:
-            sql = self._units[shape] = self._render(*shape)
-        return sql, args
-
-    def _render(
-        self,
-        inserts: bool,
-        deletes: bool,
-        states: bool,
-        log: bool,
-        envelopes: bool,
-        notify: bool,
-        guarded: bool,
-    ) -> str:
-        s = self.schema
-        count = 0
-
-        def p(n: int) -> list[str]:
-            nonlocal count
-            count += n
-            return [f"${i}" for i in range(count - n + 1, count + 1)]
-
-        ctes: list[str] = []
-        results: list[str] = []
-        if inserts:
-            a = p(9)
-            ctes.append(
-                f"inserted AS (INSERT INTO {s}.sagas (saga_id, saga_name, saga_version, status,"
-                " state, wake_at, version, created_at, updated_at)"
-                " SELECT u.saga_id, u.saga_name, u.saga_version, u.status, u.state::jsonb,"
-                " to_timestamp(u.wake_at), u.version, to_timestamp(u.created_at),"
-                " to_timestamp(u.updated_at)"
-                f" FROM unnest({a[0]}::text[], {a[1]}::text[], {a[2]}::int4[], {a[3]}::text[],"
-                f" {a[4]}::text[], {a[5]}::float8[], {a[6]}::int8[], {a[7]}::float8[],"
-                f" {a[8]}::float8[]) AS u(saga_id, saga_name, saga_version, status, state,"
-                " wake_at, version, created_at, updated_at))"
-            )
-        if deletes:
-            (ids,) = p(1)
-            ctes.append(f"deleted AS (DELETE FROM {s}.outbox WHERE id = ANY({ids}::int8[]))")
-        if states:
-            a = p(6)
-            ctes.append(
-                f"saved AS (UPDATE {s}.sagas AS t SET status = u.status,"
-                " state = u.state::jsonb, wake_at = to_timestamp(u.wake_at),"
-                " version = u.version + 1, updated_at = to_timestamp(u.updated_at)"
-                f" FROM unnest({a[0]}::text[], {a[1]}::text[], {a[2]}::text[],"
-                f" {a[3]}::float8[], {a[4]}::int8[], {a[5]}::float8[])"
-                " AS u(saga_id, status, state, wake_at, version, updated_at)"
-                " WHERE t.saga_id = u.saga_id AND t.version = u.version RETURNING t.saga_id)"
-            )
-            if guarded:
-                results.append(
-                    f"SELECT 'c', NULL, {s}.expect_saved((SELECT count(*) FROM saved),"
-                    f" cardinality({a[0]}::text[]))"
-                )
-            else:
-                results.append("SELECT 's', saga_id, 0::int8 FROM saved")
-        if log:
-            a = p(8)
-            ctes.append(
-                f"logged AS (INSERT INTO {s}.saga_log (saga_id, at, event, step, step_index,"
-                " kind, attempt, detail) SELECT u.saga_id, to_timestamp(u.at), u.event, u.step,"
-                " u.step_index, u.kind, u.attempt, u.detail::jsonb"
-                f" FROM unnest({a[0]}::text[], {a[1]}::float8[], {a[2]}::text[],"
-                f" {a[3]}::text[], {a[4]}::int4[], {a[5]}::text[], {a[6]}::int4[],"
-                f" {a[7]}::text[]) WITH ORDINALITY"
-                " AS u(saga_id, at, event, step, step_index, kind, attempt, detail, ord)"
-                " ORDER BY u.ord)"
-            )
-        if envelopes:
-            a = p(3)
-            ctes.append(
-                f"queued AS (INSERT INTO {s}.outbox (saga_id, envelope, publish_after)"
-                f" SELECT u.saga_id, u.envelope::jsonb, to_timestamp({a[2]}::float8)"
-                f" FROM unnest({a[0]}::text[], {a[1]}::text[]) WITH ORDINALITY"
-                " AS u(saga_id, envelope, ord) ORDER BY u.ord RETURNING id)"
-            )
-            results.append("SELECT 'o', NULL, id FROM queued")
-        if notify:
-            (channel,) = p(1)
-            results.append(f"SELECT 'n', NULL, -1::int8 FROM pg_notify({channel}::text, '')")
-        if not ctes:
-            return ""
-        if not results:  # a unit with nothing to report still needs a SELECT
-            results.append("SELECT 'x', NULL, -1::int8 WHERE false")
-        return f"WITH {', '.join(ctes)} {' UNION ALL '.join(results)}"
-
-
 class PostgresSagaTransaction:
     """The :class:`~sagaflow.core.ports.SagaTransaction` of :class:`PostgresSagaStore`.
 
@@ -296,7 +85,7 @@ class PostgresSagaTransaction:
 
     __slots__ = ("_conn", "_sql", "notified")
 
-    def __init__(self, conn: Connection, sql: _SagaSql) -> None:
+    def __init__(self, conn: Connection, sql: SagaSql) -> None:
         self._conn = conn
         self._sql = sql
         self.notified = False  # a NOTIFY for due outbox rows is pending in this transaction
@@ -305,30 +94,6 @@ class PostgresSagaTransaction:
     def connection(self) -> Connection:
         """The connection this transaction runs on."""
         return self._conn
-
-    async def insert(self, state: SagaState) -> None:
-        """Add a new saga.
-
-        Raises:
-            StoreError: a saga with that id exists (the transaction stays usable).
-        """
-        try:
-            inserted = await self._conn.fetchval(
-                self._sql.insert,
-                state.saga_id,
-                state.saga_name,
-                state.saga_version,
-                state.status.value,
-                state.model_dump_json(),
-                state.wake_at,
-                state.version,
-                state.created_at,
-                state.updated_at,
-            )
-        except DB_ERRORS as exc:
-            raise store_error(exc, "insert") from exc
-        if inserted is None:
-            raise StoreError(f"saga {state.saga_id!r} already exists")
 
     async def lock(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
         """Load and lock sagas in id order; unknown ids are absent from the result."""
@@ -349,117 +114,34 @@ class PostgresSagaTransaction:
             raise store_error(exc, "lock_due") from exc
         return [SagaState.model_validate_json(row[0]) for row in rows]
 
-    async def save(self, state: SagaState) -> None:
-        """Write back a state loaded with ``state.version``; the stored version becomes +1.
+    async def write(self, unit: UnitOfWork) -> None:
+        """Write ``unit`` in one statement; ``NOTIFY <schema>_outbox`` at commit
+        when it queues messages.
 
         Raises:
-            ConcurrencyConflict: the stored version is not ``state.version``.
+            StoreError: a saga of ``unit.inserts`` exists (``__cause__`` is asyncpg's
+                ``UniqueViolationError``); the transaction must be rolled back.
+            ConcurrencyConflict: a saga of ``unit.states`` is no longer at its version.
+            ValueError: a saga appears twice in ``unit.states``.
         """
-        await self.save_many((state,))
-
-    async def save_many(self, states: Sequence[SagaState]) -> None:
-        """:meth:`save` several sagas in one statement.
-
-        Raises:
-            ValueError: a saga appears twice.
-            ConcurrencyConflict: any of them is no longer at its version (none is saved
-                once the transaction rolls back).
-        """
-        if states:
-            await self.write(states, (), (), publish_after=0.0)
-
-    async def append_log(self, entries: Sequence[LogEntry]) -> None:
-        """Append log entries in order, in one statement."""
-        if entries:
-            await self.write((), entries, (), publish_after=0.0)
-
-    async def add_outbox(self, envelopes: Sequence[Envelope], *, publish_after: float) -> list[int]:
-        """Queue envelopes; ``NOTIFY <schema>_outbox`` at commit when they are due now.
-
-        Returns:
-            The row ids, in the order of ``envelopes``.
-        """
-        if not envelopes:
-            return []
-        return await self.write((), (), envelopes, publish_after=publish_after)
-
-    async def write(
-        self,
-        states: Sequence[SagaState],
-        log: Sequence[LogEntry],
-        envelopes: Sequence[Envelope],
-        *,
-        publish_after: float,
-    ) -> list[int]:
-        """``save_many`` + ``append_log`` + ``add_outbox`` in one statement.
-
-        Raises:
-            ValueError: a saga appears twice.
-            ConcurrencyConflict: a saga is no longer at its version.
-        """
-        notify = bool(envelopes) and not self.notified and publish_after <= time.time()
-        sql, args = self._sql.unit(
-            states=states, log=log, envelopes=envelopes, publish_after=publish_after, notify=notify
-        )
+        notify = bool(unit.messages) and not self.notified
+        sql, args = self._sql.unit(unit, notify=notify)
         if not sql:
-            return []
+            return
         try:
             rows = await self._conn.fetch(sql, *args)
+        except asyncpg.UniqueViolationError as exc:
+            raise StoreError(f"saga already exists: {exc.detail or exc}") from exc
         except DB_ERRORS as exc:
             raise store_error(exc, "write") from exc
         self.notified = self.notified or notify
-        saved = {row[1] for row in rows if row[0] == "s"}
-        if len(saved) != len(states):
-            stale = [s.saga_id for s in states if s.saga_id not in saved]
-            raise ConcurrencyConflict(
-                f"sagas no longer at the version they were loaded at: {stale}"
-            )
-        return _outbox_ids(rows)
-
-
-def _saved_args(states: Sequence[SagaState]) -> list[Any]:
-    ids = [s.saga_id for s in states]
-    if len(set(ids)) != len(ids):
-        raise ValueError("write got the same saga twice")
-    return [
-        ids,
-        [s.status.value for s in states],
-        [_state_json(s, s.version + 1) for s in states],
-        [s.wake_at for s in states],
-        [s.version for s in states],
-        [s.updated_at for s in states],
-    ]
-
-
-def _log_args(log: Sequence[LogEntry]) -> list[Any]:
-    return [
-        [e.saga_id for e in log],
-        [e.at for e in log],
-        [e.event.value for e in log],
-        [e.step for e in log],
-        [e.step_index for e in log],
-        [None if e.kind is None else e.kind.value for e in log],
-        [e.attempt for e in log],
-        [_detail_json(e.detail) for e in log],
-    ]
-
-
-def _inserted_args(states: Sequence[SagaState]) -> list[Any]:
-    return [
-        [s.saga_id for s in states],
-        [s.saga_name for s in states],
-        [s.saga_version for s in states],
-        [s.status.value for s in states],
-        [s.model_dump_json() for s in states],
-        [s.wake_at for s in states],
-        [s.version for s in states],
-        [s.created_at for s in states],
-        [s.updated_at for s in states],
-    ]
-
-
-def _outbox_ids(rows: Sequence[asyncpg.Record]) -> list[int]:
-    return sorted(row[2] for row in rows if row[0] == "o")
+        if unit.states:
+            saved = {row[1] for row in rows if row[0] == "s"}
+            if len(saved) != len(unit.states):
+                stale = [s.saga_id for s in unit.states if s.saga_id not in saved]
+                raise ConcurrencyConflict(
+                    f"sagas no longer at the version they were loaded at: {stale}"
+                )
 
 
 class _TransactionContext:
@@ -527,32 +209,31 @@ async def _quiet_rollback(tx: Transaction) -> None:
 
 
 class _ClaimContext:
-    """``async with store.claim_outbox(now, n) as items``: rows stay locked until exit."""
+    """``async with store.claim_outbox(n) as items``: the rows are deleted in a
+    transaction that commits when the block exits cleanly (and rolls back, so
+    they come back, when it raises)."""
 
-    __slots__ = ("_conn", "_ids", "_limit", "_now", "_store", "_tx")
+    __slots__ = ("_conn", "_limit", "_store", "_tx")
 
-    def __init__(self, store: PostgresSagaStore, now: float, limit: int) -> None:
+    def __init__(self, store: PostgresSagaStore, limit: int) -> None:
         self._store = store
-        self._now = now
         self._limit = limit
         self._conn: PoolConnectionProxy[Any] | None = None
         self._tx: Transaction | None = None
-        self._ids: list[int] = []
 
     async def __aenter__(self) -> list[OutboxItem]:
         store = self._store
         self._conn, self._tx = conn, _ = await begin(store._pool_or_raise(), store._attempts)
         try:
-            rows = await conn.fetch(store._sql.claim_outbox, self._now, self._limit)
+            rows = await conn.fetch(store._sql.claim_outbox, self._limit)
         except DB_ERRORS as exc:
             await self._abort()
             raise store_error(exc, "claim_outbox") from exc
         except BaseException:
             await self._abort()
             raise
-        items = [OutboxItem(id=row[0], envelope=envelope_from_json(row[1])) for row in rows]
-        self._ids = [item.id for item in items]
-        return items
+        rows.sort(key=lambda row: row[0])  # RETURNING has no order of its own
+        return [OutboxItem(id=row[0], envelope=envelope_from_json(row[1])) for row in rows]
 
     async def __aexit__(
         self,
@@ -566,8 +247,6 @@ class _ClaimContext:
         conn, tx = self._conn, self._tx
         assert conn is not None and tx is not None
         try:
-            if self._ids:
-                await conn.execute(self._store._sql.delete_outbox, self._ids)
             await tx.commit()
         except DB_ERRORS as error:
             await self._abort()
@@ -604,7 +283,7 @@ class PostgresSagaStore:
     ) -> None:
         self._dsn = dsn
         self._schema = schema
-        self._sql = _SagaSql(schema)
+        self._sql = SagaSql(schema)
         self._min_size = min_size
         self._max_size = max_size
         self._attempts = max_size + 1  # every idle connection may have died
@@ -706,79 +385,13 @@ class PostgresSagaStore:
         """
         return _TransactionContext(self, connection)
 
-    def claim_outbox(self, now: float, limit: int) -> _ClaimContext:
-        """Claim up to ``limit`` due rows (oldest id first), skipping rows claimed elsewhere.
+    def claim_outbox(self, limit: int) -> _ClaimContext:
+        """Claim up to ``limit`` rows (oldest id first), skipping rows claimed elsewhere.
 
         The rows are deleted when the block exits cleanly; if it raises, they stay
         for the next claim.
         """
-        return _ClaimContext(self, now, limit)
-
-    async def commit(
-        self,
-        *,
-        inserts: Sequence[SagaState] = (),
-        states: Sequence[SagaState] = (),
-        log: Sequence[LogEntry] = (),
-        envelopes: Sequence[Envelope] = (),
-        publish_after: float = 0.0,
-        delete_outbox: Sequence[int] = (),
-    ) -> list[int]:
-        """The whole unit of work in one statement, committed on its own (no
-        ``BEGIN``/``COMMIT`` round trips): one round trip and one commit.
-
-        A version conflict is detected inside the statement, so nothing is
-        written. If the connection is lost while the statement runs, the
-        outcome is unknown (as for any commit): a retry finds the sagas
-        moved (``ConcurrencyConflict``) or, for ``inserts``, existing.
-
-        Raises:
-            ConcurrencyConflict: a saga of ``states`` is no longer at its version.
-            StoreError: a saga of ``inserts`` exists (``__cause__`` is asyncpg's
-                ``UniqueViolationError``), or the database failed.
-        """
-        notify = bool(envelopes) and publish_after <= time.time()
-        sql, args = self._sql.unit(
-            inserts=inserts,
-            states=states,
-            log=log,
-            envelopes=envelopes,
-            publish_after=publish_after,
-            delete_outbox=delete_outbox,
-            notify=notify,
-            guarded=True,
-        )
-        if not sql:
-            return []
-
-        async def run(conn: PoolConnectionProxy[Any]) -> list[asyncpg.Record]:
-            try:
-                return await conn.fetch(sql, *args)
-            except asyncpg.UniqueViolationError as exc:
-                error = StoreError(f"saga already exists: {exc.detail or exc}")
-                raise error from exc
-
-        rows = await self._run("commit", run, retry=asyncpg.InterfaceError)
-        if notify:
-            self._wake.set()
-        return _outbox_ids(rows)
-
-    async def delete_outbox(self, ids: Sequence[int]) -> None:
-        """Delete outbox rows (already published by the caller).
-
-        One round trip, committed without waiting for the disk
-        (``synchronous_commit = off``): a delete lost in a crash only means the
-        relay publishes those messages once more, which consumers dedup anyway,
-        and not waiting for an fsync here is a commit's worth of latency saved
-        per batch.
-        """
-        if ids:
-            listed = ",".join(str(int(i)) for i in ids)  # ints only: safe to inline
-            sql = (
-                "BEGIN; SET LOCAL synchronous_commit TO OFF;"
-                f" DELETE FROM {self._sql.outbox_table} WHERE id IN ({listed}); COMMIT"
-            )
-            await self._run("delete_outbox", lambda c: c.execute(sql))
+        return _ClaimContext(self, limit)
 
     async def wait_for_outbox(self, timeout: float) -> None:
         """Return on a ``NOTIFY <schema>_outbox`` (or a local commit of due rows), or after
@@ -843,8 +456,8 @@ class PostgresSagaStore:
         ]
 
     async def outbox_stats(self, now: float) -> tuple[int, float]:
-        """Rows due at ``now`` and the age in seconds of the oldest (0.0 when none)."""
-        row = await self._run("outbox_stats", lambda c: c.fetchrow(self._sql.outbox_stats, now))
+        """Rows waiting and the age in seconds of the oldest (0.0 when none)."""
+        row = await self._run("outbox_stats", lambda c: c.fetchrow(self._sql.outbox_stats))
         assert row is not None
         count, oldest = int(row[0]), row[1]
         return count, (0.0 if oldest is None else max(0.0, now - oldest))

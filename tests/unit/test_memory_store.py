@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sagaflow.core.messages import MessageKind
+from sagaflow.core.ports import UnitOfWork
 from sagaflow.core.state import SagaState, SagaStatus, Timer
 from sagaflow.store import InMemoryParticipantStore, InMemorySagaStore
 
@@ -36,7 +37,7 @@ def saga(saga_id: str, wake_at: float | None = None) -> SagaState:
 async def test_a_cancelled_waiter_does_not_keep_the_lock() -> None:
     store = InMemorySagaStore()
     async with store.transaction() as tx:
-        await tx.insert(saga("s-1"))
+        await tx.write(UnitOfWork(inserts=[saga("s-1")]))
     held = asyncio.Event()
     release = asyncio.Event()
 
@@ -115,11 +116,10 @@ def test_lock_due_matches_a_full_scan(
                 current = (await tx.lock([saga_id])).get(saga_id)
                 wake_at = None if wake is None else float(wake)
                 if current is None:
-                    await tx.insert(saga(saga_id, wake_at))
+                    await tx.write(UnitOfWork(inserts=[saga(saga_id, wake_at)]))
                 else:
-                    await tx.save(
-                        saga(saga_id, wake_at).model_copy(update=dict(version=current.version))
-                    )
+                    moved = saga(saga_id, wake_at).model_copy(update=dict(version=current.version))
+                    await tx.write(UnitOfWork(states=[moved]))
         states = await store.list(limit=1000)
         expected = sorted(
             (s.wake_at, s.saga_id) for s in states if s.wake_at is not None and s.wake_at <= now

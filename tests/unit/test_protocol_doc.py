@@ -197,5 +197,7 @@ def test_every_reason_the_code_gives_is_documented(doc: str) -> None:
     )
     given = set(re.findall(r"MessageRejected\(\s*f?\"([a-z_]+):", sources))
     given |= set(re.findall(r"rejects\.append\(\(\s*delivery,\s*f?\"([a-z_]+):", sources))
-    assert {"not_json", "unknown_action", "not_a_reply", "unknown_saga_id"} <= given
+    given |= set(re.findall(r"verdicts\[index\] = f?\"([a-z_]+):", sources))
+    given |= set(re.findall(r"return f\"([a-z_]+): \{type\(exc\)", sources))
+    assert {"not_json", "unhandled", "unknown_action", "not_a_reply", "unknown_saga_id"} <= given
     assert given <= _reason_table(doc), f"undocumented reasons: {given - _reason_table(doc)}"

@@ -314,35 +314,3 @@ async def test_a_saga_moved_by_another_process_is_not_overwritten() -> None:
     assert world.effects.count("inventory.reserve:o9") == 1
     assert world.effects.count("inventory.release:o9") == 1
     assert world.effects.count("payment.charge:o9") == world.effects.count("payment.refund:o9")
-
-
-class _Forget(Hooks):
-    """Puts a saga's first state back into the coordinator's memory once it moved on."""
-
-    def __init__(self) -> None:
-        self.env: SagaTestEnvironment | None = None
-        self.first: dict[str, SagaState] = {}
-        self.done = False
-
-    def decided(self, saga: Any, before: SagaState | None, decision: Decision) -> None:
-        state = decision.state
-        if before is None:
-            self.first[state.saga_id] = state
-        elif not self.done and len(state.completed) == 1 and self.env is not None:
-            self.done = True  # the reply of step 2 will meet step 1's state
-            self.env.coordinator._cache.drop([state.saga_id])
-            self.env.coordinator._cache.put(self.first[state.saga_id])
-
-
-async def test_a_reply_that_looks_stale_to_remembered_state_is_checked_in_the_store() -> None:
-    """A current reply can look like a duplicate to an out-of-date state: it is
-    then decided again under a row lock, never acked as a duplicate unread."""
-    hooks = _Forget()
-    world = World()
-    async with SagaTestEnvironment([saga], participants(world), hooks=hooks) as env:
-        hooks.env = env
-        handle = await env.start_saga(saga, {"order_id": "o10"})
-        await env.drain()  # no clock advance: a lost reply would leave it RUNNING
-        state = await env.get(handle.saga_id)
-    assert hooks.done
-    assert state.status is SagaStatus.COMPLETED
