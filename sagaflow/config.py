@@ -91,9 +91,9 @@ class Settings(BaseSettings):
         coordinator_prefetch: Unacknowledged replies a coordinator holds at most.
         coordinator_concurrency: Reply batches a coordinator handles at once.
         coordinator_timer_interval: Seconds between scans for due timers.
-        worker_max_batch: Commands handled per worker transaction at most.
         worker_prefetch: Unacknowledged commands a worker holds at most.
-        worker_concurrency: Command batches a worker handles at once.
+        worker_concurrency: Commands a worker handles at once, each in its own
+            transaction on its own connection (the participant pool's size).
         participant_schema: A worker's schema; by default its service name
             (with ``-`` turned into ``_``).
         jaeger_url: The Jaeger UI base URL, for links to a saga's trace.
@@ -122,9 +122,8 @@ class Settings(BaseSettings):
     coordinator_concurrency: int = Field(default=2, ge=1)
     coordinator_timer_interval: float = Field(default=0.25, gt=0)
 
-    worker_max_batch: int = Field(default=50, ge=1)
     worker_prefetch: int = Field(default=200, ge=1)
-    worker_concurrency: int = Field(default=2, ge=1)
+    worker_concurrency: int = Field(default=16, ge=1)
 
     participant_schema: str | None = None
     jaeger_url: str | None = None
@@ -206,7 +205,8 @@ class Settings(BaseSettings):
         return self.participant_schema or service.replace("-", "_")
 
     def participant_store(self, service: str) -> PostgresParticipantStore:
-        """A participant's PostgreSQL store (not yet started), in its own schema.
+        """A participant's PostgreSQL store (not yet started), in its own schema,
+        with a connection for each command its worker handles at once.
 
         Args:
             service: The participant's service name; the schema unless
@@ -215,5 +215,7 @@ class Settings(BaseSettings):
         from sagaflow.store.postgres_participant import PostgresParticipantStore
 
         return PostgresParticipantStore(
-            self.database_url, schema=self.participant_schema_for(service)
+            self.database_url,
+            schema=self.participant_schema_for(service),
+            max_size=self.worker_concurrency,
         )

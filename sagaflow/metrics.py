@@ -21,6 +21,8 @@ instruments below are what an operator graphs and alerts on (Prometheus names):
                                                        terminal; ``stale``: it has moved on)
 ``sagaflow_commands_handled_total``         counter    type, outcome (workers)
 ``sagaflow_command_duration_seconds``       histogram  type, outcome (workers, handler + inbox)
+``sagaflow_handler_reruns_total``           counter    type, why (``deadlock``, ``store``: run
+                                                       again after a rollback; ``redelivered``)
 ==========================================  =========  =================================
 
 Durations measured by the coordinator come from its clock (``Clock.now``), so
@@ -133,6 +135,11 @@ class MetricsHooks(Hooks):
             unit="{message}",
             description="Duplicate or stale replies the coordinator acked without effect",
         )
+        self.handler_reruns = meter.create_counter(
+            "sagaflow.handler.reruns",
+            unit="{run}",
+            description="Handlers run again for one delivery, or for a redelivered command",
+        )
         self.commands_handled = meter.create_counter(
             "sagaflow.commands.handled",
             unit="{command}",
@@ -214,6 +221,9 @@ class MetricsHooks(Hooks):
         labels = {"type": envelope.type, "outcome": outcome}
         self.commands_handled.add(1, labels)
         self.command_duration.record(seconds, labels)
+
+    def rerun(self, envelope: Envelope, why: str) -> None:
+        self.handler_reruns.add(1, {"type": envelope.type, "why": why})
 
 
 def _step_labels(saga: Saga[Any], step: str | None, kind: Any) -> dict[str, str]:

@@ -261,19 +261,12 @@ class ParticipantTransaction(Protocol):
     async def claim(self, command_id: str) -> Envelope | Tombstone | None:
         """Claim a command id; ``None`` if new, else what was stored for it.
 
-        A concurrent claim of the same id waits until the first commits.
+        A concurrent claim of the same id waits until the first transaction ends.
         """
         ...
 
     async def complete(self, command_id: str, reply: Envelope) -> None:
         """Store the reply of a claimed command."""
-        ...
-
-    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
-        """Store the replies of commands never claimed, in one statement, without
-        a claim first; returns the command ids already in the inbox, for which
-        nothing was written (a duplicate or a tombstone: the caller rolls back).
-        A concurrent transaction recording the same id makes this one wait."""
         ...
 
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
@@ -285,15 +278,19 @@ class ParticipantTransaction(Protocol):
 
 
 class ParticipantStore(Protocol):
-    @property
-    def atomic(self) -> bool:
-        """Whether rolling back a transaction also undoes the handlers' effects (true
-        for a database). The worker then runs a batch without savepoints and, only
-        if a handler raises, rolls it back and runs it again one savepoint each."""
-        ...
+    """A participant's database: its inbox, and the connections handlers write on."""
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    def transaction(self) -> AbstractAsyncContextManager[ParticipantTransaction]: ...
+    def transaction(self) -> AbstractAsyncContextManager[ParticipantTransaction]:
+        """One command's transaction, committed when the block exits cleanly: the
+        one commit point of a command (the worker publishes its reply only after).
+
+        An exception leaving the block rolls it back and propagates, except a
+        failure that heals: a database error from a handler's own SQL that means
+        a lost deadlock or serialization check leaves as ``ConcurrencyConflict``,
+        a lost connection as ``StoreError``.
+        """
+        ...

@@ -59,7 +59,12 @@ class Hooks:
         nothing is sent)."""
 
     def rolled_back(self, envelope: Envelope) -> None:
-        """A command's handling was rolled back with its batch (it runs again)."""
+        """A command's handling was rolled back (it runs again, or goes back to the queue)."""
+
+    def rerun(self, envelope: Envelope, why: str) -> None:
+        """A handler runs again for the same delivery (``why``: ``deadlock`` or
+        ``store``, its transaction could not commit), or may run again (``redelivered``:
+        the broker delivered the command before and no outcome was stored)."""
 
 
 _NOTHING: AbstractContextManager[None] = nullcontext()
@@ -140,6 +145,10 @@ class CompositeHooks(Hooks):
     def rolled_back(self, envelope: Envelope) -> None:
         for hook in self.hooks:
             hook.rolled_back(envelope)
+
+    def rerun(self, envelope: Envelope, why: str) -> None:
+        for hook in self.hooks:
+            hook.rerun(envelope, why)
 
 
 _BASE = Hooks()

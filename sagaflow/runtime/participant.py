@@ -1,14 +1,23 @@
 """Participants: typed handlers for a service's actions, and the worker that runs them.
 
-Per batch of commands the worker opens one transaction. For each command it
-claims the command id in the participant's inbox and runs the handler on the
-same connection, inside a savepoint: the business effect and the dedup record
-commit together. A redelivered command finds its id claimed and is answered
-with the stored reply, with no second effect. After commit the worker
-publishes the replies and then acknowledges the commands. When the
-transaction fails (the database restarts, or a handler's SQL loses a deadlock
-to another batch: ``ConcurrencyConflict``) the whole batch is rolled back and
-run again; no reply goes out for a batch that did not commit.
+The worker handles each command on its own, up to ``concurrency`` at once, so
+a slow handler holds up only its own saga. A command gets one transaction on
+one pooled connection: the worker claims the command id in the participant's
+inbox (a concurrent duplicate waits on that claim, then is answered with what
+the first one stored), runs the handler on the same connection, stores the
+reply and commits. Only then does it publish the reply (confirmed) and
+acknowledge the command: no reply goes out for a command that did not commit.
+
+A handler runs once per delivery. It runs again only when its transaction
+cannot commit for a reason that heals (the database restarts, or its SQL loses
+a deadlock: ``StoreError``/``ConcurrencyConflict``, counted by the ``rerun``
+hook) or when the broker delivers the message again (the process crashed
+before acknowledging it). A handler's own exception is the command's outcome:
+``BusinessFailure`` is a FAILURE reply, stored in the inbox in a second short
+transaction after the handler's writes are rolled back; any other exception is
+an ERROR reply, not stored, that the step's retry policy answers. Anything
+else that raises (a hook, a bug) gives the command back to the queue: it is
+dead-lettered with the error as its reason on its last delivery.
 
 A compensation first records a tombstone for the command it undoes: if that
 command never ran, it never will (a late delivery finds the tombstone), and
@@ -21,7 +30,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -44,13 +53,16 @@ from sagaflow.core.messages import (
 )
 from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import Batcher, give_back, retry_healing
+from sagaflow.runtime.batching import HEALING, give_back, retry_healing
 from sagaflow.runtime.hooks import Hooks, carrying
 
 log = logging.getLogger("sagaflow.worker")
 
 C = TypeVar("C", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
+
+DEFAULT_CONCURRENCY = 16
+"""Commands a worker handles at once unless told otherwise (see docs/workers.md)."""
 
 
 @dataclass(frozen=True)
@@ -140,22 +152,15 @@ class Participant:
         return sorted(self._handlers)
 
 
-_Command = tuple[Delivery, Envelope, "_Registration[Any, Any]", BaseModel]
-_Replies = list[tuple[Delivery, Envelope | None]]
-# (command, reply, seconds) of the commands handled in a transaction not yet committed
-_Outcomes = list[tuple[Envelope, Envelope | None, float]]
+class _Run:
+    """What happened to the handler in one try at a command."""
 
+    __slots__ = ("raised", "ran", "redelivered")
 
-class _Redo(Exception):
-    """A handler raised in a batch run without savepoints: run it again with them."""
-
-
-class _Transient(Exception):
-    """Rolls back the claim of a command whose handler failed transiently."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, redelivered: bool) -> None:
+        self.redelivered = redelivered
+        self.ran = False
+        self.raised: Exception | None = None
 
 
 class Worker:
@@ -164,10 +169,13 @@ class Worker:
     Args:
         participant: The handlers.
         transport: The broker.
-        store: The participant's database (its inbox lives there).
-        max_batch: Commands per transaction at most.
-        after_commit: Called after each batch commits, before replies go out.
-            Fault-injection tests use it to kill the process at the worst moment.
+        store: The participant's database (its inbox lives there). Each command
+            in hand holds one of its connections: give its pool ``concurrency``
+            connections.
+        hooks: Tracing and metrics.
+        prefetch: Commands taken from the broker ahead of being handled.
+        concurrency: Commands handled at once, each in its own transaction.
+        max_message_bytes: Larger commands are dead-lettered.
     """
 
     def __init__(
@@ -177,30 +185,26 @@ class Worker:
         transport: Transport,
         store: ParticipantStore,
         hooks: Hooks | None = None,
-        max_batch: int = 50,
         prefetch: int = 200,
-        concurrency: int = 2,
+        concurrency: int = DEFAULT_CONCURRENCY,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        after_commit: Callable[[], None] | None = None,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.participant = participant
         self.transport = transport
         self.store = store
         self.hooks = hooks or Hooks()
-        self.prefetch = prefetch
+        self.prefetch = max(prefetch, concurrency)
+        self.concurrency = concurrency
         self.max_message_bytes = max_message_bytes
-        self.after_commit = after_commit
-        self._batcher = Batcher(
-            self._handle_batch,
-            failed=self._give_back,
-            max_batch=max_batch,
-            concurrency=concurrency,
-            name=participant.service,
-        )
+        self._waiting: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._loops: list[asyncio.Task[None]] = []
+        self._busy: set[asyncio.Task[None]] = set()  # loops handling a command
+        self._stopping = False
         self._stopped = asyncio.Event()
         self._started = False
         self._queue = transport.topology.service_queue(participant.service)
-        self._refusing: set[str] = set()  # action types that refused: savepoint each
 
     async def start(self) -> None:
         await retry_healing(self.store.start, what="store start")
@@ -209,8 +213,12 @@ class Worker:
         await retry_healing(
             lambda: self.transport.start([self.participant.service]), what="transport start"
         )
-        self._batcher.start()
-        await self.transport.consume(self._queue, self._batcher.put, prefetch=self.prefetch)
+        self._stopping = False
+        self._loops = [
+            asyncio.create_task(self._loop(), name=f"{self.participant.service}-{i}")
+            for i in range(self.concurrency)
+        ]
+        await self.transport.consume(self._queue, self._waiting.put_nowait, prefetch=self.prefetch)
         self._started = True
         log.info(
             "worker %s started: actions=%s", self.participant.service, self.participant.actions
@@ -222,12 +230,17 @@ class Worker:
             await self.participant.setup(tx.connection)
 
     async def stop(self) -> None:
-        """Stop consuming, finish the batches in hand (commit, reply, ack), close."""
+        """Stop consuming, finish the commands in hand (commit, reply, ack), close."""
         self._stopped.set()
         if not self._started:
             return
         self._started = False
-        await self._batcher.stop()
+        self._stopping = True
+        for loop in self._loops:
+            if loop not in self._busy:  # a busy loop finishes its command, then stops
+                loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
         await self.transport.close()
         await self.store.close()
         log.info("worker %s stopped", self.participant.service)
@@ -244,54 +257,76 @@ class Worker:
 
     @property
     def idle(self) -> bool:
-        return self._batcher.idle
+        return self._waiting.empty() and not self._busy
 
-    async def _handle_batch(self, deliveries: Sequence[Delivery]) -> None:
-        commands: list[tuple[Delivery, Envelope, _Registration[Any, Any], BaseModel]] = []
-        rejects: list[tuple[Delivery, str]] = []
-        for delivery in deliveries:
+    async def _loop(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        while not self._stopping:
+            delivery = await self._waiting.get()
+            self._busy.add(task)
             try:
-                commands.append((delivery, *self._parse(delivery)))
-            except MessageRejected as exc:
-                rejects.append((delivery, exc.reason))
-        replies: list[tuple[Delivery, Envelope | None]] = []
-        if commands:
-            replies = await retry_healing(
-                lambda: self._transact(commands), what=f"{self.participant.service} transaction"
+                await self._handle(delivery)
+            finally:
+                self._busy.discard(task)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        """Settle one delivery: answer it, dead-letter it, or give it back."""
+        try:
+            envelope, registration, command = self._parse(delivery)
+            run = _Run(delivery.redelivered)
+            reply = await retry_healing(
+                lambda: self._attempt(envelope, registration, command, run),
+                what=f"{self.participant.service} command",
             )
-            if self.after_commit is not None:
-                self.after_commit()
-        outgoing = [reply for _, reply in replies if reply is not None]
-        if outgoing:
-            try:
-                with self.hooks.publishing(outgoing) as traced:
-                    await self.transport.publish(traced)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # not acked: redelivered, then answered from the inbox
-                log.warning("%s: publishing replies failed: %r", self.participant.service, exc)
-                return
-        for delivery, _ in replies:
+            if reply is not None:
+                await retry_healing(lambda: self._publish(reply), what="publishing a reply")
+        except asyncio.CancelledError:
+            raise
+        except MessageRejected as exc:
+            await self._reject(delivery, exc.reason)
+            return
+        except Exception as exc:
+            log.exception("%s: a command could not be handled", self.participant.service)
+            await self._give_back(delivery, exc)
+            return
+        try:
             await delivery.ack()
-        for delivery, reason in rejects:
-            log.warning("%s: dead-lettering a command: %s", self.participant.service, reason)
-            self.hooks.dead_lettered(delivery.queue, reason)
-            try:
-                await self.transport.dead_letter(delivery, reason)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("dead-lettering failed: %r", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the channel is gone: redelivered, answered from the inbox
+            log.warning("%s: acknowledging failed: %r", self.participant.service, exc)
+
+    async def _publish(self, reply: Envelope) -> None:
+        with self.hooks.publishing([reply]) as traced:
+            await self.transport.publish(traced)
+
+    async def _reject(self, delivery: Delivery, reason: str) -> None:
+        log.warning("%s: dead-lettering a command: %s", self.participant.service, reason)
+        self.hooks.dead_lettered(delivery.queue, reason)
+        try:
+            await self.transport.dead_letter(delivery, reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # not settled: redelivered and refused again
+            log.warning("dead-lettering failed: %r", exc)
 
     async def _give_back(self, delivery: Delivery, exc: Exception) -> None:
         async def dead_letter(delivery: Delivery, reason: str) -> None:
             self.hooks.dead_lettered(delivery.queue, reason)
             await self.transport.dead_letter(delivery, reason)
 
-        await give_back(
-            delivery, exc, limit=self.transport.topology.delivery_limit, dead_letter=dead_letter
-        )
+        try:
+            await give_back(
+                delivery,
+                exc,
+                limit=self.transport.topology.delivery_limit,
+                dead_letter=dead_letter,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # not settled: redelivered, and given back again
+            log.warning("giving a command back failed: %r", error)
 
     def _parse(self, delivery: Delivery) -> tuple[Envelope, _Registration[Any, Any], BaseModel]:
         envelope = decode(delivery.body, dict(delivery.headers), self.max_message_bytes)
@@ -310,218 +345,60 @@ class Worker:
             raise MessageRejected(f"invalid_command: {envelope.type}: {exc.errors()[:3]}") from None
         return envelope, registration, command
 
-    async def _transact(
-        self, commands: Sequence[_Command]
-    ) -> list[tuple[Delivery, Envelope | None]]:
-        if self.store.atomic:
-            try:
-                return await self._settled(self._transact_at_once, commands)
-            except _Redo:
-                pass  # a handler raised: all of it was rolled back; again, carefully
-        return await self._settled(self._transact_carefully, commands)
-
-    async def _settled(
+    async def _attempt(
         self,
-        transact: Callable[[Sequence[_Command], _Outcomes], Awaitable[_Replies]],
-        commands: Sequence[_Command],
-    ) -> _Replies:
-        """Run a transaction; report each command's outcome only once it committed."""
-        outcomes: _Outcomes = []
-        try:
-            replies = await transact(commands, outcomes)
-        except BaseException:
-            for envelope, _, _ in outcomes:
-                self.hooks.rolled_back(envelope)
-            raise
-        for envelope, reply, seconds in outcomes:
-            self.hooks.handled(envelope, reply, seconds)
-        return replies
-
-    async def _transact_carefully(
-        self, commands: Sequence[_Command], outcomes: _Outcomes
-    ) -> _Replies:
-        """Every command in its own savepoint."""
-        replies: _Replies = []
-        with self.hooks.queries(own=True):
-            async with self.store.transaction() as tx:
-                for delivery, envelope, registration, command in commands:
-                    reply = await self._traced(tx, envelope, registration, command, outcomes)
-                    replies.append((delivery, reply))
-        return replies
-
-    async def _traced(
-        self,
-        tx: ParticipantTransaction,
         envelope: Envelope,
         registration: _Registration[Any, Any],
         command: BaseModel,
-        outcomes: _Outcomes,
+        run: _Run,
     ) -> Envelope | None:
-        """One command in its own savepoint, inside its CONSUMER span."""
+        """One try at a command, inside its CONSUMER span; the reply to send."""
         started = time.perf_counter()
         with self.hooks.processing(envelope, self._queue) as trace:
             # replies carry the context of this handling (its CONSUMER span)
             traced = carrying(envelope, trace)
-            reply = await self._handle_one(tx, traced, registration, command)
-        outcomes.append((envelope, reply, time.perf_counter() - started))
-        return reply
-
-    async def _transact_at_once(
-        self, commands: Sequence[_Command], outcomes: _Outcomes
-    ) -> _Replies:
-        """The fast path: run the handlers with no claim and no savepoint, then
-        store every command id with its reply in one statement. A command already
-        in the inbox (a duplicate, a tombstone) or a handler that raises (a
-        refusal or an error) rolls the whole batch back (``_Redo``), to be run
-        again one savepoint each, where duplicates are answered from the inbox;
-        compensations always take that path.
-        """
-        replies: dict[str, Envelope | None] = {}
-        with self.hooks.queries(own=True):
-            async with self.store.transaction() as tx:
-                for _, envelope, registration, command in commands:
-                    if envelope.kind is MessageKind.COMPENSATION:
-                        replies[envelope.message_id] = await self._traced(
-                            tx, envelope, registration, command, outcomes
-                        )
-                done: dict[str, Envelope] = {}
-                # A lone command that refuses costs one careful redo: cheaper than
-                # a savepoint (two more round trips) around every one of them.
-                isolate = len(commands) > 1
-                for _, envelope, registration, command in commands:
-                    if envelope.kind is MessageKind.COMMAND:
-                        cid = envelope.command_id
-                        if cid not in done:
-                            done[cid] = await self._run_at_once(
-                                tx, envelope, registration, command, outcomes, isolate=isolate
-                            )
-                        replies[envelope.message_id] = done[cid]
-                if await tx.record_many(list(done.values())):
-                    raise _Redo  # seen before: the careful path answers from the inbox
-        return [(delivery, replies[envelope.message_id]) for delivery, envelope, _, _ in commands]
-
-    async def _run_at_once(
-        self,
-        tx: ParticipantTransaction,
-        envelope: Envelope,
-        registration: _Registration[Any, Any],
-        command: BaseModel,
-        outcomes: _Outcomes,
-        *,
-        isolate: bool,
-    ) -> Envelope:
-        started = time.perf_counter()
-        with self.hooks.processing(envelope, self._queue) as trace:
-            traced = carrying(envelope, trace)
-            # In a batch of several (``isolate``), an action that has refused before
-            # runs in a savepoint of its own, so that a refusal undoes only itself
-            # and not the whole batch: a 10% refusal rate would otherwise send
-            # almost every batch of that action down the careful path.
-            refuses = isolate and envelope.type in self._refusing
             try:
-                ctx = self._context(traced, tx)
-                if refuses:
-                    async with tx.savepoint():
-                        payload = await self._call(registration, command, ctx)
-                else:
-                    payload = await self._call(registration, command, ctx)
-            except asyncio.CancelledError:
+                reply = await self._transact(traced, registration, command, run)
+            except BaseException:
+                self.hooks.rolled_back(envelope)
                 raise
-            except BusinessFailure as exc:
-                if not refuses:
-                    self._refusing.add(envelope.type)
-                    raise _Redo from exc
-                reply = traced.reply(Outcome.FAILURE, reason=exc.reason)  # definitive: stored
-            except Exception as exc:
-                raise _Redo from exc
-            else:
-                reply = traced.reply(Outcome.SUCCESS, payload)
-        outcomes.append((envelope, reply, time.perf_counter() - started))
+        self.hooks.handled(envelope, reply, time.perf_counter() - started)
         return reply
 
-    async def _call(
-        self, registration: _Registration[Any, Any], command: BaseModel, ctx: HandlerContext
-    ) -> dict[str, Any]:
-        """Run the handler; its reply as JSON."""
-        with self.hooks.queries(own=False):
-            result = await registration.handler(command, ctx)
-        payload: dict[str, Any] = registration.action.reply.model_validate(result).model_dump(
-            mode="json"
-        )
-        return payload
-
-    async def _handle_one(
+    async def _transact(
         self,
-        tx: ParticipantTransaction,
         envelope: Envelope,
         registration: _Registration[Any, Any],
         command: BaseModel,
+        run: _Run,
     ) -> Envelope | None:
-        compensation = envelope.kind is MessageKind.COMPENSATION
+        run.ran, run.raised = False, None
         try:
-            async with tx.savepoint():
-                forward_applied = True
-                if compensation:
-                    forward = await tx.tombstone(
-                        command_id(envelope.saga_id, envelope.step, MessageKind.COMMAND)
-                    )
-                    forward_applied = (
-                        isinstance(forward, Envelope) and forward.outcome is Outcome.SUCCESS
-                    )
-                stored = await tx.claim(envelope.command_id)
-                if isinstance(stored, Envelope):
-                    return stored  # a duplicate: answer as before, no second effect
-                if stored is not None:
-                    return None  # tombstoned: compensated before it ran; the saga moved on
-                if not forward_applied:
-                    reply = envelope.reply(
-                        Outcome.SUCCESS, reason="nothing to undo: the command never took effect"
-                    )
-                else:
-                    reply = await self._run_handler(tx, envelope, registration, command)
-                await tx.complete(envelope.command_id, reply)
-                return reply
-        except asyncio.CancelledError:
-            raise
-        except _Transient as exc:
-            return envelope.reply(Outcome.ERROR, reason=exc.reason)
-
-    @staticmethod
-    def _context(envelope: Envelope, tx: ParticipantTransaction) -> HandlerContext:
-        return HandlerContext(
-            saga_id=envelope.saga_id,
-            saga_name=envelope.saga_name,
-            step=envelope.step,
-            attempt=envelope.attempt,
-            command_id=envelope.command_id,
-            compensation=envelope.kind is MessageKind.COMPENSATION,
-            connection=tx.connection,
-        )
-
-    async def _run_handler(
-        self,
-        tx: ParticipantTransaction,
-        envelope: Envelope,
-        registration: _Registration[Any, Any],
-        command: BaseModel,
-    ) -> Envelope:
-        ctx = self._context(envelope, tx)
-        try:
-            async with tx.savepoint():
-                payload = await self._call(registration, command, ctx)
-        except asyncio.CancelledError:
-            raise
-        except BusinessFailure as exc:
-            if ctx.compensation:  # a compensation cannot refuse: retried until it succeeds
-                raise _Transient(f"compensation refused: {exc.reason}") from exc
-            return envelope.reply(Outcome.FAILURE, reason=exc.reason)  # definitive: stored
-        except ValidationError as exc:
-            raise _Transient(f"handler returned an invalid reply: {exc.errors()[:3]}") from exc
-        except ConcurrencyConflict:
-            # the batch's transaction lost a deadlock (or a serialization check) to
-            # another: roll all of it back and run it again, not this step's failure
-            raise
+            with self.hooks.queries(own=True):
+                async with self.store.transaction() as tx:
+                    return await self._in_transaction(tx, envelope, registration, command, run)
         except Exception as exc:
+            if exc is not run.raised:
+                if run.ran and isinstance(exc, HEALING):
+                    # rolled back after the handler ran: retry_healing runs it again
+                    why = "deadlock" if isinstance(exc, ConcurrencyConflict) else "store"
+                    self.hooks.rerun(envelope, why)
+                    run.redelivered = False  # counted once
+                raise
+        # The handler raised: its writes and the claim are rolled back.
+        exc = run.raised
+        if isinstance(exc, BusinessFailure):
+            if envelope.kind is MessageKind.COMPENSATION:
+                # a compensation cannot refuse: retried until it succeeds
+                return envelope.reply(Outcome.ERROR, reason=f"compensation refused: {exc.reason}")
+            refusal = envelope.reply(Outcome.FAILURE, reason=exc.reason)  # definitive: stored
+            return await retry_healing(
+                lambda: self._store_refusal(refusal), what=f"{envelope.type} refusal"
+            )
+        if isinstance(exc, ValidationError):
+            reason = f"handler returned an invalid reply: {exc.errors()[:3]}"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
             log.warning(
                 "%s failed transiently (saga %s attempt %d): %r",
                 envelope.type,
@@ -530,5 +407,80 @@ class Worker:
                 exc,
                 extra=saga_fields(envelope),
             )
-            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
-        return envelope.reply(Outcome.SUCCESS, payload)
+        return envelope.reply(Outcome.ERROR, reason=reason)
+
+    async def _in_transaction(
+        self,
+        tx: ParticipantTransaction,
+        envelope: Envelope,
+        registration: _Registration[Any, Any],
+        command: BaseModel,
+        run: _Run,
+    ) -> Envelope | None:
+        forward_applied = True
+        if envelope.kind is MessageKind.COMPENSATION:
+            forward = await tx.tombstone(
+                command_id(envelope.saga_id, envelope.step, MessageKind.COMMAND)
+            )
+            forward_applied = isinstance(forward, Envelope) and forward.outcome is Outcome.SUCCESS
+        stored = await tx.claim(envelope.command_id)
+        if isinstance(stored, Envelope):
+            return stored  # a duplicate: answer as before, no second effect
+        if stored is not None:
+            return None  # tombstoned: compensated before it ran; the saga moved on
+        if not forward_applied:
+            reply = envelope.reply(
+                Outcome.SUCCESS, reason="nothing to undo: the command never took effect"
+            )
+        else:
+            if run.redelivered:  # delivered before: it may have run, uncommitted
+                self.hooks.rerun(envelope, "redelivered")
+            reply = envelope.reply(
+                Outcome.SUCCESS, await self._call(tx, envelope, registration, command, run)
+            )
+        await tx.complete(envelope.command_id, reply)
+        return reply
+
+    async def _call(
+        self,
+        tx: ParticipantTransaction,
+        envelope: Envelope,
+        registration: _Registration[Any, Any],
+        command: BaseModel,
+        run: _Run,
+    ) -> dict[str, Any]:
+        """Run the handler; its reply as JSON. What it raises is noted in ``run``."""
+        ctx = HandlerContext(
+            saga_id=envelope.saga_id,
+            saga_name=envelope.saga_name,
+            step=envelope.step,
+            attempt=envelope.attempt,
+            command_id=envelope.command_id,
+            compensation=envelope.kind is MessageKind.COMPENSATION,
+            connection=tx.connection,
+        )
+        run.ran = True
+        with self.hooks.queries(own=False):
+            try:
+                result = await registration.handler(command, ctx)
+                payload: dict[str, Any] = registration.action.reply.model_validate(
+                    result
+                ).model_dump(mode="json")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                run.raised = exc
+                raise
+        return payload
+
+    async def _store_refusal(self, refusal: Envelope) -> Envelope | None:
+        """Store a refusal in a transaction of its own (the handler's was rolled back)."""
+        with self.hooks.queries(own=True):
+            async with self.store.transaction() as tx:
+                stored = await tx.claim(refusal.command_id)
+                if isinstance(stored, Envelope):
+                    return stored  # a duplicate handled meanwhile: its outcome stands
+                if stored is not None:
+                    return None  # compensated meanwhile
+                await tx.complete(refusal.command_id, refusal)
+        return refusal

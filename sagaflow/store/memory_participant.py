@@ -3,11 +3,12 @@
 It keeps the semantics of the PostgreSQL participant store (the contract suite
 runs on both): a transaction stages its inbox writes and applies them when its
 block exits cleanly; claimed keys stay locked until the transaction ends.
+Handlers' effects live in the services' own objects, which a rollback cannot
+undo: a handler that refuses must write nothing before it raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from types import TracebackType
 from typing import NamedTuple
 
@@ -83,16 +84,6 @@ class InMemoryParticipantTransaction:
             raise StoreError(f"command {command_id!r} is already done or tombstoned")
         self._writes[command_id] = _InboxEntry("done", reply)
 
-    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
-        """Store replies of commands not seen before; returns the ids already there."""
-        present: list[str] = []
-        for reply in sorted(replies, key=lambda r: r.command_id):
-            if await self._entry(reply.command_id) is None:
-                self._writes[reply.command_id] = _InboxEntry("done", reply)
-            else:
-                present.append(reply.command_id)
-        return present
-
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
         """Mark a command as never to be applied, unless it already was.
 
@@ -160,12 +151,6 @@ class InMemoryParticipantStore:
         self._inbox: dict[str, _InboxEntry] = {}
         self._locks = KeyedLocks()
 
-    @property
-    def atomic(self) -> bool:
-        """In memory, handlers' effects live in the services' own objects: a rollback
-        cannot undo them, so every command runs in its own savepoint."""
-        return False
-
     async def start(self) -> None:
         """Nothing to open."""
 
@@ -173,5 +158,5 @@ class InMemoryParticipantStore:
         """Nothing to close."""
 
     def transaction(self) -> _ParticipantTransactionContext:
-        """One transaction for a handler's effect and the inbox record of its command."""
+        """One command's transaction: the inbox record of its command."""
         return _ParticipantTransactionContext(self)

@@ -17,15 +17,20 @@ it into a tombstone.
 
 Errors are translated as in :mod:`sagaflow.store.postgres`: database failures of
 the store's own statements raise :class:`~sagaflow.core.errors.StoreError`
-(``__cause__`` holds asyncpg's error); the handler's own SQL errors are not
-translated, except a deadlock or serialization failure (SQLSTATE class 40),
-which leaves the savepoint as :class:`~sagaflow.core.errors.ConcurrencyConflict`:
-the whole transaction must be rolled back and run again.
+(``__cause__`` holds asyncpg's error). A handler's own SQL errors leave the
+transaction as they are, except two that heal by running the command again: a
+deadlock or serialization failure (SQLSTATE class 40) leaves it as
+:class:`~sagaflow.core.errors.ConcurrencyConflict`, a lost connection as
+``StoreError``.
+
+Handlers run on pooled connections: asyncpg's reset on release (``RESET ALL``,
+``UNLISTEN *``, advisory locks released, cursors closed) keeps what one handler
+leaves on its session (a ``SET``, a ``LISTEN``, an advisory lock) from reaching
+the next command.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +47,6 @@ from sagaflow.store.postgres_common import (
     begin,
     envelope_from_json,
     envelope_to_json,
-    keep_session,
     log,
     release,
     store_error,
@@ -70,12 +74,6 @@ class _InboxSql:
             " VALUES ($1, 'done', $2::text::jsonb)"
             " ON CONFLICT (command_id) DO UPDATE SET status = 'done', reply = EXCLUDED.reply"
             " WHERE i.status = 'pending' RETURNING 1"
-        )
-        self.record_many = (
-            f"INSERT INTO {s}.inbox (command_id, status, reply)"
-            " SELECT u.command_id, 'done', u.reply::jsonb"
-            " FROM unnest($1::text[], $2::text[]) AS u(command_id, reply) ORDER BY u.command_id"
-            " ON CONFLICT (command_id) DO NOTHING RETURNING command_id"
         )
         self.tombstone = (
             f"INSERT INTO {s}.inbox AS i (command_id, status) VALUES ($1, 'tombstone')"
@@ -119,23 +117,6 @@ class PostgresParticipantTransaction:
                 # cleanup): claim again.
         except DB_ERRORS as exc:
             raise store_error(exc, "claim") from exc
-
-    async def record_many(self, replies: Sequence[Envelope]) -> list[str]:
-        """Insert the replies of commands not seen before, as done, in one
-        statement (sorted by id, so concurrent batches lock in the same order);
-        returns the ids that were already there."""
-        if not replies:
-            return []
-        try:
-            rows = await self._conn.fetch(
-                self._sql.record_many,
-                [r.command_id for r in replies],
-                [envelope_to_json(r) for r in replies],
-            )
-        except DB_ERRORS as exc:
-            raise store_error(exc, "record") from exc
-        written = {row[0] for row in rows}
-        return [r.command_id for r in replies if r.command_id not in written]
 
     async def complete(self, command_id: str, reply: Envelope) -> None:
         """Store the reply of a claimed (or not yet seen) command.
@@ -239,6 +220,12 @@ class _TransactionContext:
     ) -> None:
         tx = self._tx
         assert tx is not None
+        conn = self._conn
+        # A handler's SQL lost a deadlock or its connection: not the command's own
+        # failure; running it again heals it.
+        healing = isinstance(exc, asyncpg.TransactionRollbackError) or (
+            isinstance(exc, DB_ERRORS) and conn is not None and conn.is_closed()
+        )
         try:
             if exc is None:
                 try:
@@ -254,6 +241,9 @@ class _TransactionContext:
             conn, self._conn = self._conn, None
             if conn is not None:
                 await release(self._store._pool, conn)
+        if healing:
+            assert exc is not None
+            raise store_error(exc, "handler") from exc
 
 
 class PostgresParticipantStore:
@@ -263,7 +253,8 @@ class PostgresParticipantStore:
         dsn: The PostgreSQL URL of the participant's database.
         schema: The participant's own schema (holds its ``inbox``).
         min_size: Connections the pool keeps open.
-        max_size: Most connections the pool opens.
+        max_size: Most connections the pool opens: one per command handled at
+            once (the worker's ``concurrency``).
         auto_migrate: Create or update the inbox table in :meth:`start` (safe when
             several workers start at once).
     """
@@ -274,7 +265,7 @@ class PostgresParticipantStore:
         *,
         schema: str,
         min_size: int = 2,
-        max_size: int = 10,
+        max_size: int = 16,
         auto_migrate: bool = True,
     ) -> None:
         self._dsn = dsn
@@ -284,11 +275,6 @@ class PostgresParticipantStore:
         self._max_size = max_size
         self._auto_migrate = auto_migrate
         self._pool: Pool | None = None
-
-    @property
-    def atomic(self) -> bool:
-        """Rolling back undoes the handlers' SQL too: batches may skip savepoints."""
-        return True
 
     @property
     def schema(self) -> str:
@@ -309,10 +295,8 @@ class PostgresParticipantStore:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 timeout=CONNECT_TIMEOUT,
-                # asyncpg resets every connection on release (a round trip and a
-                # transaction per batch, ~7% of the coordinator's time); skipped, as
-                # handlers must not leave session state behind either: use SET LOCAL, not SET
-                reset=keep_session,
+                # asyncpg's own reset on release stays: handlers are users' code,
+                # and what they leave on a session must not reach the next command
             )
         except DB_ERRORS as exc:
             raise store_error(exc, "connect") from exc
@@ -335,7 +319,7 @@ class PostgresParticipantStore:
             await pool.close()
 
     def transaction(self) -> _TransactionContext:
-        """One transaction for a handler's effect and the inbox record of its command."""
+        """One command's transaction: the handler's effect and its inbox record."""
         return _TransactionContext(self)
 
     def _pool_or_raise(self) -> Pool:

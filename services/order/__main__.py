@@ -47,7 +47,6 @@ async def serve(settings: Settings, host: str, port: int) -> bool:
         hooks=telemetry.hooks,
         transport=settings.transport(connection_name="order"),
         store=settings.participant_store("order"),
-        max_batch=settings.worker_max_batch,
         prefetch=settings.worker_prefetch,
         concurrency=settings.worker_concurrency,
     )

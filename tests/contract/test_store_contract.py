@@ -772,41 +772,20 @@ async def insert_with_outbox(store: SagaStore, saga_id: str) -> list[int]:
         return await tx.add_outbox([envelope(saga_id)], publish_after=0.0)
 
 
-async def test_record_many_writes_new_commands_and_names_known_ones(
+async def test_a_failing_command_transaction_keeps_nothing_and_its_error(
     participant: ParticipantStore,
 ) -> None:
-    done, dead, fresh = envelope("r-1"), envelope("r-2"), envelope("r-3")
-    async with participant.transaction() as tx:
-        assert await tx.claim(done.command_id) is None
-        await tx.complete(done.command_id, reply(done))
-        assert await tx.tombstone(dead.command_id) is None
-    async with participant.transaction() as tx:
-        known = await tx.record_many([reply(fresh), reply(done), reply(dead)])
-    assert sorted(known) == sorted([done.command_id, dead.command_id])
-    async with participant.transaction() as tx:
-        assert await tx.claim(fresh.command_id) == reply(fresh)
-        assert await tx.claim(done.command_id) == reply(done)  # not overwritten
-        assert await tx.claim(dead.command_id) == TOMBSTONE
-    # rolled back: nothing recorded
-    with pytest.raises(Boom):
+    """The worker tells a handler's own exception from the store's by identity:
+    an exception leaving the transaction is the same object, and nothing of the
+    transaction (a claim, a tombstone) is kept."""
+    command, undone = envelope("r-1"), envelope("r-2")
+    boom = Boom()
+    with pytest.raises(Boom) as raised:
         async with participant.transaction() as tx:
-            assert await tx.record_many([reply(envelope("r-4"))]) == []
-            raise Boom
+            assert await tx.tombstone(undone.command_id) is None
+            assert await tx.claim(command.command_id) is None
+            raise boom
+    assert raised.value is boom
     async with participant.transaction() as tx:
-        assert await tx.claim(envelope("r-4").command_id) is None
-
-
-async def test_concurrent_record_of_one_id_waits_for_the_first(
-    participant: ParticipantStore,
-) -> None:
-    command = envelope("r-5")
-    async with participant.transaction() as first:
-        assert await first.record_many([reply(command)]) == []
-
-        async def second() -> list[str]:
-            async with participant.transaction() as tx:
-                return await tx.record_many([reply(command)])
-
-        task = asyncio.create_task(second())
-        assert await blocked(task)
-    assert await asyncio.wait_for(task, WAIT) == [command.command_id]
+        assert await tx.claim(command.command_id) is None
+        assert await tx.claim(undone.command_id) is None

@@ -109,7 +109,6 @@ async def test_a_deadlocked_batch_is_retried_whole(
         participant,
         transport=RabbitMQTransport(amqp_url, TOPOLOGY, connection_name=f"w-{uuid.uuid4()}"),
         store=PostgresParticipantStore(pg_url, schema="bank"),
-        max_batch=4,
         concurrency=2,
     )
     await worker.start()
