@@ -242,11 +242,9 @@ def worker(
             transport=broker,
             store=store,
             hooks=telemetry.hooks,
-            max_batch=settings.worker_max_batch,
             prefetch=settings.worker_prefetch,
             concurrency=settings.worker_concurrency,
             max_message_bytes=settings.max_message_bytes,
-            after_commit=after_commit,
         )
 
         async def abort() -> None:
