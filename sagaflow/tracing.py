@@ -70,7 +70,7 @@ from sagaflow.core.ports import Topology
 from sagaflow.core.state import LogEvent
 from sagaflow.logs import trace_id_of
 from sagaflow.runtime.hooks import Hooks
-from sagaflow.transport.memory import route
+from sagaflow.transport.wire import route
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TraceState

@@ -15,138 +15,41 @@ here means the same thing as one that passes on the broker:
   dead-lettered with reason ``delivery_limit`` (the broker's own reason);
 - ``nack(requeue=False)`` dead-letters with reason ``rejected``.
 
-The module also holds the header names and helpers both adapters share.
+The header names and routing both adapters share live in
+:mod:`sagaflow.transport.wire`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sagaflow.core.errors import TransportError
-from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, encode
+from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
+from sagaflow.transport.wire import (
+    H_DELIVERY_COUNT,
+    H_FIRST_DEATH_EXCHANGE,
+    H_FIRST_DEATH_QUEUE,
+    H_FIRST_DEATH_REASON,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_REASON,
+    H_SOURCE_QUEUE,
+    REPLY_ROUTING_KEY,
+    as_dead_letter,
+    deliver,
+    is_death_header,
+    message_headers,
+    replay_route,
+    route,
+    truncate_reason,
+)
 
-__all__ = [
-    "InMemoryTransport",
-    "MemoryDelivery",
-    "as_dead_letter",
-    "dead_letter_id",
-    "deliver",
-    "is_death_header",
-    "message_headers",
-    "replay_route",
-    "route",
-    "truncate_reason",
-]
-
-log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- wire headers
-
-H_SAGA_NAME = "x-saga-name"
-H_SAGA_STEP = "x-saga-step"
-H_SAGA_ATTEMPT = "x-saga-attempt"
-H_SAGA_KIND = "x-saga-kind"
-H_COMMAND_ID = "x-saga-command-id"
-H_REASON = "x-sagaflow-reason"
-H_SOURCE_QUEUE = "x-sagaflow-source-queue"
-H_ORIGINAL_EXCHANGE = "x-sagaflow-original-exchange"
-H_ORIGINAL_ROUTING_KEY = "x-sagaflow-original-routing-key"
-H_FIRST_DEATH_REASON = "x-first-death-reason"
-H_FIRST_DEATH_QUEUE = "x-first-death-queue"
-H_FIRST_DEATH_EXCHANGE = "x-first-death-exchange"
-H_DELIVERY_COUNT = "x-delivery-count"
-REPLY_ROUTING_KEY = "reply"
-MAX_REASON_CHARS = 1000
-
-# Headers that describe one trip to the dead-letter queue; a replayed message
-# starts clean, or a second failure would report the first one's reason.
-_DEATH_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-sagaflow-")
-
-
-def message_headers(envelope: Envelope) -> dict[str, str]:
-    """The AMQP headers of an envelope: trace context plus the ``x-saga-*`` fields.
-
-    Both adapters use this function, so the runtime sees the same headers
-    whichever transport carried the message.
-    """
-    headers = dict(envelope.trace)
-    headers[H_SAGA_NAME] = envelope.saga_name
-    headers[H_SAGA_STEP] = envelope.step
-    headers[H_SAGA_ATTEMPT] = str(envelope.attempt)
-    headers[H_SAGA_KIND] = envelope.kind.value
-    headers[H_COMMAND_ID] = envelope.command_id
-    return headers
-
-
-def route(topology: Topology, envelope: Envelope) -> tuple[str, str]:
-    """The exchange and routing key an envelope is published to."""
-    if envelope.kind is MessageKind.REPLY:
-        return topology.replies_exchange, REPLY_ROUTING_KEY
-    return topology.commands_exchange, envelope.service
-
-
-def replay_route(
-    topology: Topology, source_queue: str, headers: Mapping[str, str]
-) -> tuple[str, str]:
-    """Where a dead letter from ``source_queue`` is re-published.
-
-    Framework queues map back to their exchange; anything else goes through the
-    default exchange straight to the queue it came from.
-    """
-    if source_queue == topology.replies_queue:
-        return topology.replies_exchange, REPLY_ROUTING_KEY
-    service_prefix = topology.service_queue("")
-    if source_queue.startswith(service_prefix) and len(source_queue) > len(service_prefix):
-        return topology.commands_exchange, source_queue[len(service_prefix) :]
-    exchange = headers.get(H_ORIGINAL_EXCHANGE)
-    routing_key = headers.get(H_ORIGINAL_ROUTING_KEY)
-    if exchange is not None and routing_key is not None:
-        return exchange, routing_key
-    return "", source_queue
-
-
-def is_death_header(name: str) -> bool:
-    """True for headers that describe a dead-lettering (dropped on replay)."""
-    return name == H_DELIVERY_COUNT or name.startswith(_DEATH_HEADER_PREFIXES)
-
-
-def dead_letter_id(message_id: str | None, body: bytes) -> str:
-    """The operator-facing id of a dead letter: its message id, else a body hash."""
-    if message_id:
-        return message_id
-    return "sha256:" + hashlib.sha256(body).hexdigest()[:32]
-
-
-def as_dead_letter(message_id: str | None, body: bytes, headers: Mapping[str, str]) -> DeadLetter:
-    """How a dead-lettered message looks to an operator, whoever dead-lettered it.
-
-    Our own ``dead_letter()`` writes ``x-sagaflow-*`` headers; RabbitMQ, when it
-    dead-letters by itself (delivery limit, rejection), writes ``x-first-death-*``.
-    """
-    reason = headers.get(H_REASON) or headers.get(H_FIRST_DEATH_REASON) or "unknown"
-    source = headers.get(H_SOURCE_QUEUE) or headers.get(H_FIRST_DEATH_QUEUE) or ""
-    return DeadLetter(
-        id=dead_letter_id(message_id, body),
-        reason=reason,
-        source_queue=source,
-        body=body,
-        headers=dict(headers),
-    )
-
-
-def truncate_reason(reason: str) -> str:
-    """Keep header values small: brokers and dashboards choke on huge ones."""
-    if len(reason) <= MAX_REASON_CHARS:
-        return reason
-    return reason[: MAX_REASON_CHARS - 3] + "..."
-
+__all__ = ["InMemoryTransport", "MemoryDelivery"]
 
 # --------------------------------------------------------------------------- state
 
@@ -591,32 +494,6 @@ class InMemoryTransport:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._changed()
-
-
-def deliver(
-    callback: DeliveryCallback,
-    delivery: Delivery,
-    spawn: Callable[[Coroutine[Any, Any, None]], None],
-) -> None:
-    """Hand ``delivery`` to ``callback`` as ``DeliveryCallback`` says: inline when
-    it returns ``None``, in a task made by ``spawn`` when it returns an awaitable.
-    A callback that raises has its delivery nacked (requeued)."""
-    try:
-        pending = callback(delivery)
-    except Exception:
-        log.exception("delivery callback for %s failed; returning the message", delivery.queue)
-        spawn(delivery.nack(requeue=True))
-        return
-    if pending is not None:
-        spawn(_settle_failed(pending, delivery))
-
-
-async def _settle_failed(pending: Awaitable[None], delivery: Delivery) -> None:
-    try:
-        await pending
-    except Exception:
-        log.exception("delivery callback for %s failed; returning the message", delivery.queue)
-        await delivery.nack(requeue=True)
 
 
 def _as_dead_letter(message: _Message) -> DeadLetter:

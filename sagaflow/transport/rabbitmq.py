@@ -58,7 +58,7 @@ from yarl import URL
 from sagaflow.core.errors import TransportError
 from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
-from sagaflow.transport.memory import (
+from sagaflow.transport.wire import (
     H_ORIGINAL_EXCHANGE,
     H_ORIGINAL_ROUTING_KEY,
     H_REASON,

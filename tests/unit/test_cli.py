@@ -42,8 +42,9 @@ from sagaflow.store import (
     PostgresSagaStore,
 )
 from sagaflow.testing import SagaTestEnvironment
-from sagaflow.transport.memory import H_REASON, H_SOURCE_QUEUE, InMemoryTransport
+from sagaflow.transport.memory import InMemoryTransport
 from sagaflow.transport.rabbitmq import RabbitMQTransport
+from sagaflow.transport.wire import H_REASON, H_SOURCE_QUEUE
 from tests.sample import Cmd, Ok, charge, refund, release, reserve, saga
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -29,7 +29,7 @@ from sagaflow.core.messages import (
     encode,
 )
 from sagaflow.core.ports import Topology
-from sagaflow.transport import memory
+from sagaflow.transport import wire
 from sagaflow.transport.rabbitmq import RabbitMQTransport
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -121,7 +121,7 @@ def test_topology_names_are_documented(doc: str) -> None:
         t.dead_letter_exchange,
         t.dead_letter_queue,
         t.service_queue("<service>"),
-        memory.REPLY_ROUTING_KEY,
+        wire.REPLY_ROUTING_KEY,
     ]
     for name in names:
         assert f"`{name}`" in doc, name
@@ -138,7 +138,7 @@ def test_queue_arguments_are_documented(doc: str) -> None:
 def test_headers_are_documented(doc: str) -> None:
     constants = {
         name: value
-        for name, value in vars(memory).items()
+        for name, value in vars(wire).items()
         if name.startswith("H_") and isinstance(value, str)
     }
     assert constants
@@ -156,7 +156,7 @@ def test_headers_are_documented(doc: str) -> None:
         type="svc.act",
         trace={"traceparent": "00-0-0-01"},
     )
-    for header in memory.message_headers(sample):
+    for header in wire.message_headers(sample):
         assert f"`{header}`" in doc, f"header {header} is sent but not documented"
     for header in (engine.TRACEPARENT, engine.LINK):  # trace context the engine sets
         assert f"`{header}`" in doc, f"header {header} is sent but not documented"
@@ -165,7 +165,7 @@ def test_headers_are_documented(doc: str) -> None:
 def test_properties_and_limits_match(doc: str) -> None:
     assert f"`{CONTENT_TYPE}`" in doc
     assert f"{DEFAULT_MAX_MESSAGE_BYTES // 1024} KiB" in doc
-    assert f"{memory.MAX_REASON_CHARS} characters" in doc
+    assert f"{wire.MAX_REASON_CHARS} characters" in doc
     reason = Envelope.model_fields["reason"].metadata
     assert any(getattr(m, "max_length", None) == 2000 for m in reason)
     assert "2000 characters" in doc
