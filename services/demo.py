@@ -1,52 +1,42 @@
-"""The demo: place a stream of orders and watch sagas complete or compensate.
+"""The demo on real processes: ``sagaflow demo --real``.
 
-Orders are drawn by a seeded RNG: most succeed; some ask for a sold-out sku
-(rejected at ``reserve``), come from a customer with no money (``charge`` fails:
-the stock is released), or ship to a country nobody serves (``schedule`` fails:
-refund, release, reject, in that order).
+The orders, the saga, the participants' handlers and the report are the
+example shop that ships with sagaflow (:mod:`sagaflow.examples.shop.demo`,
+which ``sagaflow demo`` runs embedded, in memory). Here the same orders go
+through real processes (:class:`services.stack.Stack`) on the configured
+RabbitMQ and PostgreSQL, placed through the order service's HTTP API. It uses
+the configured database as given and creates the coordinator's schema
+(``SAGAFLOW_SCHEMA``) and the ``order``, ``inventory``, ``payment`` and
+``shipping`` schemas there if they are missing.
 
-Two ways to run it (``sagaflow demo [--real] [--orders N]`` calls :func:`main`):
-
-- embedded (default): the coordinator and the four participants in this
-  process, over the in-memory transport and stores;
-- real (``--real``, or when ``SAGAFLOW_AMQP_URL`` or ``SAGAFLOW_DATABASE_URL``
-  is set): real processes through :class:`services.stack.Stack` on the
-  configured RabbitMQ and PostgreSQL, orders through the HTTP API. It uses the
-  configured database as given and creates the coordinator's schema
-  (``SAGAFLOW_SCHEMA``) and the ``order``, ``inventory``, ``payment`` and
-  ``shipping`` schemas there if they are missing.
+``sagaflow demo --real`` (or ``sagaflow demo`` with ``SAGAFLOW_AMQP_URL`` or
+``SAGAFLOW_DATABASE_URL`` set) calls :func:`main` from the repository's root.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import random
-import statistics
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from sagaflow import Coordinator, SagaState, SagaStatus, Worker
 from sagaflow.config import Settings
-from sagaflow.store import InMemoryParticipantStore, InMemorySagaStore
-from sagaflow.transport import InMemoryTransport
-from services.inventory.app import build as build_inventory
-from services.order.app import MemoryOrders, NewOrder, place_order
-from services.order.app import build as build_order
-from services.order.saga import SAGAS
-from services.payment.app import build as build_payment
-from services.shipping.app import build as build_shipping
+from sagaflow.examples.shop.demo import (
+    SCENARIOS,
+    DemoResult,
+    SagaOutcome,
+    TimelineEntry,
+    demo_orders,
+    print_result,
+    quiet_logs,
+    run_embedded,
+    run_orders,
+)
+from sagaflow.examples.shop.participants import NewOrder
 from services.stack import Stack
 
 __all__ = [
+    "SCENARIOS",
     "DemoResult",
     "SagaOutcome",
     "TimelineEntry",
@@ -56,233 +46,6 @@ __all__ = [
     "run_embedded",
     "run_real",
 ]
-
-SUCCESS = "success"
-SCENARIOS: dict[str, float] = {
-    SUCCESS: 0.7,
-    "out_of_stock": 0.1,
-    "insufficient_funds": 0.1,
-    "unsupported_destination": 0.1,
-}
-"""Each kind of order and its share of the mix; a failure's name is its expected reason."""
-
-_SKUS = ("sku-widget", "sku-gadget", "sku-gizmo")
-_CUSTOMERS = tuple(f"cust-{n}" for n in range(1, 6))
-_DESTINATIONS = ("US", "CA", "GB", "DE", "FR", "JP")
-
-
-def demo_orders(count: int, seed: int = 7) -> list[tuple[str, NewOrder]]:
-    """``count`` orders as (scenario, order): every scenario at least once when count >= 4."""
-    rng = random.Random(seed)
-    kinds = list(SCENARIOS)[:count]
-    kinds += rng.choices(list(SCENARIOS), weights=list(SCENARIOS.values()), k=count - len(kinds))
-    rng.shuffle(kinds)
-    orders = []
-    for kind in kinds:
-        new = NewOrder(
-            customer_id=rng.choice(_CUSTOMERS),
-            sku=rng.choice(_SKUS),
-            quantity=rng.randint(1, 5),
-            amount=rng.randint(500, 50_000),
-            destination=rng.choice(_DESTINATIONS),
-        )
-        change = {
-            "out_of_stock": {"sku": "sku-sold-out"},
-            "insufficient_funds": {"customer_id": "cust-broke"},
-            "unsupported_destination": {"destination": "AQ"},
-        }.get(kind, {})
-        orders.append((kind, new.model_copy(update=change)))
-    return orders
-
-
-@dataclass(frozen=True)
-class SagaOutcome:
-    """How one order's saga ended."""
-
-    order_id: str
-    saga_id: str
-    scenario: str
-    status: SagaStatus
-    failed_step: str | None
-    reason: str | None
-    seconds: float
-
-    @property
-    def as_expected(self) -> bool:
-        if self.scenario == SUCCESS:
-            return self.status is SagaStatus.COMPLETED
-        return self.status is SagaStatus.COMPENSATED and self.reason == self.scenario
-
-
-@dataclass(frozen=True)
-class TimelineEntry:
-    """One line of a saga's log, as the demo shows it."""
-
-    offset: float  # seconds since the saga started
-    event: str
-    step: str | None
-    kind: str | None
-    attempt: int | None
-    detail: dict[str, Any]
-
-
-def timeline(entries: Sequence[Any]) -> list[TimelineEntry]:
-    """Turn a saga's log (``SagaStore.log``) into timeline entries."""
-    start = entries[0].at if entries else 0.0
-    return [
-        TimelineEntry(
-            offset=e.at - start,
-            event=str(e.event),
-            step=e.step,
-            kind=None if e.kind is None else str(e.kind),
-            attempt=e.attempt,
-            detail=dict(e.detail),
-        )
-        for e in entries
-    ]
-
-
-@dataclass
-class DemoResult:
-    """What a demo run did: every saga's outcome, timings, one compensation's timeline."""
-
-    mode: str
-    outcomes: list[SagaOutcome]
-    elapsed: float
-    timeline_saga: str | None = None
-    timeline: list[TimelineEntry] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """Every saga ended as its scenario expects."""
-        return all(o.as_expected for o in self.outcomes)
-
-    @property
-    def throughput(self) -> float:
-        """Sagas settled per second, from the first order placed to the last saga settled."""
-        return len(self.outcomes) / self.elapsed if self.elapsed > 0 else 0.0
-
-    def counts(self) -> Counter[tuple[SagaStatus, str | None, str | None]]:
-        """How many sagas ended per (status, failed step, reason)."""
-        return Counter((o.status, o.failed_step, o.reason) for o in self.outcomes)
-
-
-# --------------------------------------------------------------------------- running
-
-PlaceOrder = Callable[[NewOrder], Awaitable[str]]
-"""Places one order, returns its saga id."""
-
-
-async def _run(
-    mode: str,
-    orders: Sequence[tuple[str, NewOrder]],
-    place: PlaceOrder,
-    get: Callable[[str], Awaitable[SagaState | None]],
-    log: Callable[[str], Awaitable[Sequence[Any]]],
-    console: Console,
-    *,
-    timeout: float,
-    concurrency: int = 16,
-) -> DemoResult:
-    """Place the orders, wait for every saga to settle, collect the outcomes."""
-    started = time.monotonic()
-    limit = asyncio.Semaphore(concurrency)
-    saga_ids: dict[str, str] = {}  # saga id -> scenario
-
-    async def one(kind: str, new: NewOrder) -> None:
-        async with limit:
-            saga_ids[await place(new)] = kind
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        placing = progress.add_task("orders placed", total=len(orders))
-        settling = progress.add_task("sagas settled", total=len(orders))
-        tasks = [asyncio.create_task(one(kind, new)) for kind, new in orders]
-        for task in asyncio.as_completed(tasks):
-            await task
-            progress.advance(placing)
-        final: dict[str, SagaState] = {}
-        deadline = time.monotonic() + timeout
-        while len(final) < len(saga_ids):
-            for sid in [s for s in saga_ids if s not in final]:
-                state = await get(sid)
-                if state is not None and state.status.terminal:
-                    final[sid] = state
-            progress.update(settling, completed=len(final))
-            if len(final) < len(saga_ids):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(saga_ids) - len(final)} sagas did not settle")
-                await asyncio.sleep(0.05)
-    elapsed = time.monotonic() - started
-
-    outcomes = [
-        SagaOutcome(
-            order_id=str(state.data["order_id"]),
-            saga_id=sid,
-            scenario=saga_ids[sid],
-            status=state.status,
-            failed_step=state.failure.step if state.failure else None,
-            reason=state.failure.reason if state.failure else None,
-            seconds=state.updated_at - state.created_at,
-        )
-        for sid, state in final.items()
-    ]
-    result = DemoResult(mode, outcomes, elapsed)
-    # the longest compensation shows the reverse order best
-    compensated = [o for o in outcomes if o.status is SagaStatus.COMPENSATED]
-    if compensated:
-        deepest = max(compensated, key=lambda o: list(SCENARIOS).index(o.scenario))
-        result.timeline_saga = deepest.saga_id
-        result.timeline = timeline(await log(deepest.saga_id))
-    return result
-
-
-async def run_embedded(
-    orders: int = 200, seed: int = 7, *, console: Console | None = None, timeout: float = 120.0
-) -> DemoResult:
-    """Run the demo in this process, in memory (fresh state each call)."""
-    transport = InMemoryTransport()
-    store = InMemorySagaStore()
-    coordinator = Coordinator(SAGAS, store=store, transport=transport, timer_interval=0.05)
-    order_memory = MemoryOrders()
-    participants = [
-        build_order(order_memory),
-        build_inventory(),
-        build_payment(),
-        build_shipping(),
-    ]
-    workers = [
-        Worker(p, transport=transport, store=InMemoryParticipantStore()) for p in participants
-    ]
-    await coordinator.start()
-    for worker in workers:
-        await worker.start()
-
-    async def place(new: NewOrder) -> str:
-        # the same call as POST /orders; in memory the "transaction" is just these two steps
-        order, _ = await place_order(coordinator, order_memory, new)
-        return order.saga_id
-
-    try:
-        return await _run(
-            "embedded",
-            demo_orders(orders, seed),
-            place,
-            store.get,
-            store.log,
-            console or Console(stderr=True),
-            timeout=timeout,
-        )
-    finally:
-        for worker in workers:
-            await worker.stop()
-        await coordinator.stop()
 
 
 async def run_real(
@@ -312,7 +75,7 @@ async def run_real(
         return str(placed["saga_id"])
 
     try:
-        return await _run(
+        return await run_orders(
             "real",
             demo_orders(orders, seed),
             place,
@@ -325,76 +88,14 @@ async def run_real(
         await stack.terminate_all()
 
 
-# --------------------------------------------------------------------------- output
-
-
-def print_result(result: DemoResult, console: Console) -> None:
-    """Print outcome counts, throughput and latency, and one compensated saga's timeline."""
-    summary = Table(title=f"create-order sagas ({result.mode})")
-    summary.add_column("status")
-    summary.add_column("failed step")
-    summary.add_column("reason")
-    summary.add_column("sagas", justify="right")
-    for (status, step, reason), count in sorted(result.counts().items(), key=lambda kv: -kv[1]):
-        color = "green" if status is SagaStatus.COMPLETED else "yellow"
-        summary.add_row(f"[{color}]{status.value}[/]", step or "", reason or "", str(count))
-    console.print(summary)
-
-    latencies = sorted(o.seconds for o in result.outcomes)
-    if latencies:
-        p95 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))]
-        console.print(
-            f"{len(result.outcomes)} sagas in {result.elapsed:.2f}s: "
-            f"[bold]{result.throughput:.0f} sagas/s[/]; "
-            f"saga duration p50 {statistics.median(latencies) * 1000:.0f} ms, "
-            f"p95 {p95 * 1000:.0f} ms"
-        )
-    unexpected = [o for o in result.outcomes if not o.as_expected]
-    if unexpected:
-        console.print(
-            f"[red]{len(unexpected)} sagas did not end as expected[/], e.g. {unexpected[0]}"
-        )
-
-    if result.timeline:
-        table = Table(title=f"timeline of compensated saga {result.timeline_saga}")
-        table.add_column("+ms", justify="right")
-        table.add_column("event", no_wrap=True)
-        table.add_column("step")
-        table.add_column("kind")
-        table.add_column("#", justify="right")
-        table.add_column("detail", overflow="fold")
-        for entry in result.timeline:
-            table.add_row(
-                f"{entry.offset * 1000:.1f}",
-                entry.event,
-                entry.step or "",
-                entry.kind or "",
-                "" if entry.attempt is None else str(entry.attempt),
-                _detail(entry.detail),
-            )
-        console.print(table)
-
-
-def _detail(detail: dict[str, Any]) -> str:
-    if "undo" in detail:  # compensation started: what will be undone, in order
-        return "undo " + ", ".join(detail["undo"]) if detail["undo"] else "nothing to undo"
-    if "outcome" in detail:
-        return str(detail["outcome"]) + (f": {detail['reason']}" if detail.get("reason") else "")
-    if "type" in detail:
-        return str(detail["type"])
-    return ", ".join(f"{k}={v}" for k, v in detail.items() if k != "data" and v is not None)
-
-
 def main(real: bool = False, orders: int = 200) -> int:
     """Run the demo and print the result; returns the exit code (0: all as expected).
 
     Real mode is chosen by ``real`` or by ``SAGAFLOW_AMQP_URL`` /
-    ``SAGAFLOW_DATABASE_URL`` being set.
+    ``SAGAFLOW_DATABASE_URL`` being set; otherwise the embedded demo runs.
     """
     console = Console()
-    # the tables below tell the story; per-request and lifecycle logs would bury them
-    for noisy in ("httpx", "sagaflow.worker", "sagaflow.coordinator"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logs()
     if real or os.environ.get("SAGAFLOW_AMQP_URL") or os.environ.get("SAGAFLOW_DATABASE_URL"):
         settings = Settings()
         console.print(

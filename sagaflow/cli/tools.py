@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Annotated, Any
 
 import typer
@@ -77,26 +78,57 @@ def graph(
 def demo(
     real: Annotated[
         bool,
-        typer.Option("--real", help="Use the local RabbitMQ and PostgreSQL, not in-memory."),
+        typer.Option(
+            "--real",
+            help="Run real processes on RabbitMQ and PostgreSQL (needs the repository's "
+            "services/; also chosen when SAGAFLOW_AMQP_URL or SAGAFLOW_DATABASE_URL is set).",
+        ),
     ] = False,
     orders: Annotated[int, typer.Option("--orders", min=1, help="How many orders.")] = 200,
 ) -> None:
-    """Run the example shop (services/demo.py) from the repository root."""
+    """Run the example shop: sagas that complete and sagas that compensate.
+
+    By default in this process, over the in-memory transport and stores (no
+    servers needed); ``--real`` runs it as separate processes.
+    """
     current_settings()  # logging as configured
-    try:
-        module = import_module("services.demo")
-    except UsageProblem as exc:
-        raise UsageProblem(
-            f"{exc.message}; the demo lives in the sagaflow repository: run it from its root"
-        ) from exc
-    entry: Any = getattr(module, "main", None)
-    if not callable(entry):
-        raise CliError("services.demo has no main() function")
-    result = entry(real=real, orders=orders)
+    by_environment = [name for name in _REAL_DEMO_SETTINGS if os.environ.get(name)]
+    if real or by_environment:
+        entry: Any = getattr(_real_demo(by_environment if not real else []), "main", None)
+        if not callable(entry):
+            raise CliError("services.demo has no main() function")
+        result = entry(real=True, orders=orders)
+    else:
+        from sagaflow.examples.shop import demo as shop
+
+        result = shop.main(orders=orders)
     if inspect.isawaitable(result):
         result = run_async(_awaited(result))
     if isinstance(result, int) and not isinstance(result, bool) and result != 0:
         raise typer.Exit(result)
+
+
+_REAL_DEMO_SETTINGS = ("SAGAFLOW_AMQP_URL", "SAGAFLOW_DATABASE_URL")
+
+
+def _real_demo(chosen_by: list[str]) -> Any:
+    """The repository's ``services.demo``: the real demo starts the example services
+    as processes, and they are not part of the installed package."""
+    why = f" ({' and '.join(chosen_by)} set: unset to run it embedded)" if chosen_by else ""
+    try:
+        return import_module("services.demo")
+    except UsageProblem as exc:
+        raise UsageProblem(
+            f"the real demo{why} runs the example services of the sagaflow repository, "
+            "which are not installed with the package: run it from a checkout's root "
+            "(with pip install -e '.[services]'); `sagaflow demo` without --real runs "
+            f"in memory anywhere ({exc.message})"
+        ) from exc
+    except CliError as exc:
+        raise CliError(
+            f"the real demo{why} needs the services extra (pip install -e '.[services]' "
+            f"in a checkout): {exc.message}"
+        ) from exc
 
 
 async def _awaited(awaitable: Any) -> Any:

@@ -10,50 +10,19 @@ live in the ``inventory`` schema::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from sagaflow import BusinessFailure, HandlerContext, Participant
-from services import Connection, create_schema, repository
-from services.contracts import (
-    OrderRef,
-    Reason,
-    ReserveStock,
-    StockReserved,
-    Undone,
-    release_stock,
-    reserve_stock,
+from sagaflow.examples.shop.contracts import Reason
+from sagaflow.examples.shop.participants import (
+    SEED_STOCK,
+    Inventory,
+    MemoryInventory,
+    inventory_participant,
+    reservation_id,
 )
+from services import Connection, create_schema, repository
 
 __all__ = ["SEED_STOCK", "MemoryInventory", "PostgresInventory", "build", "participant"]
-
-SEED_STOCK: dict[str, int] = {
-    "sku-widget": 1_000_000,
-    "sku-gadget": 1_000_000,
-    "sku-gizmo": 1_000_000,
-    "sku-sold-out": 0,
-}
-"""Stock on hand when the service first starts."""
-
-
-class Inventory(Protocol):
-    """What the handlers need from storage."""
-
-    async def reserve(self, order_id: str, sku: str, quantity: int) -> str:
-        """Take ``quantity`` of ``sku`` for the order; returns the reservation id.
-
-        Raises:
-            BusinessFailure: ``unknown_sku`` or ``out_of_stock``.
-        """
-        ...
-
-    async def release(self, order_id: str) -> bool:
-        """Put the order's reserved stock back; False when nothing was reserved."""
-        ...
-
-
-def reservation_id(order_id: str) -> str:
-    return f"res-{order_id}"
 
 
 class PostgresInventory:
@@ -100,39 +69,6 @@ class PostgresInventory:
         return True
 
 
-@dataclass
-class Reservation:
-    sku: str
-    quantity: int
-    status: str = "reserved"
-
-
-@dataclass
-class MemoryInventory:
-    """The inventory in memory; one per participant instance (see :func:`build`)."""
-
-    stock: dict[str, int] = field(default_factory=lambda: dict(SEED_STOCK))
-    reservations: dict[str, Reservation] = field(default_factory=dict)
-
-    async def reserve(self, order_id: str, sku: str, quantity: int) -> str:
-        if order_id not in self.reservations:
-            if sku not in self.stock:
-                raise BusinessFailure(Reason.UNKNOWN_SKU)
-            if self.stock[sku] < quantity:
-                raise BusinessFailure(Reason.OUT_OF_STOCK)
-            self.stock[sku] -= quantity
-            self.reservations[order_id] = Reservation(sku, quantity)
-        return reservation_id(order_id)
-
-    async def release(self, order_id: str) -> bool:
-        reservation = self.reservations.get(order_id)
-        if reservation is None or reservation.status != "reserved":
-            return False
-        reservation.status = "released"
-        self.stock[reservation.sku] += reservation.quantity
-        return True
-
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory.stock (
     sku text PRIMARY KEY,
@@ -159,22 +95,16 @@ async def setup(connection: Connection | None) -> None:
 
 
 def build(memory: MemoryInventory | None = None) -> Participant:
-    """The inventory participant; ``memory`` is its state when run in memory."""
-    participant = Participant("inventory", setup=setup)
+    """The inventory participant; ``memory`` is its state when run in memory.
+
+    The handlers are the example shop's
+    (:func:`sagaflow.examples.shop.participants.inventory_participant`); this
+    service adds the PostgreSQL storage and its schema.
+    """
     inventory: Callable[[HandlerContext], Inventory] = repository(
         memory or MemoryInventory(), PostgresInventory
     )
-
-    @participant.handler(reserve_stock)
-    async def reserve(command: ReserveStock, ctx: HandlerContext) -> StockReserved:
-        rid = await inventory(ctx).reserve(command.order_id, command.sku, command.quantity)
-        return StockReserved(reservation_id=rid)
-
-    @participant.handler(release_stock)
-    async def release(command: OrderRef, ctx: HandlerContext) -> Undone:
-        return Undone(undone=await inventory(ctx).release(command.order_id))
-
-    return participant
+    return inventory_participant(inventory, setup=setup)
 
 
 participant = build()

@@ -1,4 +1,4 @@
-"""The create-order saga, declared as data.
+"""The create-order saga, declared as data (see :mod:`sagaflow.examples.shop.saga`).
 
 ::
 
@@ -8,190 +8,38 @@
     schedule  (shipping)   compensation: cancel   (shipping)
     approve   (order)      retriable: cannot fail once the rest succeeded
 
-The coordinator runs it: ``sagaflow coordinator services.order.saga:create_order``.
+The saga ships with sagaflow as the example shop, so the embedded demo and
+these services run the very same definition; this module names it for the
+processes: ``sagaflow coordinator services.order.saga:create_order``.
 ``chain_saga(n)`` builds longer sagas from the same actions for the benchmark.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from pydantic import BaseModel, Field
-
-from sagaflow import Action, RetryPolicy, Saga, Step
-from services.contracts import (
-    ChargePayment,
-    OrderId,
-    OrderRef,
-    PaymentCharged,
-    ReserveStock,
-    ScheduleShipment,
-    ShipmentScheduled,
-    StockReserved,
-    approve_order,
-    cancel_shipment,
-    charge_payment,
-    refund_payment,
-    reject_order,
-    release_stock,
-    reserve_stock,
-    schedule_shipment,
-    validate_order,
+from sagaflow.examples.shop.saga import (
+    CHAIN_SAGAS,
+    COMPENSATION_RETRY,
+    SAGAS,
+    STEP_RETRY,
+    STEP_TIMEOUT,
+    OrderData,
+    chain_3,
+    chain_6,
+    chain_12,
+    chain_saga,
+    create_order,
 )
 
-__all__ = ["CHAIN_SAGAS", "SAGAS", "OrderData", "chain_saga", "create_order"]
-
-STEP_TIMEOUT = 10.0
-"""Seconds a participant has to answer before the attempt counts as failed."""
-
-STEP_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=2.0)
-"""Transient errors (a database hiccup in a handler) are retried twice."""
-
-COMPENSATION_RETRY = RetryPolicy(max_attempts=8, initial_backoff=0.5, max_backoff=10.0)
-"""Compensations must succeed: about a minute of retries before an operator is needed."""
-
-
-class OrderData(BaseModel):
-    """The create-order saga's data: the order, plus what the participants answered."""
-
-    order_id: OrderId
-    customer_id: str
-    sku: str
-    quantity: int = Field(ge=1)
-    amount: int = Field(ge=1, description="in cents")
-    destination: str
-    reservation_id: str | None = None
-    payment_id: str | None = None
-    shipment_id: str | None = None
-
-
-def _order(d: OrderData) -> OrderRef:
-    return OrderRef(order_id=d.order_id)
-
-
-def _reserve(d: OrderData) -> ReserveStock:
-    return ReserveStock(order_id=d.order_id, sku=d.sku, quantity=d.quantity)
-
-
-def _charge(d: OrderData) -> ChargePayment:
-    return ChargePayment(order_id=d.order_id, customer_id=d.customer_id, amount=d.amount)
-
-
-def _schedule(d: OrderData) -> ScheduleShipment:
-    return ScheduleShipment(order_id=d.order_id, destination=d.destination)
-
-
-def _reserved(d: OrderData, reply: StockReserved) -> OrderData:
-    return d.model_copy(update={"reservation_id": reply.reservation_id})
-
-
-def _charged(d: OrderData, reply: PaymentCharged) -> OrderData:
-    return d.model_copy(update={"payment_id": reply.payment_id})
-
-
-def _scheduled(d: OrderData, reply: ShipmentScheduled) -> OrderData:
-    return d.model_copy(update={"shipment_id": reply.shipment_id})
-
-
-create_order: Saga[OrderData] = Saga(
-    "create-order",
-    data=OrderData,
-    steps=[
-        Step(
-            "validate",
-            validate_order,
-            _order,
-            compensation=reject_order,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        Step(
-            "reserve",
-            reserve_stock,
-            _reserve,
-            compensation=release_stock,
-            compensation_command=_order,
-            on_reply=_reserved,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        Step(
-            "charge",
-            charge_payment,
-            _charge,
-            compensation=refund_payment,
-            compensation_command=_order,
-            on_reply=_charged,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        Step(
-            "schedule",
-            schedule_shipment,
-            _schedule,
-            compensation=cancel_shipment,
-            compensation_command=_order,
-            on_reply=_scheduled,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        # after the last compensatable step: approving cannot be refused, only retried
-        Step(
-            "approve", approve_order, _order, retriable=True, retry=STEP_RETRY, timeout=STEP_TIMEOUT
-        ),
-    ],
-)
-
-SAGAS: list[Saga[OrderData]] = [create_order]
-"""What the order service starts (its ``SagaClient`` registers these)."""
-
-
-def chain_saga(n: int) -> Saga[OrderData]:
-    """A saga of ``n`` compensatable steps cycling reserve, charge, schedule (benchmark).
-
-    Step ``i`` acts for the order ``<order_id>.<i>``, so every step has an
-    effect and a compensation of its own. Its data is an ``OrderData`` as for
-    create-order (a stocked sku, a customer with money, a served destination).
-    """
-    if n < 1:
-        raise ValueError("a chain saga needs at least one step")
-    return Saga(f"chain-{n}", data=OrderData, steps=[_chain_step(i) for i in range(n)])
-
-
-def _chain_step(i: int) -> Step[OrderData]:
-    action, command, compensation = _CHAIN[i % len(_CHAIN)]
-
-    def forward(d: OrderData) -> BaseModel:
-        return command(d.model_copy(update={"order_id": f"{d.order_id}.{i}"}))
-
-    def undo(d: OrderData) -> OrderRef:
-        return OrderRef(order_id=f"{d.order_id}.{i}")
-
-    return Step(
-        f"{action.name}-{i}",
-        action,
-        forward,
-        compensation=compensation,
-        compensation_command=undo,
-        retry=STEP_RETRY,
-        compensation_retry=COMPENSATION_RETRY,
-        timeout=STEP_TIMEOUT,
-    )
-
-
-_CHAIN: list[tuple[Action[Any, Any], Callable[[OrderData], BaseModel], Action[Any, Any]]] = [
-    (reserve_stock, _reserve, release_stock),
-    (charge_payment, _charge, refund_payment),
-    (schedule_shipment, _schedule, cancel_shipment),
+__all__ = [
+    "CHAIN_SAGAS",
+    "COMPENSATION_RETRY",
+    "SAGAS",
+    "STEP_RETRY",
+    "STEP_TIMEOUT",
+    "OrderData",
+    "chain_3",
+    "chain_6",
+    "chain_12",
+    "chain_saga",
+    "create_order",
 ]
-
-chain_3 = chain_saga(3)
-chain_6 = chain_saga(6)
-chain_12 = chain_saga(12)
-CHAIN_SAGAS = [chain_3, chain_6, chain_12]
-"""Benchmark sagas: ``sagaflow coordinator services.order.saga:chain_3 ...``."""

@@ -10,48 +10,19 @@ live in the ``payment`` schema (amounts in cents)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from sagaflow import BusinessFailure, HandlerContext, Participant
-from services import Connection, create_schema, repository
-from services.contracts import (
-    ChargePayment,
-    OrderRef,
-    PaymentCharged,
-    Reason,
-    Undone,
-    charge_payment,
-    refund_payment,
+from sagaflow.examples.shop.contracts import Reason
+from sagaflow.examples.shop.participants import (
+    SEED_BALANCES,
+    MemoryPayments,
+    Payments,
+    payment_id,
+    payment_participant,
 )
+from services import Connection, create_schema, repository
 
 __all__ = ["SEED_BALANCES", "MemoryPayments", "PostgresPayments", "build", "participant"]
-
-SEED_BALANCES: dict[str, int] = {
-    **{f"cust-{n}": 10_000_000_000 for n in range(1, 6)},
-    "cust-broke": 0,
-}
-"""Account balances in cents when the service first starts."""
-
-
-class Payments(Protocol):
-    """What the handlers need from storage."""
-
-    async def charge(self, order_id: str, customer_id: str, amount: int) -> str:
-        """Debit the customer for the order; returns the payment id.
-
-        Raises:
-            BusinessFailure: ``unknown_customer`` or ``insufficient_funds``.
-        """
-        ...
-
-    async def refund(self, order_id: str) -> bool:
-        """Credit the order's charge back; False when nothing was charged."""
-        ...
-
-
-def payment_id(order_id: str) -> str:
-    return f"pay-{order_id}"
 
 
 class PostgresPayments:
@@ -99,39 +70,6 @@ class PostgresPayments:
         return True
 
 
-@dataclass
-class Charge:
-    customer_id: str
-    amount: int
-    status: str = "charged"
-
-
-@dataclass
-class MemoryPayments:
-    """Payments in memory; one per participant instance (see :func:`build`)."""
-
-    balances: dict[str, int] = field(default_factory=lambda: dict(SEED_BALANCES))
-    charges: dict[str, Charge] = field(default_factory=dict)
-
-    async def charge(self, order_id: str, customer_id: str, amount: int) -> str:
-        if order_id not in self.charges:
-            if customer_id not in self.balances:
-                raise BusinessFailure(Reason.UNKNOWN_CUSTOMER)
-            if self.balances[customer_id] < amount:
-                raise BusinessFailure(Reason.INSUFFICIENT_FUNDS)
-            self.balances[customer_id] -= amount
-            self.charges[order_id] = Charge(customer_id, amount)
-        return payment_id(order_id)
-
-    async def refund(self, order_id: str) -> bool:
-        charge = self.charges.get(order_id)
-        if charge is None or charge.status != "charged":
-            return False
-        charge.status = "refunded"
-        self.balances[charge.customer_id] += charge.amount
-        return True
-
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payment.accounts (
     customer_id text PRIMARY KEY,
@@ -159,22 +97,16 @@ async def setup(connection: Connection | None) -> None:
 
 
 def build(memory: MemoryPayments | None = None) -> Participant:
-    """The payment participant; ``memory`` is its state when run in memory."""
-    participant = Participant("payment", setup=setup)
+    """The payment participant; ``memory`` is its state when run in memory.
+
+    The handlers are the example shop's
+    (:func:`sagaflow.examples.shop.participants.payment_participant`); this
+    service adds the PostgreSQL storage and its schema.
+    """
     payments: Callable[[HandlerContext], Payments] = repository(
         memory or MemoryPayments(), PostgresPayments
     )
-
-    @participant.handler(charge_payment)
-    async def charge(command: ChargePayment, ctx: HandlerContext) -> PaymentCharged:
-        pid = await payments(ctx).charge(command.order_id, command.customer_id, command.amount)
-        return PaymentCharged(payment_id=pid)
-
-    @participant.handler(refund_payment)
-    async def refund(command: OrderRef, ctx: HandlerContext) -> Undone:
-        return Undone(undone=await payments(ctx).refund(command.order_id))
-
-    return participant
+    return payment_participant(payments, setup=setup)
 
 
 participant = build()

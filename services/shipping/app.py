@@ -10,45 +10,19 @@ live in the ``shipping`` schema::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from sagaflow import BusinessFailure, HandlerContext, Participant
-from services import Connection, create_schema, repository
-from services.contracts import (
-    OrderRef,
-    Reason,
-    ScheduleShipment,
-    ShipmentScheduled,
-    Undone,
-    cancel_shipment,
-    schedule_shipment,
+from sagaflow.examples.shop.contracts import Reason
+from sagaflow.examples.shop.participants import (
+    SEED_DESTINATIONS,
+    MemoryShipping,
+    Shipping,
+    shipment_id,
+    shipping_participant,
 )
+from services import Connection, create_schema, repository
 
 __all__ = ["SEED_DESTINATIONS", "MemoryShipping", "PostgresShipping", "build", "participant"]
-
-SEED_DESTINATIONS: frozenset[str] = frozenset({"US", "CA", "GB", "DE", "FR", "JP"})
-"""Countries the service ships to; anything else (``AQ``...) is refused."""
-
-
-class Shipping(Protocol):
-    """What the handlers need from storage."""
-
-    async def schedule(self, order_id: str, destination: str) -> str:
-        """Schedule the order's shipment; returns the shipment id.
-
-        Raises:
-            BusinessFailure: ``unsupported_destination``.
-        """
-        ...
-
-    async def cancel(self, order_id: str) -> bool:
-        """Cancel the order's shipment; False when none was scheduled."""
-        ...
-
-
-def shipment_id(order_id: str) -> str:
-    return f"shp-{order_id}"
 
 
 class PostgresShipping:
@@ -80,33 +54,6 @@ class PostgresShipping:
         return cancelled is not None
 
 
-@dataclass
-class Shipment:
-    destination: str
-    status: str = "scheduled"
-
-
-@dataclass
-class MemoryShipping:
-    """Shipments in memory; one per participant instance (see :func:`build`)."""
-
-    destinations: set[str] = field(default_factory=lambda: set(SEED_DESTINATIONS))
-    shipments: dict[str, Shipment] = field(default_factory=dict)
-
-    async def schedule(self, order_id: str, destination: str) -> str:
-        if destination not in self.destinations:
-            raise BusinessFailure(Reason.UNSUPPORTED_DESTINATION)
-        self.shipments.setdefault(order_id, Shipment(destination))
-        return shipment_id(order_id)
-
-    async def cancel(self, order_id: str) -> bool:
-        shipment = self.shipments.get(order_id)
-        if shipment is None or shipment.status != "scheduled":
-            return False
-        shipment.status = "cancelled"
-        return True
-
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shipping.destinations (code text PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS shipping.shipments (
@@ -129,22 +76,16 @@ async def setup(connection: Connection | None) -> None:
 
 
 def build(memory: MemoryShipping | None = None) -> Participant:
-    """The shipping participant; ``memory`` is its state when run in memory."""
-    participant = Participant("shipping", setup=setup)
+    """The shipping participant; ``memory`` is its state when run in memory.
+
+    The handlers are the example shop's
+    (:func:`sagaflow.examples.shop.participants.shipping_participant`); this
+    service adds the PostgreSQL storage and its schema.
+    """
     shipping: Callable[[HandlerContext], Shipping] = repository(
         memory or MemoryShipping(), PostgresShipping
     )
-
-    @participant.handler(schedule_shipment)
-    async def schedule(command: ScheduleShipment, ctx: HandlerContext) -> ShipmentScheduled:
-        sid = await shipping(ctx).schedule(command.order_id, command.destination)
-        return ShipmentScheduled(shipment_id=sid)
-
-    @participant.handler(cancel_shipment)
-    async def cancel(command: OrderRef, ctx: HandlerContext) -> Undone:
-        return Undone(undone=await shipping(ctx).cancel(command.order_id))
-
-    return participant
+    return shipping_participant(shipping, setup=setup)
 
 
 participant = build()

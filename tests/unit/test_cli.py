@@ -782,11 +782,19 @@ def test_worker_refuses_a_bad_fault_spec(
     assert "SAGAFLOW_FAULT_KILL_AFTER_COMMIT='always'" in result.stderr
 
 
-def test_demo_calls_services_demo_main(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[dict[str, object]] = []
+def test_demo_runs_the_packaged_shop_and_real_runs_services_demo(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sagaflow.examples.shop import demo as shop
+
+    for name in ("SAGAFLOW_AMQP_URL", "SAGAFLOW_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    embedded: list[dict[str, object]] = []
+    monkeypatch.setattr(shop, "main", lambda **kwargs: embedded.append(kwargs) or 0)
+    real: list[dict[str, object]] = []
 
     async def main(**kwargs: object) -> int:
-        calls.append(kwargs)
+        real.append(kwargs)
         return 0
 
     fake = types.ModuleType("services.demo")
@@ -794,10 +802,24 @@ def test_demo_calls_services_demo_main(runner: CliRunner, monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "services.demo", fake)
     result = invoke(runner, "demo", "--orders", "3")
     assert result.exit_code == 0, result.output
-    assert calls == [{"real": False, "orders": 3}]
+    assert (embedded, real) == ([{"orders": 3}], [])
 
+    assert invoke(runner, "demo", "--real", "--orders", "2").exit_code == 0
+    assert real == [{"real": True, "orders": 2}]
     fake.main = lambda **kwargs: 3  # type: ignore[attr-defined]
     assert invoke(runner, "demo", "--real").exit_code == 3
+
+
+def test_the_real_demo_says_it_needs_the_repository(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "services", None)  # as from an installed wheel
+    monkeypatch.setitem(sys.modules, "services.demo", None)
+    monkeypatch.setenv("SAGAFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    result = invoke(runner, "demo")
+    assert result.exit_code == 2
+    assert "SAGAFLOW_AMQP_URL set: unset to run it embedded" in result.stderr
+    assert "not installed with the package" in result.stderr
 
 
 # --------------------------------------------------------------------------- logging
