@@ -4,6 +4,8 @@ The public API is what ``__all__`` lists; adapters live in ``sagaflow.transport`
 and ``sagaflow.store``, the test harness in ``sagaflow.testing``.
 """
 
+from importlib import metadata as _metadata
+
 from sagaflow.core.definition import Action, RetryPolicy, Saga, Step
 from sagaflow.core.errors import (
     BusinessFailure,
@@ -44,4 +46,8 @@ __all__ = [
     "TransportError",
     "Worker",
 ]
-__version__ = "0.1.0"
+
+try:
+    __version__ = _metadata.version("sagaflow")  # pyproject.toml is the one source
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
