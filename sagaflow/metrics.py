@@ -47,6 +47,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from sagaflow import __version__
+from sagaflow.core.errors import ConfigurationError
 from sagaflow.core.messages import Envelope, Outcome
 from sagaflow.core.ports import Clock, SagaStore
 from sagaflow.core.state import LogEvent
@@ -290,6 +291,9 @@ class OutboxMonitor:
 _provider: MeterProvider | None = None
 _server: WSGIServer | None = None
 
+EXTRA = "sagaflow[metrics]"
+"""The extra that installs the Prometheus endpoint and the OTLP metric exporter."""
+
 
 def _otlp_exporters(environ: Mapping[str, str]) -> list[str]:
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -331,6 +335,8 @@ def configure_metrics(
 
     Raises:
         OSError: the port cannot be bound.
+        ConfigurationError: the exporter asked for is not installed
+            (``pip install 'sagaflow[metrics]'``).
     """
     global _provider, _server
     if _provider is not None:
@@ -338,15 +344,21 @@ def configure_metrics(
     readers: list[MetricReader] = []
     for name in _otlp_exporters(os.environ):
         if name == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
+            try:
+                from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                    OTLPMetricExporter,
+                )
+            except ImportError as exc:
+                raise _missing("OTLP metrics export", exc) from exc
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         else:
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     if port is not None:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import start_http_server
-
+        try:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+        except ImportError as exc:
+            raise _missing("the Prometheus endpoint (SAGAFLOW_METRICS_PORT)", exc) from exc
         readers.append(PrometheusMetricReader())
         _server, _ = start_http_server(port, addr=host)
         log.info("metrics on http://%s:%d/metrics", host, port)
@@ -357,6 +369,10 @@ def configure_metrics(
     _provider = MeterProvider(metric_readers=readers, resource=resource(service_name))
     metrics.set_meter_provider(_provider)
     return _provider
+
+
+def _missing(what: str, exc: ImportError) -> ConfigurationError:
+    return ConfigurationError(f"{what} needs the metrics extra: pip install '{EXTRA}' ({exc})")
 
 
 def shutdown_metrics(timeout_millis: int = 5_000) -> None:

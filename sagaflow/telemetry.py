@@ -11,7 +11,8 @@ A coordinator, a worker, or an application that starts sagas does::
 Tracing is on only when the ``OTEL_*`` environment configures an exporter
 (:func:`sagaflow.tracing.configure_tracing`); metrics when
 ``SAGAFLOW_METRICS_PORT`` is set or ``OTEL_*`` configures OTLP; the saga log
-lines of :class:`sagaflow.logs.LoggingHooks` always.
+lines of :class:`sagaflow.logs.LoggingHooks` always. Exporting needs the
+``tracing`` or ``metrics`` extra; with neither configured the core suffices.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def setup_telemetry(
 
     Raises:
         OSError: the metrics port cannot be bound.
+        ConfigurationError: the environment asks for an exporter that is not
+            installed; the message names the extra (``sagaflow[tracing]``,
+            ``sagaflow[metrics]``).
     """
     service_name = default_service_name(component)
     tracer_provider = configure_tracing(service_name, database=database)

@@ -35,14 +35,17 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache, partial
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
+from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
+from opentelemetry.sdk import environment_variables as env
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     Decision,
@@ -65,6 +68,7 @@ from opentelemetry.util.types import Attributes
 
 from sagaflow import __version__
 from sagaflow.core.engine import LINK, TRACEPARENT
+from sagaflow.core.errors import ConfigurationError
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.ports import Topology
 from sagaflow.core.state import LogEvent
@@ -530,24 +534,73 @@ class _DropOrphanQueries(Sampler):
 
 _configured: TracerProvider | None = None
 
+EXTRA = "sagaflow[tracing]"
+"""The extra that installs the OTLP exporter and the asyncpg instrumentation."""
+
+# OpenTelemetry's own names for exporters: each exporter package registers its
+# class under this entry-point group, the name being what OTEL_TRACES_EXPORTER says
+_EXPORTER_GROUP = "opentelemetry_traces_exporter"
+# ``otlp`` is the protocol's exporter: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL picks it
+_OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
+_DEFAULT_PROTOCOL = "http/protobuf"  # the exporter sagaflow[tracing] installs
+_PACKAGES = {
+    "otlp_proto_http": EXTRA,
+    "otlp_proto_grpc": "opentelemetry-exporter-otlp-proto-grpc",
+}
+
 
 def _exporters(environ: Mapping[str, str]) -> list[str]:
-    """The trace exporters the environment asks for (``otlp``, ``console``)."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    """The trace exporters the environment asks for, by their entry-point names
+    (``otlp`` resolved to ``otlp_proto_http`` or ``otlp_proto_grpc``)."""
+    if environ.get(env.OTEL_SDK_DISABLED, "").strip().lower() == "true":
         return []
-    names = environ.get("OTEL_TRACES_EXPORTER")
+    names = environ.get(OTEL_TRACES_EXPORTER)
     if names is None:
         # the spec's default is otlp; we export only when told where, so an
         # unconfigured process pays nothing
-        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        endpoint = environ.get(env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or environ.get(
+            env.OTEL_EXPORTER_OTLP_ENDPOINT
         )
-        return ["otlp"] if endpoint else []
+        names = "otlp" if endpoint else "none"
+    protocol = (
+        environ.get(env.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
+        or environ.get(env.OTEL_EXPORTER_OTLP_PROTOCOL)
+        or _DEFAULT_PROTOCOL
+    ).strip()
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in ("otlp", "console", "none")]
-    if unknown:
-        log.warning("OTEL_TRACES_EXPORTER: ignoring unsupported exporters %s", unknown)
-    return [n for n in chosen if n in ("otlp", "console")]
+    resolved = []
+    for name in chosen:
+        if name == "none":
+            continue
+        if name == "otlp":
+            if protocol not in _OTLP_BY_PROTOCOL:
+                raise ConfigurationError(
+                    f"OTLP protocol {protocol!r} is not one of {sorted(_OTLP_BY_PROTOCOL)}"
+                )
+            name = _OTLP_BY_PROTOCOL[protocol]
+        resolved.append(name)
+    return resolved
+
+
+def _exporter(name: str) -> SpanExporter:
+    """The exporter registered under ``name``, built with no arguments: it reads
+    its own ``OTEL_EXPORTER_*`` settings (endpoint, headers, timeout, compression).
+
+    Raises:
+        ConfigurationError: no installed package provides it.
+    """
+    package = _PACKAGES.get(name)
+    hint = f"pip install '{package}'" if package else "install the package that provides it"
+    try:
+        factory: Callable[[], SpanExporter] = next(
+            iter(entry_points(group=_EXPORTER_GROUP, name=name))
+        ).load()
+    except (StopIteration, ImportError) as exc:
+        raise ConfigurationError(
+            f"the {name!r} span exporter (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_*) "
+            f"is not installed: {hint}"
+        ) from exc
+    return factory()
 
 
 def tracing_configured(environ: Mapping[str, str] | None = None) -> bool:
@@ -579,12 +632,14 @@ def configure_tracing(
 ) -> TracerProvider | None:
     """Install the global tracer provider as the ``OTEL_*`` environment says.
 
-    Exports through OTLP/HTTP (``OTEL_EXPORTER_OTLP_ENDPOINT``, or
-    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``; headers, timeouts and compression
-    from the standard variables too), in batches (``OTEL_BSP_*``), sampled by
-    ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``. ``OTEL_TRACES_EXPORTER``
-    may say ``otlp``, ``console`` or ``none``. Idempotent: a second call returns
-    the provider of the first.
+    Exports through OTLP (``OTEL_EXPORTER_OTLP_ENDPOINT``, or
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``; HTTP unless
+    ``OTEL_EXPORTER_OTLP_PROTOCOL`` says ``grpc``; headers, timeouts and
+    compression as the exporter reads them), in batches (``OTEL_BSP_*``),
+    sampled by ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``.
+    ``OTEL_TRACES_EXPORTER`` may name any installed OpenTelemetry span exporter
+    (``otlp``, ``console``, ``none``...). Idempotent: a second call returns the
+    provider of the first.
 
     Args:
         service_name: ``service.name`` unless ``OTEL_SERVICE_NAME`` (or
@@ -595,6 +650,10 @@ def configure_tracing(
     Returns:
         The provider, or ``None`` when nothing is configured: then install no
         :class:`TracingHooks` at all.
+
+    Raises:
+        ConfigurationError: the configured exporter, or the asyncpg
+            instrumentation, is not installed (``pip install 'sagaflow[tracing]'``).
     """
     global _configured
     if _configured is not None:
@@ -602,24 +661,16 @@ def configure_tracing(
     exporters = _exporters(os.environ)
     if not exporters:
         return None
+    instrumentor = _asyncpg_instrumentor() if database else None
+    processors = [BatchSpanProcessor(_exporter(name)) for name in exporters]
     provider = TracerProvider(resource=resource(service_name))
     # the provider read OTEL_TRACES_SAMPLER; keep it, minus the orphan queries
     provider.sampler = _DropOrphanQueries(provider.sampler)
-    for name in exporters:
-        if name == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-                "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-            )
-            if protocol != "http/protobuf":
-                log.warning("OTLP protocol %r is not supported; exporting http/protobuf", protocol)
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        else:
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    for processor in processors:
+        provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
-    if database:
-        _instrument_asyncpg(provider)
+    if instrumentor is not None and not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=provider)
     _configured = provider
     log.info(
         "tracing on: service %s, exporters %s",
@@ -629,16 +680,21 @@ def configure_tracing(
     return provider
 
 
-def _instrument_asyncpg(provider: TracerProvider) -> None:
+def _asyncpg_instrumentor() -> Any:
+    """The asyncpg instrumentation, with query parameters never recorded.
+
+    Raises:
+        ConfigurationError: it is not installed (the tracing extra).
+    """
     try:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-    except ImportError:  # pragma: no cover - a declared dependency
-        log.warning("opentelemetry-instrumentation-asyncpg is missing: no database spans")
-        return
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"tracing database queries needs opentelemetry-instrumentation-asyncpg: "
+            f"pip install '{EXTRA}' ({exc})"
+        ) from exc
     # 1 ignore: the instrumentation package ships no type hints
-    instrumentor = AsyncPGInstrumentor(capture_parameters=False)  # type: ignore[no-untyped-call]
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(tracer_provider=provider)
+    return AsyncPGInstrumentor(capture_parameters=False)  # type: ignore[no-untyped-call]
 
 
 def shutdown_tracing(timeout_millis: int = 5_000) -> None:
