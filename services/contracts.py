@@ -8,48 +8,7 @@ re-exports them under the services' names.
 
 from __future__ import annotations
 
-from sagaflow.examples.shop.contracts import (
-    ChargePayment,
-    OrderId,
-    OrderRef,
-    OrderStatusReply,
-    PaymentCharged,
-    Reason,
-    ReserveStock,
-    ScheduleShipment,
-    ShipmentScheduled,
-    StockReserved,
-    Undone,
-    approve_order,
-    cancel_shipment,
-    charge_payment,
-    refund_payment,
-    reject_order,
-    release_stock,
-    reserve_stock,
-    schedule_shipment,
-    validate_order,
-)
+from sagaflow.examples.shop import contracts as _shop
+from sagaflow.examples.shop.contracts import *  # noqa: F403 - the same names, re-exported
 
-__all__ = [
-    "ChargePayment",
-    "OrderId",
-    "OrderRef",
-    "OrderStatusReply",
-    "PaymentCharged",
-    "Reason",
-    "ReserveStock",
-    "ScheduleShipment",
-    "ShipmentScheduled",
-    "StockReserved",
-    "Undone",
-    "approve_order",
-    "cancel_shipment",
-    "charge_payment",
-    "refund_payment",
-    "reject_order",
-    "release_stock",
-    "reserve_stock",
-    "schedule_shipment",
-    "validate_order",
-]
+__all__ = list(_shop.__all__)

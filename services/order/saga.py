@@ -16,30 +16,7 @@ processes: ``sagaflow coordinator services.order.saga:create_order``.
 
 from __future__ import annotations
 
-from sagaflow.examples.shop.saga import (
-    CHAIN_SAGAS,
-    COMPENSATION_RETRY,
-    SAGAS,
-    STEP_RETRY,
-    STEP_TIMEOUT,
-    OrderData,
-    chain_3,
-    chain_6,
-    chain_12,
-    chain_saga,
-    create_order,
-)
+from sagaflow.examples.shop import saga as _shop
+from sagaflow.examples.shop.saga import *  # noqa: F403 - the same names, re-exported
 
-__all__ = [
-    "CHAIN_SAGAS",
-    "COMPENSATION_RETRY",
-    "SAGAS",
-    "STEP_RETRY",
-    "STEP_TIMEOUT",
-    "OrderData",
-    "chain_3",
-    "chain_6",
-    "chain_12",
-    "chain_saga",
-    "create_order",
-]
+__all__ = list(_shop.__all__)

@@ -41,7 +41,19 @@ from sagaflow.examples.shop.contracts import (
     validate_order,
 )
 
-__all__ = ["CHAIN_SAGAS", "SAGAS", "OrderData", "chain_saga", "create_order"]
+__all__ = [
+    "CHAIN_SAGAS",
+    "COMPENSATION_RETRY",
+    "SAGAS",
+    "STEP_RETRY",
+    "STEP_TIMEOUT",
+    "OrderData",
+    "chain_3",
+    "chain_6",
+    "chain_12",
+    "chain_saga",
+    "create_order",
+]
 
 STEP_TIMEOUT = 10.0
 """Seconds a participant has to answer before the attempt counts as failed."""
