@@ -74,3 +74,28 @@ def test_package_is_typed() -> None:
     from importlib import resources
 
     assert resources.files("sagaflow").joinpath("py.typed").is_file()
+
+
+def test_the_packaged_example_uses_only_the_public_api() -> None:
+    """``sagaflow.examples`` is written as a user would write it (and ``services/``
+    builds on it): it imports ``sagaflow``, its adapters and itself, nothing private."""
+    import ast
+    from importlib import resources
+
+    allowed = {"sagaflow", "sagaflow.store", "sagaflow.transport", "sagaflow.testing"}
+    root = resources.files("sagaflow").joinpath("examples")
+    files = [
+        f for d in (root, root.joinpath("shop")) for f in d.iterdir() if f.name.endswith(".py")
+    ]
+    assert len(files) >= 5
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("sagaflow")
+            ):
+                module = node.module
+                assert module in allowed or module.startswith("sagaflow.examples"), (
+                    f"{file.name} imports {module}: the example must use the public API"
+                )
