@@ -92,8 +92,10 @@ class Settings(BaseSettings):
         coordinator_concurrency: Reply batches a coordinator handles at once.
         coordinator_timer_interval: Seconds between scans for due timers.
         worker_prefetch: Unacknowledged commands a worker holds at most.
-        worker_concurrency: Commands a worker handles at once, each in its own
-            transaction on its own connection (the participant pool's size).
+        worker_concurrency: A worker's lanes: handlers running at once, each lane
+            in its own transaction on its own connection (the participant pool's
+            size).
+        worker_max_batch: Commands one lane takes into one transaction at most.
         participant_schema: A worker's schema; by default its service name
             (with ``-`` turned into ``_``).
         jaeger_url: The Jaeger UI base URL, for links to a saga's trace.
@@ -123,7 +125,8 @@ class Settings(BaseSettings):
     coordinator_timer_interval: float = Field(default=0.25, gt=0)
 
     worker_prefetch: int = Field(default=200, ge=1)
-    worker_concurrency: int = Field(default=16, ge=1)
+    worker_concurrency: int = Field(default=8, ge=1)
+    worker_max_batch: int = Field(default=16, ge=1, le=64)
 
     participant_schema: str | None = None
     jaeger_url: str | None = None

@@ -244,6 +244,7 @@ def worker(
             hooks=telemetry.hooks,
             prefetch=settings.worker_prefetch,
             concurrency=settings.worker_concurrency,
+            max_batch=settings.worker_max_batch,
             max_message_bytes=settings.max_message_bytes,
         )
 

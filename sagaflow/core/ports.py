@@ -255,18 +255,26 @@ class ParticipantTransaction(Protocol):
         ...
 
     def savepoint(self) -> AbstractAsyncContextManager[None]:
-        """Undo everything done inside the block if it raises."""
+        """Undo everything done inside the block if it raises (the handler's SQL
+        and the inbox writes); nothing else of the transaction. Entering costs
+        one round trip where the store has one; leaving cleanly, none."""
         ...
 
-    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
-        """Claim a command id; ``None`` if new, else what was stored for it.
+    async def claim(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
+        """Claim command ids, in one round trip where the store can.
 
-        A concurrent claim of the same id waits until the first transaction ends.
+        Returns what was stored for the ids seen before (their reply, or a
+        tombstone); every other id is now claimed by this transaction. A
+        concurrent claim of the same id waits until the first transaction ends.
         """
         ...
 
-    async def complete(self, command_id: str, reply: Envelope) -> None:
-        """Store the reply of a claimed command."""
+    async def complete(self, replies: Sequence[Envelope]) -> None:
+        """Store the replies of claimed commands (by their ``command_id``).
+
+        Raises:
+            StoreError: a command is already done or tombstoned.
+        """
         ...
 
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:

@@ -1,23 +1,30 @@
 """Participants: typed handlers for a service's actions, and the worker that runs them.
 
-The worker handles each command on its own, up to ``concurrency`` at once, so
-a slow handler holds up only its own saga. A command gets one transaction on
-one pooled connection: the worker claims the command id in the participant's
+The worker runs ``concurrency`` lanes, each with its own pooled connection, so
+handlers of different sagas run at the same time. A free lane takes the
+commands waiting, up to its fair share (what is waiting divided among the
+lanes, at most ``max_batch``), and handles them in one transaction: for each
+command, inside a savepoint, it claims the command id in the participant's
 inbox (a concurrent duplicate waits on that claim, then is answered with what
-the first one stored), runs the handler on the same connection, stores the
-reply and commits. Only then does it publish the reply (confirmed) and
-acknowledge the command: no reply goes out for a command that did not commit.
+the first one stored), runs the handler on the same connection and stores the
+reply. Then the transaction commits, the lane publishes the replies (one
+confirmed publish) and acknowledges the commands: no reply goes out for a
+command that did not commit. Sharing the commit is most of the worker's
+speed; the fair share keeps a slow handler from holding up more than a few
+other commands.
 
 A handler runs once per delivery. It runs again only when its transaction
-cannot commit for a reason that heals (the database restarts, or its SQL loses
-a deadlock: ``StoreError``/``ConcurrencyConflict``, counted by the ``rerun``
-hook) or when the broker delivers the message again (the process crashed
-before acknowledging it). A handler's own exception is the command's outcome:
-``BusinessFailure`` is a FAILURE reply, stored in the inbox in a second short
-transaction after the handler's writes are rolled back; any other exception is
-an ERROR reply, not stored, that the step's retry policy answers. Anything
-else that raises (a hook, a bug) gives the command back to the queue: it is
-dead-lettered with the error as its reason on its last delivery.
+cannot commit for a reason that heals (the database restarts, or SQL loses a
+deadlock: ``StoreError``/``ConcurrencyConflict``; the lane's commands run
+again, counted by the ``rerun`` hook) or when the broker delivers the message
+again (the process crashed before acknowledging it). A handler's own
+exception is the command's outcome, and undoes only its own savepoint:
+``BusinessFailure`` is a FAILURE reply, stored in the inbox; any other
+exception is an ERROR reply, not stored, that the step's retry policy answers.
+Anything else that raises while a command is handled (a hook, a bug) undoes
+that command's savepoint and gives it back to the queue: it is dead-lettered
+with the error as its reason on its last delivery, and the rest of the lane's
+commands commit.
 
 A compensation first records a tombstone for the command it undoes: if that
 command never ran, it never will (a late delivery finds the tombstone), and
@@ -30,7 +37,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -61,8 +68,11 @@ log = logging.getLogger("sagaflow.worker")
 C = TypeVar("C", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
 
-DEFAULT_CONCURRENCY = 16
-"""Commands a worker handles at once unless told otherwise (see docs/workers.md)."""
+DEFAULT_CONCURRENCY = 8
+"""Lanes (handlers running at once, connections) of a worker unless told otherwise
+(see docs/workers.md)."""
+DEFAULT_MAX_BATCH = 16
+"""Commands one lane takes into one transaction at most."""
 
 
 @dataclass(frozen=True)
@@ -163,18 +173,35 @@ class _Run:
         self.raised: Exception | None = None
 
 
+@dataclass
+class _Command:
+    """A parsed command of a lane's batch, and what became of it in the last try."""
+
+    delivery: Delivery
+    envelope: Envelope
+    registration: _Registration[Any, Any]
+    command: BaseModel
+    run: _Run
+    reply: Envelope | None = None
+    store: bool = False  # the reply goes in the inbox (a success or a refusal)
+    poison: Exception | None = None  # raised outside the handler: given back
+    seconds: float = 0.0
+
+
 class Worker:
     """Runs a participant: consumes its service queue and answers every command.
 
     Args:
         participant: The handlers.
         transport: The broker.
-        store: The participant's database (its inbox lives there). Each command
-            in hand holds one of its connections: give its pool ``concurrency``
-            connections.
+        store: The participant's database (its inbox lives there). Each lane
+            holds one of its connections while it works: give its pool
+            ``concurrency`` connections.
         hooks: Tracing and metrics.
         prefetch: Commands taken from the broker ahead of being handled.
-        concurrency: Commands handled at once, each in its own transaction.
+        concurrency: Lanes: handlers running at once, each lane on its own
+            connection and in its own transaction.
+        max_batch: Commands one lane handles in one transaction at most.
         max_message_bytes: Larger commands are dead-lettered.
     """
 
@@ -187,20 +214,22 @@ class Worker:
         hooks: Hooks | None = None,
         prefetch: int = 200,
         concurrency: int = DEFAULT_CONCURRENCY,
+        max_batch: int = DEFAULT_MAX_BATCH,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        if concurrency < 1 or max_batch < 1:
+            raise ValueError("concurrency and max_batch must be at least 1")
         self.participant = participant
         self.transport = transport
         self.store = store
         self.hooks = hooks or Hooks()
         self.prefetch = max(prefetch, concurrency)
         self.concurrency = concurrency
+        self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
         self._waiting: asyncio.Queue[Delivery] = asyncio.Queue()
         self._loops: list[asyncio.Task[None]] = []
-        self._busy: set[asyncio.Task[None]] = set()  # loops handling a command
+        self._busy: set[asyncio.Task[None]] = set()  # lanes handling commands
         self._stopping = False
         self._stopped = asyncio.Event()
         self._started = False
@@ -237,7 +266,7 @@ class Worker:
         self._started = False
         self._stopping = True
         for loop in self._loops:
-            if loop not in self._busy:  # a busy loop finishes its command, then stops
+            if loop not in self._busy:  # a busy lane finishes its commands, then stops
                 loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
@@ -263,42 +292,63 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         while not self._stopping:
-            delivery = await self._waiting.get()
+            first = await self._waiting.get()
             self._busy.add(task)
             try:
-                await self._handle(delivery)
+                await self._handle(self._share(first))
             finally:
                 self._busy.discard(task)
 
-    async def _handle(self, delivery: Delivery) -> None:
-        """Settle one delivery: answer it, dead-letter it, or give it back."""
-        try:
-            envelope, registration, command = self._parse(delivery)
-            run = _Run(delivery.redelivered)
-            reply = await retry_healing(
-                lambda: self._attempt(envelope, registration, command, run),
-                what=f"{self.participant.service} command",
-            )
-            if reply is not None:
-                await retry_healing(lambda: self._publish(reply), what="publishing a reply")
-        except asyncio.CancelledError:
-            raise
-        except MessageRejected as exc:
-            await self._reject(delivery, exc.reason)
-            return
-        except Exception as exc:
-            log.exception("%s: a command could not be handled", self.participant.service)
-            await self._give_back(delivery, exc)
-            return
-        try:
-            await delivery.ack()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the channel is gone: redelivered, answered from the inbox
-            log.warning("%s: acknowledging failed: %r", self.participant.service, exc)
+    def _share(self, first: Delivery) -> list[Delivery]:
+        """``first`` and this lane's fair share of what is waiting: split among all
+        the lanes (busy ones are free again soon), so that commands arriving
+        together run side by side and none waits behind more than a few."""
+        share = min(self.max_batch, -(-(self._waiting.qsize() + 1) // self.concurrency))
+        batch = [first]
+        while len(batch) < share and not self._waiting.empty():
+            batch.append(self._waiting.get_nowait())
+        return batch
 
-    async def _publish(self, reply: Envelope) -> None:
-        with self.hooks.publishing([reply]) as traced:
+    async def _handle(self, deliveries: Sequence[Delivery]) -> None:
+        """Settle a lane's deliveries: answer, dead-letter or give back each."""
+        commands: list[_Command] = []
+        for delivery in deliveries:
+            try:
+                envelope, registration, command = self._parse(delivery)
+            except MessageRejected as exc:
+                await self._reject(delivery, exc.reason)
+                continue
+            run = _Run(delivery.redelivered)
+            commands.append(_Command(delivery, envelope, registration, command, run))
+        if not commands:
+            return
+        try:
+            await retry_healing(
+                lambda: self._transact(commands), what=f"{self.participant.service} transaction"
+            )
+            replies = [c.reply for c in commands if c.reply is not None and c.poison is None]
+            if replies:
+                await retry_healing(lambda: self._publish(replies), what="publishing replies")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug around the transaction: nothing was answered
+            log.exception("%s: commands could not be handled", self.participant.service)
+            for one in commands:
+                await self._give_back(one.delivery, exc)
+            return
+        for one in commands:
+            if one.poison is not None:
+                await self._give_back(one.delivery, one.poison)
+                continue
+            try:
+                await one.delivery.ack()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the channel is gone: redelivered, answered from the inbox
+                log.warning("%s: acknowledging failed: %r", self.participant.service, exc)
+
+    async def _publish(self, replies: Sequence[Envelope]) -> None:
+        with self.hooks.publishing(replies) as traced:
             await self.transport.publish(traced)
 
     async def _reject(self, delivery: Delivery, reason: str) -> None:
@@ -345,56 +395,124 @@ class Worker:
             raise MessageRejected(f"invalid_command: {envelope.type}: {exc.errors()[:3]}") from None
         return envelope, registration, command
 
-    async def _attempt(
-        self,
-        envelope: Envelope,
-        registration: _Registration[Any, Any],
-        command: BaseModel,
-        run: _Run,
-    ) -> Envelope | None:
-        """One try at a command, inside its CONSUMER span; the reply to send."""
-        started = time.perf_counter()
-        with self.hooks.processing(envelope, self._queue) as trace:
-            # replies carry the context of this handling (its CONSUMER span)
-            traced = carrying(envelope, trace)
-            try:
-                reply = await self._transact(traced, registration, command, run)
-            except BaseException:
-                self.hooks.rolled_back(envelope)
-                raise
-        self.hooks.handled(envelope, reply, time.perf_counter() - started)
-        return reply
-
-    async def _transact(
-        self,
-        envelope: Envelope,
-        registration: _Registration[Any, Any],
-        command: BaseModel,
-        run: _Run,
-    ) -> Envelope | None:
-        run.ran, run.raised = False, None
+    async def _transact(self, commands: Sequence[_Command]) -> None:
+        """One try at a lane's commands in one transaction: claim them all, run
+        each handler in a savepoint of its own, store the replies, commit. The
+        hooks hear of each outcome only once it committed."""
+        ordered = sorted(commands, key=lambda c: c.envelope.command_id)
+        for one in ordered:
+            one.reply, one.store, one.poison = None, False, None
+        tried: list[_Command] = []
         try:
             with self.hooks.queries(own=True):
                 async with self.store.transaction() as tx:
-                    return await self._in_transaction(tx, envelope, registration, command, run)
-        except Exception as exc:
-            if exc is not run.raised:
-                if run.ran and isinstance(exc, HEALING):
+                    stored = await tx.claim([one.envelope.command_id for one in ordered])
+                    first: dict[str, _Command] = {}
+                    for one in ordered:
+                        cid = one.envelope.command_id
+                        if cid in stored:  # answered before: as then, no second effect
+                            found = stored[cid]
+                            one.reply = found if isinstance(found, Envelope) else None
+                        elif cid not in first:  # (a copy in the same lane waits for it)
+                            first[cid] = one
+                            tried.append(one)
+                            await self._attempt(tx, one)
+                    await tx.complete([one.reply for one in tried if one.store and one.reply])
+        except BaseException as exc:
+            for one in tried:
+                self.hooks.rolled_back(one.envelope)
+                if one.run.ran and isinstance(exc, HEALING):
                     # rolled back after the handler ran: retry_healing runs it again
                     why = "deadlock" if isinstance(exc, ConcurrencyConflict) else "store"
-                    self.hooks.rerun(envelope, why)
-                    run.redelivered = False  # counted once
+                    self.hooks.rerun(one.envelope, why)
+                    one.run.redelivered = False  # counted once
+            raise
+        for one in ordered:
+            copied = first.get(one.envelope.command_id)
+            if copied is not None and copied is not one:
+                one.reply, one.poison = copied.reply, copied.poison
+            elif one.poison is None:
+                self.hooks.handled(one.envelope, one.reply, one.seconds)
+            else:
+                self.hooks.rolled_back(one.envelope)  # its savepoint was undone
+
+    async def _attempt(self, tx: ParticipantTransaction, one: _Command) -> None:
+        """One claimed command in its own savepoint, inside its CONSUMER span."""
+        started = time.perf_counter()
+        run = one.run
+        run.ran, run.raised = False, None
+        with self.hooks.processing(one.envelope, self._queue) as trace:
+            # replies carry the context of this handling (its CONSUMER span)
+            envelope = carrying(one.envelope, trace)
+            try:
+                async with tx.savepoint():
+                    one.reply = await self._in_savepoint(tx, envelope, one)
+                one.store = True
+            except HEALING:
+                raise  # the transaction is lost: the lane tries again
+            except asyncio.CancelledError:
                 raise
-        # The handler raised: its writes and the claim are rolled back.
-        exc = run.raised
+            except Exception as exc:
+                if exc is not run.raised:  # not the handler: a hook, a bug
+                    log.exception("%s: a command could not be handled", self.participant.service)
+                    one.poison = exc
+                    return
+                # the handler raised: its writes were undone
+                one.reply, one.store = self._outcome(envelope, exc)
+        one.seconds = time.perf_counter() - started
+
+    async def _in_savepoint(
+        self, tx: ParticipantTransaction, envelope: Envelope, one: _Command
+    ) -> Envelope | None:
+        if envelope.kind is MessageKind.COMPENSATION:
+            forward = await tx.tombstone(
+                command_id(envelope.saga_id, envelope.step, MessageKind.COMMAND)
+            )
+            if not (isinstance(forward, Envelope) and forward.outcome is Outcome.SUCCESS):
+                return envelope.reply(
+                    Outcome.SUCCESS, reason="nothing to undo: the command never took effect"
+                )
+        if one.run.redelivered:  # delivered before: it may have run, uncommitted
+            self.hooks.rerun(envelope, "redelivered")
+        return envelope.reply(Outcome.SUCCESS, await self._call(tx, envelope, one))
+
+    async def _call(
+        self, tx: ParticipantTransaction, envelope: Envelope, one: _Command
+    ) -> dict[str, Any]:
+        """Run the handler; its reply as JSON. What it raises is noted in ``one.run``."""
+        ctx = HandlerContext(
+            saga_id=envelope.saga_id,
+            saga_name=envelope.saga_name,
+            step=envelope.step,
+            attempt=envelope.attempt,
+            command_id=envelope.command_id,
+            compensation=envelope.kind is MessageKind.COMPENSATION,
+            connection=tx.connection,
+        )
+        one.run.ran = True
+        registration = one.registration
+        with self.hooks.queries(own=False):
+            try:
+                result = await registration.handler(one.command, ctx)
+                payload: dict[str, Any] = registration.action.reply.model_validate(
+                    result
+                ).model_dump(mode="json")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                one.run.raised = exc
+                raise
+        return payload
+
+    def _outcome(self, envelope: Envelope, exc: Exception) -> tuple[Envelope, bool]:
+        """The reply to a command whose handler raised ``exc``, and whether it is
+        stored (a refusal is definitive; an error is retried by the step's policy)."""
         if isinstance(exc, BusinessFailure):
             if envelope.kind is MessageKind.COMPENSATION:
                 # a compensation cannot refuse: retried until it succeeds
-                return envelope.reply(Outcome.ERROR, reason=f"compensation refused: {exc.reason}")
-            refusal = envelope.reply(Outcome.FAILURE, reason=exc.reason)  # definitive: stored
-            return await retry_healing(
-                lambda: self._store_refusal(refusal), what=f"{envelope.type} refusal"
-            )
+                reason = f"compensation refused: {exc.reason}"
+                return envelope.reply(Outcome.ERROR, reason=reason), False
+            return envelope.reply(Outcome.FAILURE, reason=exc.reason), True
         if isinstance(exc, ValidationError):
             reason = f"handler returned an invalid reply: {exc.errors()[:3]}"
         else:
@@ -407,80 +525,4 @@ class Worker:
                 exc,
                 extra=saga_fields(envelope),
             )
-        return envelope.reply(Outcome.ERROR, reason=reason)
-
-    async def _in_transaction(
-        self,
-        tx: ParticipantTransaction,
-        envelope: Envelope,
-        registration: _Registration[Any, Any],
-        command: BaseModel,
-        run: _Run,
-    ) -> Envelope | None:
-        forward_applied = True
-        if envelope.kind is MessageKind.COMPENSATION:
-            forward = await tx.tombstone(
-                command_id(envelope.saga_id, envelope.step, MessageKind.COMMAND)
-            )
-            forward_applied = isinstance(forward, Envelope) and forward.outcome is Outcome.SUCCESS
-        stored = await tx.claim(envelope.command_id)
-        if isinstance(stored, Envelope):
-            return stored  # a duplicate: answer as before, no second effect
-        if stored is not None:
-            return None  # tombstoned: compensated before it ran; the saga moved on
-        if not forward_applied:
-            reply = envelope.reply(
-                Outcome.SUCCESS, reason="nothing to undo: the command never took effect"
-            )
-        else:
-            if run.redelivered:  # delivered before: it may have run, uncommitted
-                self.hooks.rerun(envelope, "redelivered")
-            reply = envelope.reply(
-                Outcome.SUCCESS, await self._call(tx, envelope, registration, command, run)
-            )
-        await tx.complete(envelope.command_id, reply)
-        return reply
-
-    async def _call(
-        self,
-        tx: ParticipantTransaction,
-        envelope: Envelope,
-        registration: _Registration[Any, Any],
-        command: BaseModel,
-        run: _Run,
-    ) -> dict[str, Any]:
-        """Run the handler; its reply as JSON. What it raises is noted in ``run``."""
-        ctx = HandlerContext(
-            saga_id=envelope.saga_id,
-            saga_name=envelope.saga_name,
-            step=envelope.step,
-            attempt=envelope.attempt,
-            command_id=envelope.command_id,
-            compensation=envelope.kind is MessageKind.COMPENSATION,
-            connection=tx.connection,
-        )
-        run.ran = True
-        with self.hooks.queries(own=False):
-            try:
-                result = await registration.handler(command, ctx)
-                payload: dict[str, Any] = registration.action.reply.model_validate(
-                    result
-                ).model_dump(mode="json")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                run.raised = exc
-                raise
-        return payload
-
-    async def _store_refusal(self, refusal: Envelope) -> Envelope | None:
-        """Store a refusal in a transaction of its own (the handler's was rolled back)."""
-        with self.hooks.queries(own=True):
-            async with self.store.transaction() as tx:
-                stored = await tx.claim(refusal.command_id)
-                if isinstance(stored, Envelope):
-                    return stored  # a duplicate handled meanwhile: its outcome stands
-                if stored is not None:
-                    return None  # compensated meanwhile
-                await tx.complete(refusal.command_id, refusal)
-        return refusal
+        return envelope.reply(Outcome.ERROR, reason=reason), False

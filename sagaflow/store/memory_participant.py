@@ -9,6 +9,7 @@ undo: a handler that refuses must write nothing before it raises.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import NamedTuple
 
@@ -62,27 +63,32 @@ class InMemoryParticipantTransaction:
         entry = self._writes.get(command_id)
         return self._store._inbox.get(command_id) if entry is None else entry
 
-    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
-        """Claim a command id: ``None`` if new, else the stored reply or TOMBSTONE.
+    async def claim(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
+        """Claim command ids (in id order): what was stored for those seen before.
 
         A concurrent claim of the same id waits until the first transaction ends.
         """
-        entry = await self._entry(command_id)
-        if entry is None:
-            self._writes[command_id] = _InboxEntry("pending", None)
-            return None
-        return _stored(entry)
+        stored: dict[str, Envelope | Tombstone] = {}
+        for command_id in sorted(set(command_ids)):
+            entry = await self._entry(command_id)
+            found = None if entry is None else _stored(entry)
+            if found is None:
+                self._writes[command_id] = _InboxEntry("pending", None)
+            else:
+                stored[command_id] = found
+        return stored
 
-    async def complete(self, command_id: str, reply: Envelope) -> None:
-        """Store the reply of a claimed (or not yet seen) command.
+    async def complete(self, replies: Sequence[Envelope]) -> None:
+        """Store the replies of claimed (or not yet seen) commands.
 
         Raises:
-            StoreError: the command is already done or tombstoned.
+            StoreError: a command is already done or tombstoned.
         """
-        entry = await self._entry(command_id)
-        if entry is not None and entry.status != "pending":
-            raise StoreError(f"command {command_id!r} is already done or tombstoned")
-        self._writes[command_id] = _InboxEntry("done", reply)
+        for reply in replies:
+            entry = await self._entry(reply.command_id)
+            if entry is not None and entry.status != "pending":
+                raise StoreError(f"command {reply.command_id!r} is already done or tombstoned")
+            self._writes[reply.command_id] = _InboxEntry("done", reply)
 
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
         """Mark a command as never to be applied, unless it already was.

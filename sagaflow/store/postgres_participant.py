@@ -31,6 +31,7 @@ the next command.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -64,16 +65,24 @@ class _InboxSql:
     def __init__(self, schema: str) -> None:
         s = quote_schema(schema)
         self.claim = (
-            f"INSERT INTO {s}.inbox (command_id, status) VALUES ($1, 'pending')"
-            " ON CONFLICT (command_id) DO NOTHING RETURNING 1"
+            f"INSERT INTO {s}.inbox (command_id, status)"
+            " SELECT u.id, 'pending' FROM unnest($1::text[]) AS u(id) ORDER BY u.id"
+            " ON CONFLICT (command_id) DO NOTHING RETURNING command_id"
         )
-        # A separate statement: the INSERT's snapshot predates the row it waited for.
-        self.stored = f"SELECT status, reply::text FROM {s}.inbox WHERE command_id = $1 FOR UPDATE"
+        # A separate statement: the INSERT's snapshot predates the rows it waited for.
+        self.stored = (
+            f"SELECT command_id, status, reply::text FROM {s}.inbox"
+            " WHERE command_id = ANY($1::text[]) ORDER BY command_id FOR UPDATE"
+        )
+        self.stored_one = (
+            f"SELECT status, reply::text FROM {s}.inbox WHERE command_id = $1 FOR UPDATE"
+        )
         self.complete = (
             f"INSERT INTO {s}.inbox AS i (command_id, status, reply)"
-            " VALUES ($1, 'done', $2::text::jsonb)"
+            " SELECT u.id, 'done', u.reply::jsonb"
+            " FROM unnest($1::text[], $2::text[]) AS u(id, reply)"
             " ON CONFLICT (command_id) DO UPDATE SET status = 'done', reply = EXCLUDED.reply"
-            " WHERE i.status = 'pending' RETURNING 1"
+            " WHERE i.status = 'pending' RETURNING command_id"
         )
         self.tombstone = (
             f"INSERT INTO {s}.inbox AS i (command_id, status) VALUES ($1, 'tombstone')"
@@ -85,11 +94,12 @@ class _InboxSql:
 class PostgresParticipantTransaction:
     """The :class:`~sagaflow.core.ports.ParticipantTransaction` on PostgreSQL."""
 
-    __slots__ = ("_conn", "_sql")
+    __slots__ = ("_conn", "_savepoints", "_sql")
 
     def __init__(self, conn: PoolConnectionProxy[Any], sql: _InboxSql) -> None:
         self._conn = conn
         self._sql = sql
+        self._savepoints = 0
 
     @property
     def connection(self) -> PoolConnectionProxy[Any]:
@@ -98,40 +108,56 @@ class PostgresParticipantTransaction:
 
     def savepoint(self) -> _Savepoint:
         """A block whose work (business SQL and inbox writes) is undone if it raises."""
-        return _Savepoint(self._conn)
+        self._savepoints += 1
+        return _Savepoint(self._conn, f"sagaflow_{self._savepoints}")
 
-    async def claim(self, command_id: str) -> Envelope | Tombstone | None:
-        """Claim a command id: ``None`` if new (or claimed without a reply), else the
-        stored reply or :data:`~sagaflow.core.ports.TOMBSTONE`.
+    async def claim(self, command_ids: Sequence[str]) -> dict[str, Envelope | Tombstone]:
+        """Claim command ids (in id order, so concurrent claimers never deadlock).
 
-        A concurrent claim of the same id waits until the first transaction ends.
+        Returns the stored reply or :data:`~sagaflow.core.ports.TOMBSTONE` of the
+        ids seen before; the others (new, or claimed without a reply by a
+        transaction that committed: no effect on record) are now claimed here. A
+        concurrent claim of the same id waits until the first transaction ends.
         """
+        stored: dict[str, Envelope | Tombstone] = {}
+        wanted = sorted(set(command_ids))
         try:
-            while True:
-                if await self._conn.fetchval(self._sql.claim, command_id) is not None:
-                    return None
-                row = await self._conn.fetchrow(self._sql.stored, command_id)
-                if row is not None:
-                    return _stored(row[0], row[1])
-                # The conflicting row vanished between the statements (deleted by a
-                # cleanup): claim again.
+            while wanted:
+                inserted = {row[0] for row in await self._conn.fetch(self._sql.claim, wanted)}
+                seen = [i for i in wanted if i not in inserted]
+                if not seen:
+                    break
+                rows = await self._conn.fetch(self._sql.stored, seen)
+                for command_id, status, reply in rows:
+                    found = _stored(status, reply)
+                    if found is not None:
+                        stored[command_id] = found
+                # A conflicting row that vanished meanwhile (a cleanup): claim again.
+                wanted = sorted(set(seen) - {row[0] for row in rows})
         except DB_ERRORS as exc:
             raise store_error(exc, "claim") from exc
+        return stored
 
-    async def complete(self, command_id: str, reply: Envelope) -> None:
-        """Store the reply of a claimed (or not yet seen) command.
+    async def complete(self, replies: Sequence[Envelope]) -> None:
+        """Store the replies of claimed (or not yet seen) commands, in one statement.
 
         Raises:
-            StoreError: the command is already done or tombstoned.
+            StoreError: a command is already done or tombstoned.
         """
+        if not replies:
+            return
         try:
-            done = await self._conn.fetchval(
-                self._sql.complete, command_id, envelope_to_json(reply)
+            rows = await self._conn.fetch(
+                self._sql.complete,
+                [r.command_id for r in replies],
+                [envelope_to_json(r) for r in replies],
             )
         except DB_ERRORS as exc:
             raise store_error(exc, "complete") from exc
-        if done is None:
-            raise StoreError(f"command {command_id!r} is already done or tombstoned")
+        if len(rows) != len(replies):
+            done = {row[0] for row in rows}
+            late = [r.command_id for r in replies if r.command_id not in done]
+            raise StoreError(f"commands already done or tombstoned: {late}")
 
     async def tombstone(self, command_id: str) -> Envelope | Tombstone | None:
         """Mark a command as never to be applied, unless it already was.
@@ -144,7 +170,7 @@ class PostgresParticipantTransaction:
             while True:
                 if await self._conn.fetchval(self._sql.tombstone, command_id) is not None:
                     return None
-                row = await self._conn.fetchrow(self._sql.stored, command_id)
+                row = await self._conn.fetchrow(self._sql.stored_one, command_id)
                 if row is not None:
                     return _stored(row[0], row[1])
         except DB_ERRORS as exc:
@@ -160,16 +186,21 @@ def _stored(status: str, reply: str | None) -> Envelope | Tombstone | None:
 
 
 class _Savepoint:
-    __slots__ = ("_conn", "_tx")
+    """``SAVEPOINT`` on entry; ``ROLLBACK TO SAVEPOINT`` if the block raises; on a
+    clean exit nothing: the savepoint is released with the transaction, which
+    saves a round trip per command. Savepoints nest, and a block is left before
+    the next one starts, so rolling back to one never undoes a later block's
+    work that should stay."""
 
-    def __init__(self, conn: PoolConnectionProxy[Any]) -> None:
+    __slots__ = ("_conn", "_name")
+
+    def __init__(self, conn: PoolConnectionProxy[Any], name: str) -> None:
         self._conn = conn
-        self._tx: Transaction | None = None
+        self._name = name
 
     async def __aenter__(self) -> None:
-        self._tx = self._conn.transaction()  # nested: asyncpg issues SAVEPOINT
         try:
-            await self._tx.start()
+            await self._conn.execute(f"SAVEPOINT {self._name}")
         except DB_ERRORS as exc:
             raise store_error(exc, "savepoint") from exc
 
@@ -179,16 +210,11 @@ class _Savepoint:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        tx = self._tx
-        assert tx is not None
+        if exc is None:
+            return
         try:
-            if exc is None:
-                await tx.commit()
-            else:
-                await tx.rollback()
+            await self._conn.execute(f"ROLLBACK TO SAVEPOINT {self._name}")
         except DB_ERRORS as error:
-            if exc is None:
-                raise store_error(error, "savepoint") from error
             log.debug("rollback to savepoint failed: %r", error)
         if isinstance(exc, asyncpg.TransactionRollbackError):
             # A deadlock or serialization failure in the handler's SQL: this
