@@ -16,15 +16,13 @@ import pytest
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
-from sagaflow.core.ports import TOMBSTONE, ParticipantStore, SagaStore
+from sagaflow.core.ports import TOMBSTONE, OutboxItem, ParticipantStore, SagaStore, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus, Timer
 from sagaflow.store import (
     InMemoryParticipantStore,
     InMemorySagaStore,
-    InMemorySagaTransaction,
     PostgresParticipantStore,
     PostgresSagaStore,
-    PostgresSagaTransaction,
     migrate,
 )
 
@@ -120,17 +118,28 @@ def entry(saga_id: str, at: float, event: LogEvent, **fields: object) -> LogEntr
 
 async def insert(store: SagaStore, *states: SagaState) -> None:
     async with store.transaction() as tx:
-        for state in states:
-            await tx.insert(state)
+        await tx.write(UnitOfWork(inserts=states))
 
 
-async def outbox_ids(store: SagaStore, now: float) -> list[int]:
-    """Claim without deleting: the ids of every due row."""
+async def queue(store: SagaStore, *messages: Envelope) -> None:
+    async with store.transaction() as tx:
+        await tx.write(UnitOfWork(messages=messages))
+
+
+async def peek_outbox(store: SagaStore) -> list[OutboxItem]:
+    """Claim without deleting: every row, oldest first."""
     with pytest.raises(Boom):
-        async with store.claim_outbox(now, 10_000) as items:
-            ids = [item.id for item in items]
+        async with store.claim_outbox(10_000) as items:
             raise Boom
-    return ids
+    return items
+
+
+async def nothing_of(store: SagaStore, *saga_ids: str) -> bool:
+    """Whether no saga, log entry or outbox row of ``saga_ids`` exists."""
+    for saga_id in saga_ids:
+        if await store.get(saga_id) is not None or await store.log(saga_id):
+            return False
+    return not [i for i in await peek_outbox(store) if i.envelope.saga_id in saga_ids]
 
 
 async def blocked(task: asyncio.Task[Any]) -> bool:
@@ -153,43 +162,65 @@ async def test_insert_get_and_lock(store: SagaStore) -> None:
     assert locked == {"s-1": state}
 
 
-async def test_insert_duplicate_raises_store_error(store: SagaStore) -> None:
+async def test_insert_of_an_existing_saga_raises_store_error(store: SagaStore) -> None:
     await insert(store, saga("s-1"))
-    async with store.transaction() as tx:
-        with pytest.raises(StoreError):
-            await tx.insert(saga("s-1", name="other"))
-        await tx.insert(saga("s-2"))  # the transaction is still usable
-    assert (await store.get("s-1")) == saga("s-1")
-    assert (await store.get("s-2")) is not None
+    with pytest.raises(StoreError) as raised:
+        async with store.transaction() as tx:
+            await tx.write(
+                UnitOfWork(
+                    inserts=[saga("s-2"), saga("s-1", name="other")],
+                    log=[entry("s-2", 1.0, LogEvent.STARTED)],
+                    messages=[envelope("s-2")],
+                )
+            )
+    assert not isinstance(raised.value, ConcurrencyConflict)
+    assert await store.get("s-1") == saga("s-1")
+    assert await nothing_of(store, "s-2")  # nothing of the unit, once rolled back
+
+    with pytest.raises(StoreError):  # twice in one unit is no better
+        async with store.transaction() as tx:
+            await tx.write(UnitOfWork(inserts=[saga("s-3"), saga("s-3")]))
+    assert await nothing_of(store, "s-3")
+    await insert(store, saga("s-2"), saga("s-3"))  # the ids stayed free
 
 
-async def test_concurrent_insert_of_one_id(store: SagaStore) -> None:
+@pytest.mark.parametrize("first_commits", [True, False], ids=["commits", "rolls-back"])
+async def test_concurrent_insert_of_one_id(store: SagaStore, first_commits: bool) -> None:
     inserted = asyncio.Event()
     release = asyncio.Event()
 
     async def first() -> None:
         async with store.transaction() as tx:
-            await tx.insert(saga("s-1"))
+            await tx.write(UnitOfWork(inserts=[saga("s-1")]))
             inserted.set()
             await release.wait()
+            if not first_commits:
+                raise Boom
 
     async def second() -> None:
         async with store.transaction() as tx:
-            await tx.insert(saga("s-1"))
+            await tx.write(UnitOfWork(inserts=[saga("s-1", name="second")]))
 
     one = asyncio.create_task(first())
     await inserted.wait()
     two = asyncio.create_task(second())
     assert await blocked(two)  # waits on the primary key
     release.set()
-    await one
-    with pytest.raises(StoreError):
-        await asyncio.wait_for(two, WAIT)
+    if first_commits:
+        await one
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(two, WAIT)
+        assert await store.get("s-1") == saga("s-1")
+    else:
+        with pytest.raises(Boom):
+            await one
+        await asyncio.wait_for(two, WAIT)  # the id came free
+        assert await store.get("s-1") == saga("s-1", name="second")
 
 
 async def test_insert_is_visible_to_its_own_transaction(store: SagaStore) -> None:
     async with store.transaction() as tx:
-        await tx.insert(saga("s-1"))
+        await tx.write(UnitOfWork(inserts=[saga("s-1")]))
         assert await tx.lock(["s-1"]) == {"s-1": saga("s-1")}
 
 
@@ -197,7 +228,9 @@ async def test_save_bumps_the_version(store: SagaStore) -> None:
     await insert(store, saga("s-1"))
     async with store.transaction() as tx:
         state = (await tx.lock(["s-1"]))["s-1"]
-        await tx.save(state.model_copy(update={"status": SagaStatus.COMPENSATING}))
+        await tx.write(
+            UnitOfWork(states=[state.model_copy(update={"status": SagaStatus.COMPENSATING})])
+        )
 
     saved = await store.get("s-1")
     assert saved is not None
@@ -205,7 +238,9 @@ async def test_save_bumps_the_version(store: SagaStore) -> None:
     async with store.transaction() as tx:
         state = (await tx.lock(["s-1"]))["s-1"]
         assert state == saved
-        await tx.save(state.model_copy(update={"status": SagaStatus.COMPENSATED}))
+        await tx.write(
+            UnitOfWork(states=[state.model_copy(update={"status": SagaStatus.COMPENSATED})])
+        )
     saved = await store.get("s-1")
     assert saved is not None
     assert (saved.version, saved.status) == (2, SagaStatus.COMPENSATED)
@@ -216,26 +251,32 @@ async def test_save_of_a_stale_version_conflicts(store: SagaStore) -> None:
     stale = await store.get("s-1")
     assert stale is not None
     async with store.transaction() as tx:
-        await tx.save(stale)
+        await tx.write(UnitOfWork(states=[stale]))
 
     with pytest.raises(ConcurrencyConflict):
         async with store.transaction() as tx:
-            await tx.save(stale.model_copy(update={"status": SagaStatus.FAILED}))
+            await tx.write(
+                UnitOfWork(states=[stale.model_copy(update={"status": SagaStatus.FAILED})])
+            )
     with pytest.raises(ConcurrencyConflict):
         async with store.transaction() as tx:
-            await tx.save(saga("never-inserted"))
+            await tx.write(UnitOfWork(states=[saga("never-inserted")]))
     current = await store.get("s-1")
     assert current is not None
     assert (current.version, current.status) == (1, SagaStatus.RUNNING)
+    assert await store.get("never-inserted") is None
 
 
-async def test_save_many(store: SagaStore) -> None:
+async def test_a_conflict_in_a_batch_writes_nothing_of_the_unit(store: SagaStore) -> None:
     await insert(store, saga("s-1"), saga("s-2"), saga("s-3"))
     async with store.transaction() as tx:
-        assert isinstance(tx, InMemorySagaTransaction | PostgresSagaTransaction)  # beyond the port
         states = await tx.lock(["s-1", "s-2", "s-3"])
-        await tx.save_many(
-            [s.model_copy(update={"status": SagaStatus.COMPLETED}) for s in states.values()]
+        await tx.write(
+            UnitOfWork(
+                states=[
+                    s.model_copy(update={"status": SagaStatus.COMPLETED}) for s in states.values()
+                ]
+            )
         )
     for saga_id in ("s-1", "s-2", "s-3"):
         saved = await store.get(saga_id)
@@ -244,12 +285,80 @@ async def test_save_many(store: SagaStore) -> None:
 
     with pytest.raises(ConcurrencyConflict, match="s-2"):
         async with store.transaction() as tx:
-            assert isinstance(tx, InMemorySagaTransaction | PostgresSagaTransaction)
             fresh = await tx.lock(["s-1"])
-            await tx.save_many([fresh["s-1"], saga("s-2")])
+            await tx.write(
+                UnitOfWork(
+                    inserts=[saga("s-4")],
+                    states=[fresh["s-1"], saga("s-2")],  # s-2 is at version 1, not 0
+                    log=[entry("s-1", 1.0, LogEvent.FAILED), entry("s-4", 1.0, LogEvent.STARTED)],
+                    messages=[envelope("s-1"), envelope("s-4")],
+                )
+            )
     saved = await store.get("s-1")
     assert saved is not None
     assert saved.version == 1  # the whole transaction rolled back
+    assert await nothing_of(store, "s-4")
+    assert await store.log("s-1") == []
+    assert await peek_outbox(store) == []
+
+
+async def test_a_saga_twice_in_states_raises_value_error(store: SagaStore) -> None:
+    await insert(store, saga("s-1"))
+    with pytest.raises(ValueError, match="twice"):
+        async with store.transaction() as tx:
+            state = (await tx.lock(["s-1"]))["s-1"]
+            await tx.write(
+                UnitOfWork(
+                    inserts=[saga("s-2")],
+                    states=[state, state.model_copy(update={"status": SagaStatus.FAILED})],
+                    log=[entry("s-1", 1.0, LogEvent.FAILED)],
+                    messages=[envelope("s-1")],
+                )
+            )
+    assert await store.get("s-1") == saga("s-1")
+    assert await store.log("s-1") == []
+    assert await nothing_of(store, "s-2")
+    assert await peek_outbox(store) == []
+
+
+async def test_write_inserts_saves_logs_and_queues_a_batch_at_once(store: SagaStore) -> None:
+    await insert(store, saga("w-1"), saga("w-2"))
+    async with store.transaction() as tx:
+        states = await tx.lock(["w-1", "w-2"])
+        changed = [s.model_copy(update={"status": SagaStatus.COMPLETED}) for s in states.values()]
+        log = [
+            entry("w-1", 1.0, LogEvent.COMPLETED),
+            entry("w-2", 2.0, LogEvent.COMPLETED),
+            entry("w-3", 3.0, LogEvent.STARTED),
+        ]
+        sent = [envelope("w-1"), envelope("w-2", 1), envelope("w-3")]
+        await tx.write(UnitOfWork(inserts=[saga("w-3")], states=changed, log=log, messages=sent))
+    for saga_id in ("w-1", "w-2"):
+        got = await store.get(saga_id)
+        assert got is not None and (got.status, got.version) == (SagaStatus.COMPLETED, 1)
+        assert [e.event for e in await store.log(saga_id)] == [LogEvent.COMPLETED]
+    assert await store.get("w-3") == saga("w-3")
+    assert await store.log("w-3") == [log[2]]
+    async with store.claim_outbox(10) as items:
+        assert [i.envelope for i in items] == sent
+        assert items[0].envelope.trace == {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}
+    # nothing but a log line is fine too; a stale state conflicts and writes nothing
+    async with store.transaction() as tx:
+        await tx.write(UnitOfWork(log=[entry("w-1", 3.0, LogEvent.RETRY_REQUESTED)]))
+    with pytest.raises(ConcurrencyConflict):
+        async with store.transaction() as tx:
+            await tx.write(
+                UnitOfWork(
+                    states=changed[:1],
+                    log=[entry("w-1", 4.0, LogEvent.FAILED)],
+                    messages=[envelope("w-1", 7)],
+                )
+            )
+    assert [e.event for e in await store.log("w-1")] == [
+        LogEvent.COMPLETED,
+        LogEvent.RETRY_REQUESTED,
+    ]
+    assert await peek_outbox(store) == []
 
 
 async def test_concurrent_saves_of_one_version_conflict(store: SagaStore) -> None:
@@ -261,14 +370,14 @@ async def test_concurrent_saves_of_one_version_conflict(store: SagaStore) -> Non
 
     async def first() -> None:
         async with store.transaction() as tx:
-            await tx.save(loaded)
+            await tx.write(UnitOfWork(states=[loaded]))
             first_saved.set()
             await release_first.wait()
 
     async def second() -> None:
         await first_saved.wait()
         async with store.transaction() as tx:
-            await tx.save(loaded)  # waits on the row, then finds version 1
+            await tx.write(UnitOfWork(states=[loaded]))  # waits on the row, then finds version 1
 
     one, two = asyncio.create_task(first()), asyncio.create_task(second())
     await first_saved.wait()
@@ -289,7 +398,7 @@ async def test_lock_serializes_transactions(store: SagaStore) -> None:
             state = (await tx.lock(["s-2", "s-1"]))["s-1"]
             locked.set()
             await release.wait()
-            await tx.save(state.model_copy(update={"data": {"by": "holder"}}))
+            await tx.write(UnitOfWork(states=[state.model_copy(update={"data": {"by": "holder"}})]))
 
     async def waiter() -> SagaState:
         async with store.transaction() as tx:
@@ -310,18 +419,23 @@ async def test_rollback_leaves_nothing(store: SagaStore) -> None:
     await insert(store, saga("s-1"))
     with pytest.raises(Boom):
         async with store.transaction() as tx:
-            await tx.insert(saga("s-2"))
             state = (await tx.lock(["s-1"]))["s-1"]
-            await tx.save(state.model_copy(update={"status": SagaStatus.FAILED}))
-            await tx.append_log([entry("s-1", now, LogEvent.FAILED)])
-            await tx.add_outbox([envelope("s-1")], publish_after=now)
+            await tx.write(
+                UnitOfWork(
+                    inserts=[saga("s-2")],
+                    states=[state.model_copy(update={"status": SagaStatus.FAILED})],
+                    log=[entry("s-1", now, LogEvent.FAILED)],
+                    messages=[envelope("s-1")],
+                )
+            )
+            await tx.write(UnitOfWork(log=[entry("s-2", now, LogEvent.STARTED)]))
             raise Boom
 
-    assert await store.get("s-2") is None
+    assert await nothing_of(store, "s-2")
     assert await store.get("s-1") == saga("s-1")
     assert await store.log("s-1") == []
     assert await store.outbox_stats(now + 1) == (0, 0.0)
-    async with store.claim_outbox(now + 1, 10) as items:
+    async with store.claim_outbox(10) as items:
         assert items == []
 
 
@@ -376,12 +490,12 @@ async def test_saving_a_new_timer_moves_the_saga(store: SagaStore) -> None:
     await insert(store, saga("s-1", wake_at=10.0))
     async with store.transaction() as tx:
         [state] = await tx.lock_due(15.0, 10)
-        await tx.save(state.model_copy(update={"timer": None}))
+        await tx.write(UnitOfWork(states=[state.model_copy(update={"timer": None})]))
     async with store.transaction() as tx:
         assert await tx.lock_due(1e12, 10) == []
         state = (await tx.lock(["s-1"]))["s-1"]
         timer = Timer(purpose="retry", step_index=0, kind=MessageKind.COMMAND, attempt=2, due_at=50)
-        await tx.save(state.model_copy(update={"timer": timer}))
+        await tx.write(UnitOfWork(states=[state.model_copy(update={"timer": timer})]))
     async with store.transaction() as tx:
         assert await tx.lock_due(40.0, 10) == []
         assert [s.saga_id for s in await tx.lock_due(50.0, 10)] == ["s-1"]
@@ -405,14 +519,21 @@ async def test_log_keeps_order_and_fields(store: SagaStore) -> None:
         entry("s-2", 1_700_000_000.75, LogEvent.STARTED),
     ]
     later = [entry("s-1", 1_700_000_000.125, LogEvent.REPLY_RECEIVED, detail={"outcome": "ok"})]
+    # written order, not time order: the clock may step back between entries
+    backwards = [
+        entry("s-3", 1_700_000_100.0 - n, LogEvent.RETRY_REQUESTED, attempt=n + 1)
+        for n in range(40)
+    ]
     async with store.transaction() as tx:
-        await tx.append_log(first)
+        await tx.write(UnitOfWork(log=first))
     async with store.transaction() as tx:
-        await tx.append_log(later)
-        await tx.append_log([])
+        await tx.write(UnitOfWork(log=later))
+        await tx.write(UnitOfWork())
+        await tx.write(UnitOfWork(log=backwards))
 
     assert await store.log("s-1") == [first[0], first[1], later[0]]
     assert await store.log("s-2") == [first[2]]
+    assert await store.log("s-3") == backwards
     assert await store.log("nobody") == []
 
 
@@ -439,70 +560,60 @@ async def test_list_filters_newest_first(store: SagaStore) -> None:
 # --------------------------------------------------------------------------- outbox
 
 
-async def test_outbox_add_claim_delete(store: SagaStore) -> None:
-    now = time.time()
+async def test_outbox_keeps_order_and_claims_delete_oldest_first(store: SagaStore) -> None:
     sent = [envelope("s-1", n) for n in range(3)]
-    async with store.transaction() as tx:
-        ids = await tx.add_outbox(sent, publish_after=now)
-        assert await tx.add_outbox([], publish_after=now) == []
-    assert ids == sorted(ids) and len(set(ids)) == 3
+    await queue(store, *sent)
+    await queue(store, envelope("s-2"))
 
-    async with store.claim_outbox(now, 2) as items:
-        assert [item.id for item in items] == ids[:2]
+    async with store.claim_outbox(2) as items:
         assert [item.envelope for item in items] == sent[:2]
         assert items[0].envelope.trace == sent[0].trace
-    async with store.claim_outbox(now, 10) as items:
-        assert [(item.id, item.envelope) for item in items] == [(ids[2], sent[2])]
-    async with store.claim_outbox(now, 10) as items:
-        assert items == []
+        first = [item.id for item in items]
+    async with store.claim_outbox(10) as items:
+        assert [item.envelope for item in items] == [sent[2], envelope("s-2")]
+        ids = first + [item.id for item in items]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    async with store.claim_outbox(10) as items:
+        assert items == []  # deleted when the blocks exited
+
+
+async def test_committed_rows_are_due_at_once_uncommitted_ones_are_not(store: SagaStore) -> None:
+    async with store.transaction() as tx:
+        await tx.write(UnitOfWork(inserts=[saga("s-1")], messages=[envelope("s-1")]))
+        async with store.claim_outbox(10) as items:
+            assert items == []
+    async with store.claim_outbox(10) as items:  # no grace: claimable right after commit
+        assert [item.envelope for item in items] == [envelope("s-1")]
 
 
 async def test_claim_that_raises_keeps_the_rows(store: SagaStore) -> None:
-    now = time.time()
-    async with store.transaction() as tx:
-        ids = await tx.add_outbox([envelope("s-1", n) for n in range(2)], publish_after=now)
+    await queue(store, *(envelope("s-1", n) for n in range(2)))
     with pytest.raises(Boom):
-        async with store.claim_outbox(now, 10) as items:
+        async with store.claim_outbox(10) as items:
             assert len(items) == 2
+            claimed = items
             raise Boom
-    async with store.claim_outbox(now, 10) as items:
-        assert [item.id for item in items] == ids
-
-
-async def test_delete_outbox(store: SagaStore) -> None:
-    now = time.time()
-    async with store.transaction() as tx:
-        ids = await tx.add_outbox([envelope("s-1", n) for n in range(3)], publish_after=now + 60)
-    await store.delete_outbox(ids[:2])
-    await store.delete_outbox([])
-    assert await outbox_ids(store, now + 61) == ids[2:]
-
-
-async def test_publish_after_is_respected(store: SagaStore) -> None:
-    now = time.time()
-    async with store.transaction() as tx:
-        later = await tx.add_outbox([envelope("s-1", 1)], publish_after=now + 100)
-        due = await tx.add_outbox([envelope("s-1", 0)], publish_after=now - 1)
-    assert await outbox_ids(store, now) == due
-    assert await outbox_ids(store, now + 100) == sorted(due + later)
+    async with store.claim_outbox(10) as items:
+        assert items == claimed
 
 
 async def test_concurrent_claims_never_share_a_row(store: SagaStore) -> None:
-    now = time.time()
-    async with store.transaction() as tx:
-        ids = await tx.add_outbox([envelope(f"s-{n}") for n in range(40)], publish_after=now)
+    await queue(store, *(envelope(f"s-{n}") for n in range(40)))
+    ids = [item.id for item in await peek_outbox(store)]
+    assert len(ids) == 40
 
-    # Two claims open at the same time get disjoint rows.
-    async with store.claim_outbox(now, 10) as one, store.claim_outbox(now, 10) as two:
-        assert len(one) == len(two) == 10
-        assert not {i.id for i in one} & {i.id for i in two}
+    # Two claims open at the same time get disjoint rows: the second skips the
+    # rows the first holds and takes the next oldest.
+    async with store.claim_outbox(10) as one, store.claim_outbox(10) as two:
+        assert [i.id for i in one] == ids[:10]
+        assert [i.id for i in two] == ids[10:20]
 
     # Many claimers racing until the outbox is empty see every row exactly once.
     seen: list[int] = []
 
     async def claimer() -> None:
         while True:
-            async with store.claim_outbox(now, 3) as items:
+            async with store.claim_outbox(3) as items:
                 if not items:
                     return
                 await asyncio.sleep(0.001)
@@ -512,40 +623,42 @@ async def test_concurrent_claims_never_share_a_row(store: SagaStore) -> None:
     assert sorted(seen) == ids[20:]
 
 
-async def test_outbox_stats(store: SagaStore) -> None:
-    now = time.time()
-    assert await store.outbox_stats(now) == (0, 0.0)
-    async with store.transaction() as tx:
-        await tx.add_outbox([envelope("s-1", 0)], publish_after=now - 5)
-        await tx.add_outbox([envelope("s-1", 1)], publish_after=now - 2)
-        await tx.add_outbox([envelope("s-1", 2)], publish_after=now + 60)
-    count, age = await store.outbox_stats(now)
-    assert count == 2
-    assert age == pytest.approx(5.0, abs=0.01)
+async def test_outbox_stats_counts_every_row(store: SagaStore) -> None:
+    before = time.time()
+    assert await store.outbox_stats(before) == (0, 0.0)
+    await queue(store, envelope("s-1", 0), envelope("s-1", 1))
+    await queue(store, envelope("s-1", 2))
+    count, age = await store.outbox_stats(before + 60)
+    assert count == 3
+    assert age == pytest.approx(60.0, abs=1.0)  # the oldest row's
+    async with store.claim_outbox(10) as items:
+        assert len(items) == 3
+    assert await store.outbox_stats(before + 60) == (0, 0.0)
 
 
-async def test_wait_for_outbox_wakes_on_a_due_row(store: SagaStore) -> None:
+async def test_wait_for_outbox_wakes_at_once_on_a_commit_with_messages(store: SagaStore) -> None:
     await store.wait_for_outbox(0.05)  # may return at once while it starts listening
     started = time.monotonic()
     await store.wait_for_outbox(0.3)  # nothing happens: it waits the timeout
     assert time.monotonic() - started >= 0.25
 
+    # A commit without messages, or a rolled-back one with messages, is no reason to wake.
+    started = time.monotonic()
+    waiter = asyncio.create_task(store.wait_for_outbox(0.6))
+    await insert(store, saga("s-1"))
+    with pytest.raises(Boom):
+        async with store.transaction() as tx:
+            await tx.write(UnitOfWork(messages=[envelope("s-1")]))
+            raise Boom
+    await asyncio.wait_for(waiter, WAIT)
+    assert time.monotonic() - started >= 0.55
+
     waiter = asyncio.create_task(store.wait_for_outbox(WAIT * 3))
     assert await blocked(waiter)
     started = time.monotonic()
-    async with store.transaction() as tx:
-        await tx.add_outbox([envelope("s-1")], publish_after=time.time())
+    await queue(store, envelope("s-1"))
     await asyncio.wait_for(waiter, WAIT)
-    assert time.monotonic() - started < 5
-
-
-async def test_wait_for_outbox_ignores_deferred_rows(store: SagaStore) -> None:
-    await store.wait_for_outbox(0.05)  # may return at once while it starts listening
-    async with store.transaction() as tx:
-        await tx.add_outbox([envelope("s-1")], publish_after=time.time() + 60)
-    started = time.monotonic()
-    await store.wait_for_outbox(0.5)
-    assert time.monotonic() - started >= 0.45
+    assert time.monotonic() - started < 1.0
 
 
 # --------------------------------------------------------------------------- participant inbox
@@ -675,101 +788,6 @@ async def test_concurrent_claim_after_a_rollback_is_new(participant: Participant
     release.set()
     await one
     assert await asyncio.wait_for(two, WAIT) is None
-
-
-async def test_write_saves_logs_and_queues_a_batch_at_once(store: SagaStore) -> None:
-    await insert(store, saga("w-1"), saga("w-2"))
-    async with store.transaction() as tx:
-        states = await tx.lock(["w-1", "w-2"])
-        changed = [s.model_copy(update={"status": SagaStatus.COMPLETED}) for s in states.values()]
-        log = [entry("w-1", 1.0, LogEvent.COMPLETED), entry("w-2", 2.0, LogEvent.COMPLETED)]
-        ids = await tx.write(changed, log, [envelope("w-1"), envelope("w-2", 1)], publish_after=0.0)
-    assert len(ids) == 2 and ids == sorted(ids)
-    for saga_id in ("w-1", "w-2"):
-        got = await store.get(saga_id)
-        assert got is not None and (got.status, got.version) == (SagaStatus.COMPLETED, 1)
-        assert [e.event for e in await store.log(saga_id)] == [LogEvent.COMPLETED]
-    async with store.claim_outbox(10.0, 10) as items:
-        assert [i.envelope.saga_id for i in items] == ["w-1", "w-2"]
-        assert items[0].envelope.trace == {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}
-    # nothing but a log line is fine too; a stale state conflicts and writes nothing
-    async with store.transaction() as tx:
-        assert (
-            await tx.write([], [entry("w-1", 3.0, LogEvent.RETRY_REQUESTED)], [], publish_after=0.0)
-            == []
-        )
-    with pytest.raises(ConcurrencyConflict):
-        async with store.transaction() as tx:
-            await tx.write(
-                changed[:1],
-                [entry("w-1", 4.0, LogEvent.FAILED)],
-                [envelope("w-1", 7)],
-                publish_after=0.0,
-            )
-    assert [e.event for e in await store.log("w-1")] == [
-        LogEvent.COMPLETED,
-        LogEvent.RETRY_REQUESTED,
-    ]
-
-
-async def test_commit_is_one_unit_of_work_of_its_own(store: SagaStore) -> None:
-    """``commit``: inserts, guarded saves, log, outbox and deletes, all or nothing."""
-    published = await insert_with_outbox(store, "c-0")
-    ids = await store.commit(
-        inserts=[saga("c-1"), saga("c-2")],
-        log=[entry("c-1", 1.0, LogEvent.STARTED), entry("c-2", 2.0, LogEvent.STARTED)],
-        envelopes=[envelope("c-1"), envelope("c-2")],
-        publish_after=0.0,
-        delete_outbox=published,
-    )
-    assert len(ids) == 2 and ids == sorted(ids)
-    assert await outbox_ids(store, 10.0) == ids  # the published row is gone
-    first = await store.get("c-1")
-    assert first is not None and first.version == 0
-    assert [e.event for e in await store.log("c-1")] == [LogEvent.STARTED]
-
-    # a save is guarded by the version it was read at, and bumps it
-    moved = first.model_copy(update={"status": SagaStatus.COMPENSATING})
-    assert (
-        await store.commit(states=[moved], log=[entry("c-1", 3.0, LogEvent.COMPENSATION_STARTED)])
-        == []
-    )
-    again = await store.get("c-1")
-    assert again is not None and (again.version, again.status) == (1, SagaStatus.COMPENSATING)
-
-    # a stale save fails the whole unit: no insert, log, outbox row or delete
-    second = await store.get("c-2")
-    assert second is not None
-    with pytest.raises(ConcurrencyConflict):
-        await store.commit(
-            inserts=[saga("c-3")],
-            states=[second.model_copy(update={"status": SagaStatus.COMPLETED}), moved],
-            log=[entry("c-2", 4.0, LogEvent.COMPLETED)],
-            envelopes=[envelope("c-2", 5)],
-            publish_after=0.0,
-            delete_outbox=ids,
-        )
-    assert await store.get("c-3") is None
-    unchanged = await store.get("c-2")
-    assert unchanged is not None and unchanged.version == second.version
-    assert unchanged.status is SagaStatus.RUNNING
-    assert [e.event for e in await store.log("c-2")] == [LogEvent.STARTED]
-    assert await outbox_ids(store, 10.0) == ids
-
-    # an existing saga cannot be inserted again; nothing else of the unit lands
-    with pytest.raises(StoreError) as raised:
-        await store.commit(
-            inserts=[saga("c-4"), saga("c-1")], log=[entry("c-4", 5.0, LogEvent.STARTED)]
-        )
-    assert not isinstance(raised.value, ConcurrencyConflict)
-    assert await store.get("c-4") is None and await store.log("c-4") == []
-
-
-async def insert_with_outbox(store: SagaStore, saga_id: str) -> list[int]:
-    """A saga with one queued message; returns the message's outbox id."""
-    async with store.transaction() as tx:
-        await tx.insert(saga(saga_id))
-        return await tx.add_outbox([envelope(saga_id)], publish_after=0.0)
 
 
 async def test_a_failing_command_transaction_keeps_nothing_and_its_error(

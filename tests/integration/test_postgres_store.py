@@ -13,6 +13,7 @@ import pytest
 
 from sagaflow.core.errors import ConcurrencyConflict, ConfigurationError, StoreError
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
+from sagaflow.core.ports import UnitOfWork
 from sagaflow.core.state import SagaState, SagaStatus
 from sagaflow.store import PostgresParticipantStore, PostgresSagaStore, migrate
 from sagaflow.store.migrate import load_migrations, migrate_participant
@@ -149,7 +150,7 @@ async def test_two_schemas_are_independent(pg_url: str) -> None:
     await two.start()
     try:
         async with one.transaction() as tx:
-            await tx.insert(saga("s-1"))
+            await tx.write(UnitOfWork(inserts=[saga("s-1")]))
         assert await one.get("s-1") is not None
         assert await two.get("s-1") is None
     finally:
@@ -168,23 +169,27 @@ async def test_transaction_joins_the_callers_transaction(
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     try:
         await conn.execute("CREATE TABLE orders (id text PRIMARY KEY)")
+        await store.wait_for_outbox(0.05)  # starts listening
+        waiter = asyncio.create_task(store.wait_for_outbox(WAIT * 3))
         async with conn.transaction():
             await conn.execute("INSERT INTO orders VALUES ('o-1')")
             async with store.transaction(conn) as tx:
-                await tx.insert(saga("s-1"))
-                await tx.add_outbox([envelope("s-1")], publish_after=time.time())
+                await tx.write(UnitOfWork(inserts=[saga("s-1")], messages=[envelope("s-1")]))
             assert await store.get("s-1") is None  # not committed yet
             assert await store.outbox_stats(time.time()) == (0, 0.0)
+            assert not waiter.done()  # no hint before the rows can be seen
         assert await store.get("s-1") == saga("s-1")
         assert (await store.outbox_stats(time.time()))[0] == 1
+        await asyncio.wait_for(waiter, WAIT)  # the caller's commit is the hint
 
         with pytest.raises(RuntimeError):
             async with conn.transaction():
                 await conn.execute("INSERT INTO orders VALUES ('o-2')")
                 async with store.transaction(conn) as tx:
-                    await tx.insert(saga("s-2"))
+                    await tx.write(UnitOfWork(inserts=[saga("s-2")], messages=[envelope("s-2")]))
                 raise RuntimeError("the caller changes its mind")
         assert await store.get("s-2") is None
+        assert (await store.outbox_stats(time.time()))[0] == 1
         assert await conn.fetchval("SELECT count(*) FROM orders") == 1
     finally:
         await conn.close()
@@ -196,17 +201,17 @@ async def test_transaction_on_a_pool_proxy_and_outside_a_transaction(
     pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1)
     try:
         async with pool.acquire() as conn, conn.transaction(), store.transaction(conn) as tx:
-            await tx.insert(saga("s-1"))
+            await tx.write(UnitOfWork(inserts=[saga("s-1")]))
         assert await store.get("s-1") is not None
 
         async with pool.acquire() as conn:  # no transaction: the store opens its own
             with pytest.raises(RuntimeError):
                 async with store.transaction(conn) as tx:
-                    await tx.insert(saga("s-2"))
+                    await tx.write(UnitOfWork(inserts=[saga("s-2")]))
                     raise RuntimeError
             assert not conn.is_in_transaction()
             async with store.transaction(conn) as tx:
-                await tx.insert(saga("s-3"))
+                await tx.write(UnitOfWork(inserts=[saga("s-3")]))
         assert await store.get("s-2") is None
         assert await store.get("s-3") is not None
     finally:
@@ -226,13 +231,13 @@ async def test_notify_wakes_another_process(pg_url: str, store: PostgresSagaStor
         assert not waiter.done()
         started = time.monotonic()
         async with other.transaction() as tx:
-            await tx.add_outbox([envelope("s-1")], publish_after=time.time())
+            await tx.write(UnitOfWork(messages=[envelope("s-1")]))
         await asyncio.wait_for(waiter, WAIT)
         assert time.monotonic() - started < 5
 
-        # Rows deferred to later send no hint.
+        # A commit that queued no messages sends no hint.
         async with other.transaction() as tx:
-            await tx.add_outbox([envelope("s-2")], publish_after=time.time() + 60)
+            await tx.write(UnitOfWork(inserts=[saga("s-2")]))
         started = time.monotonic()
         await store.wait_for_outbox(0.5)
         assert time.monotonic() - started >= 0.45
@@ -242,17 +247,16 @@ async def test_notify_wakes_another_process(pg_url: str, store: PostgresSagaStor
 
 async def test_a_deadlock_is_a_concurrency_conflict(store: PostgresSagaStore) -> None:
     async with store.transaction() as tx:
-        await tx.insert(saga("a"))
-        await tx.insert(saga("b"))
+        await tx.write(UnitOfWork(inserts=[saga("a"), saga("b")]))
     a, b = await store.get("a"), await store.get("b")
     assert a is not None and b is not None
     both = asyncio.Barrier(2)
 
     async def crossed(first: SagaState, second: SagaState) -> None:
         async with store.transaction() as tx:
-            await tx.save(first)
+            await tx.write(UnitOfWork(states=[first]))
             await both.wait()
-            await tx.save(second)
+            await tx.write(UnitOfWork(states=[second]))
 
     results = await asyncio.wait_for(
         asyncio.gather(crossed(a, b), crossed(b, a), return_exceptions=True), WAIT
@@ -302,8 +306,7 @@ async def test_errors_before_start_and_when_unreachable() -> None:
 
 async def test_store_survives_terminated_connections(pg_url: str, store: PostgresSagaStore) -> None:
     async with store.transaction() as tx:
-        await tx.insert(saga("s-1"))
-        await tx.add_outbox([envelope("s-1")], publish_after=time.time())
+        await tx.write(UnitOfWork(inserts=[saga("s-1")], messages=[envelope("s-1")]))
     await store.wait_for_outbox(0.05)  # starts listening
 
     # Idle connections die: the next calls still work.
@@ -311,8 +314,8 @@ async def test_store_survives_terminated_connections(pg_url: str, store: Postgre
     assert await store.get("s-1") is not None
     async with store.transaction() as tx:
         state = (await tx.lock(["s-1"]))["s-1"]
-        await tx.save(state)
-    async with store.claim_outbox(time.time(), 10) as items:
+        await tx.write(UnitOfWork(states=[state]))
+    async with store.claim_outbox(10) as items:
         assert len(items) == 1
 
     # A transaction in flight fails with a StoreError; the next one works.
@@ -320,12 +323,12 @@ async def test_store_survives_terminated_connections(pg_url: str, store: Postgre
         async with store.transaction() as tx:
             state = (await tx.lock(["s-1"]))["s-1"]
             await terminate_backends(pg_url)
-            await tx.save(state)
+            await tx.write(UnitOfWork(states=[state]))
     assert caught.value.__cause__ is not None
     async with store.transaction() as tx:
         state = (await tx.lock(["s-1"]))["s-1"]
         assert state.version == 1
-        await tx.save(state)
+        await tx.write(UnitOfWork(states=[state]))
     saved = await store.get("s-1")
     assert saved is not None and saved.version == 2
 
@@ -339,7 +342,7 @@ async def test_store_survives_terminated_connections(pg_url: str, store: Postgre
         await asyncio.sleep(0.2)
         assert not waiter.done()
         async with other.transaction() as tx:
-            await tx.add_outbox([envelope("s-1")], publish_after=time.time())
+            await tx.write(UnitOfWork(messages=[envelope("s-1")]))
         await asyncio.wait_for(waiter, WAIT)
     finally:
         await other.close()
