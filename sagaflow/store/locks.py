@@ -1,11 +1,35 @@
-"""Per-key locks owned by transactions: the in-memory stores' row locks."""
+"""What the in-memory stores share: per-key locks owned by transactions (their row
+locks), and running a block on a transaction that stages its writes."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol, TypeVar
 
-__all__ = ["KeyedLocks"]
+__all__ = ["KeyedLocks", "staged"]
+
+
+class _Staged(Protocol):
+    def _commit(self) -> None: ...
+
+    def _release(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Staged)
+
+
+@asynccontextmanager
+async def staged(txn: T) -> AsyncIterator[T]:
+    """Run a block on ``txn``: apply its staged writes if the block exits cleanly
+    (all at once, with no ``await`` in between), release its locks either way."""
+    try:
+        yield txn
+        txn._commit()
+    finally:
+        txn._release()
 
 
 class KeyedLocks:

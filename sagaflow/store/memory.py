@@ -27,6 +27,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +35,7 @@ from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import Clock, OutboxItem, UnitOfWork
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
-from sagaflow.store.locks import KeyedLocks
+from sagaflow.store.locks import KeyedLocks, staged
 
 __all__ = ["InMemorySagaStore", "InMemorySagaTransaction"]
 
@@ -155,32 +156,6 @@ class InMemorySagaTransaction:
         self._held.clear()
 
 
-class _SagaTransactionContext:
-    __slots__ = ("_store", "_txn")
-
-    def __init__(self, store: InMemorySagaStore) -> None:
-        self._store = store
-        self._txn: InMemorySagaTransaction | None = None
-
-    async def __aenter__(self) -> InMemorySagaTransaction:
-        self._txn = InMemorySagaTransaction(self._store)
-        return self._txn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        txn = self._txn
-        assert txn is not None
-        try:
-            if exc is None:
-                txn._commit()
-        finally:
-            txn._release()
-
-
 class _ClaimContext:
     __slots__ = ("_ids", "_limit", "_store")
 
@@ -238,9 +213,11 @@ class InMemorySagaStore:
     async def close(self) -> None:
         """Nothing to close."""
 
-    def transaction(self, connection: Any = None) -> _SagaTransactionContext:
+    def transaction(
+        self, connection: Any = None
+    ) -> AbstractAsyncContextManager[InMemorySagaTransaction]:
         """A transaction; ``connection`` is ignored (this store commits on its own)."""
-        return _SagaTransactionContext(self)
+        return staged(InMemorySagaTransaction(self))
 
     def claim_outbox(self, limit: int) -> _ClaimContext:
         """Claim up to ``limit`` rows, lowest id first, skipping rows claimed elsewhere.

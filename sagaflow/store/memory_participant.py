@@ -10,13 +10,14 @@ undo: a handler that refuses must write nothing before it raises.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import NamedTuple
 
 from sagaflow.core.errors import StoreError
 from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import TOMBSTONE, Tombstone
-from sagaflow.store.locks import KeyedLocks
+from sagaflow.store.locks import KeyedLocks, staged
 
 __all__ = ["InMemoryParticipantStore", "InMemoryParticipantTransaction"]
 
@@ -54,6 +55,15 @@ class InMemoryParticipantTransaction:
     def savepoint(self) -> _Savepoint:
         """A block whose inbox writes are undone if it raises."""
         return _Savepoint(self)
+
+    def _commit(self) -> None:
+        self._store._inbox.update(self._writes)
+
+    def _release(self) -> None:
+        locks = self._store._locks
+        for key in self._held:
+            locks.release(key, self)
+        self._held.clear()
 
     async def _entry(self, command_id: str) -> _InboxEntry | None:
         locks = self._store._locks
@@ -123,33 +133,6 @@ class _Savepoint:
             self._txn._writes = self._snapshot
 
 
-class _ParticipantTransactionContext:
-    __slots__ = ("_store", "_txn")
-
-    def __init__(self, store: InMemoryParticipantStore) -> None:
-        self._store = store
-        self._txn: InMemoryParticipantTransaction | None = None
-
-    async def __aenter__(self) -> InMemoryParticipantTransaction:
-        self._txn = InMemoryParticipantTransaction(self._store)
-        return self._txn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        txn = self._txn
-        assert txn is not None
-        if exc is None:
-            self._store._inbox.update(txn._writes)
-        locks = self._store._locks
-        for key in txn._held:
-            locks.release(key, txn)
-        txn._held.clear()
-
-
 class InMemoryParticipantStore:
     """The :class:`~sagaflow.core.ports.ParticipantStore` in memory."""
 
@@ -163,6 +146,6 @@ class InMemoryParticipantStore:
     async def close(self) -> None:
         """Nothing to close."""
 
-    def transaction(self) -> _ParticipantTransactionContext:
-        """One command's transaction: the inbox record of its command."""
-        return _ParticipantTransactionContext(self)
+    def transaction(self) -> AbstractAsyncContextManager[InMemoryParticipantTransaction]:
+        """A transaction: the inbox records of the commands it handles."""
+        return staged(InMemoryParticipantTransaction(self))

@@ -671,10 +671,10 @@ def reply(command: Envelope) -> Envelope:
 async def test_claim_new_then_stored_reply(participant: ParticipantStore) -> None:
     command = envelope("s-1")
     async with participant.transaction() as tx:
-        assert await tx.claim(command.command_id) is None
-        await tx.complete(command.command_id, reply(command))
+        assert await tx.claim([command.command_id]) == {}
+        await tx.complete([reply(command)])
     async with participant.transaction() as tx:
-        stored = await tx.claim(command.command_id)
+        stored = (await tx.claim([command.command_id]))[command.command_id]
     assert stored == reply(command)
     assert isinstance(stored, Envelope) and stored.trace == command.trace
 
@@ -683,43 +683,46 @@ async def test_rolled_back_claim_leaves_nothing(participant: ParticipantStore) -
     command = envelope("s-1")
     with pytest.raises(Boom):
         async with participant.transaction() as tx:
-            assert await tx.claim(command.command_id) is None
-            await tx.complete(command.command_id, reply(command))
+            assert await tx.claim([command.command_id]) == {}
+            await tx.complete([reply(command)])
             raise Boom
     async with participant.transaction() as tx:
-        assert await tx.claim(command.command_id) is None
+        assert await tx.claim([command.command_id]) == {}
 
 
 async def test_complete_twice_raises(participant: ParticipantStore) -> None:
     command = envelope("s-1")
     async with participant.transaction() as tx:
-        await tx.claim(command.command_id)
-        await tx.complete(command.command_id, reply(command))
+        await tx.claim([command.command_id])
+        await tx.complete([reply(command)])
     async with participant.transaction() as tx:
         with pytest.raises(StoreError):
-            await tx.complete(command.command_id, reply(command))
+            await tx.complete([reply(command)])
 
 
 async def test_tombstone_then_claim(participant: ParticipantStore) -> None:
     async with participant.transaction() as tx:
         assert await tx.tombstone("s-1:step0:command") is None
     async with participant.transaction() as tx:
-        assert await tx.claim("s-1:step0:command") == TOMBSTONE
+        assert await tx.claim(["s-1:step0:command"]) == {"s-1:step0:command": TOMBSTONE}
         assert await tx.tombstone("s-1:step0:command") == TOMBSTONE
     async with participant.transaction() as tx:
         with pytest.raises(StoreError):
-            await tx.complete("s-1:step0:command", reply(envelope("s-1")))
+            tombstoned = reply(envelope("s-1")).model_copy(
+                update={"command_id": "s-1:step0:command"}
+            )
+            await tx.complete([tombstoned])
 
 
 async def test_tombstone_after_complete_returns_the_reply(participant: ParticipantStore) -> None:
     command = envelope("s-1")
     async with participant.transaction() as tx:
-        await tx.claim(command.command_id)
-        await tx.complete(command.command_id, reply(command))
+        await tx.claim([command.command_id])
+        await tx.complete([reply(command)])
     async with participant.transaction() as tx:
         assert await tx.tombstone(command.command_id) == reply(command)
     async with participant.transaction() as tx:
-        assert await tx.claim(command.command_id) == reply(command)
+        assert await tx.claim([command.command_id]) == {command.command_id: reply(command)}
 
 
 async def test_savepoint_rollback_undoes_the_claim(participant: ParticipantStore) -> None:
@@ -728,16 +731,16 @@ async def test_savepoint_rollback_undoes_the_claim(participant: ParticipantStore
     async with participant.transaction() as tx:
         with pytest.raises(Boom):
             async with tx.savepoint():
-                assert await tx.claim(command.command_id) is None
-                await tx.complete(command.command_id, reply(command))
+                assert await tx.claim([command.command_id]) == {}
+                await tx.complete([reply(command)])
                 raise Boom
         async with tx.savepoint():
-            await tx.claim(kept.command_id)
-            await tx.complete(kept.command_id, reply(kept))
-        assert await tx.claim(command.command_id) is None  # new again after the rollback
+            await tx.claim([kept.command_id])
+            await tx.complete([reply(kept)])
+        assert await tx.claim([command.command_id]) == {}  # new again after the rollback
     async with participant.transaction() as tx:
         assert await tx.tombstone(command.command_id) is None
-        assert await tx.claim(kept.command_id) == reply(kept)
+        assert await tx.claim([kept.command_id]) == {kept.command_id: reply(kept)}
 
 
 async def test_concurrent_claim_waits_for_the_first(participant: ParticipantStore) -> None:
@@ -747,14 +750,14 @@ async def test_concurrent_claim_waits_for_the_first(participant: ParticipantStor
 
     async def first() -> None:
         async with participant.transaction() as tx:
-            assert await tx.claim(command.command_id) is None
+            assert await tx.claim([command.command_id]) == {}
             claimed.set()
             await release.wait()
-            await tx.complete(command.command_id, reply(command))
+            await tx.complete([reply(command)])
 
     async def second() -> Envelope | str | None:
         async with participant.transaction() as tx:
-            return await tx.claim(command.command_id)
+            return await tx.claim([command.command_id])
 
     one = asyncio.create_task(first())
     await claimed.wait()
@@ -762,7 +765,7 @@ async def test_concurrent_claim_waits_for_the_first(participant: ParticipantStor
     assert await blocked(two)
     release.set()
     await one
-    assert await asyncio.wait_for(two, WAIT) == reply(command)
+    assert await asyncio.wait_for(two, WAIT) == {command.command_id: reply(command)}
 
 
 async def test_concurrent_claim_after_a_rollback_is_new(participant: ParticipantStore) -> None:
@@ -772,14 +775,14 @@ async def test_concurrent_claim_after_a_rollback_is_new(participant: Participant
     async def first() -> None:
         with pytest.raises(Boom):
             async with participant.transaction() as tx:
-                await tx.claim("c-1")
+                await tx.claim(["c-1"])
                 claimed.set()
                 await release.wait()
                 raise Boom
 
-    async def second() -> Envelope | str | None:
+    async def second() -> dict[str, Envelope | str]:
         async with participant.transaction() as tx:
-            return await tx.claim("c-1")
+            return await tx.claim(["c-1"])
 
     one = asyncio.create_task(first())
     await claimed.wait()
@@ -787,7 +790,7 @@ async def test_concurrent_claim_after_a_rollback_is_new(participant: Participant
     assert await blocked(two)
     release.set()
     await one
-    assert await asyncio.wait_for(two, WAIT) is None
+    assert await asyncio.wait_for(two, WAIT) == {}
 
 
 async def test_a_failing_command_transaction_keeps_nothing_and_its_error(
@@ -801,9 +804,28 @@ async def test_a_failing_command_transaction_keeps_nothing_and_its_error(
     with pytest.raises(Boom) as raised:
         async with participant.transaction() as tx:
             assert await tx.tombstone(undone.command_id) is None
-            assert await tx.claim(command.command_id) is None
+            assert await tx.claim([command.command_id]) == {}
             raise boom
     assert raised.value is boom
     async with participant.transaction() as tx:
-        assert await tx.claim(command.command_id) is None
-        assert await tx.claim(undone.command_id) is None
+        assert await tx.claim([command.command_id]) == {}
+        assert await tx.claim([undone.command_id]) == {}
+
+
+async def test_a_batch_claim_answers_the_seen_and_claims_the_rest(
+    participant: ParticipantStore,
+) -> None:
+    done, tombstoned, new = envelope("b-1"), envelope("b-2"), envelope("b-3")
+    async with participant.transaction() as tx:
+        assert await tx.claim([done.command_id]) == {}
+        await tx.complete([reply(done)])
+        assert await tx.tombstone(tombstoned.command_id) is None
+    async with participant.transaction() as tx:
+        ids = [new.command_id, tombstoned.command_id, done.command_id, new.command_id]
+        assert await tx.claim(ids) == {
+            done.command_id: reply(done),
+            tombstoned.command_id: TOMBSTONE,
+        }
+        await tx.complete([reply(new)])
+        with pytest.raises(StoreError):
+            await tx.complete([reply(done)])

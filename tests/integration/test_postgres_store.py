@@ -274,17 +274,19 @@ async def test_participant_savepoint_undoes_business_sql(pg_url: str) -> None:
             await tx.connection.execute("CREATE TABLE inventory.stock (sku text, qty int)")
         command = envelope("s-1")
         async with inbox.transaction() as tx:
-            assert await tx.claim(command.command_id) is None
+            assert await tx.claim([command.command_id]) == {}
             with pytest.raises(ZeroDivisionError):
                 async with tx.savepoint():
                     await tx.connection.execute("INSERT INTO inventory.stock VALUES ('A', 1)")
                     raise ZeroDivisionError
             await tx.connection.execute("INSERT INTO inventory.stock VALUES ('B', 2)")
-            await tx.complete(command.command_id, command.reply(Outcome.SUCCESS))
+            await tx.complete([command.reply(Outcome.SUCCESS)])
         async with inbox.transaction() as tx:
             rows = await tx.connection.fetch("SELECT sku FROM inventory.stock")
             assert [r["sku"] for r in rows] == ["B"]
-            assert await tx.claim(command.command_id) == command.reply(Outcome.SUCCESS)
+            assert await tx.claim([command.command_id]) == {
+                command.command_id: command.reply(Outcome.SUCCESS)
+            }
     finally:
         await inbox.close()
 
@@ -353,18 +355,19 @@ async def test_participant_store_survives_terminated_connections(pg_url: str) ->
     await inbox.start()
     try:
         async with inbox.transaction() as tx:
-            assert await tx.claim("c-1") is None
+            assert await tx.claim(["c-1"]) == {}
         await terminate_backends(pg_url)
         async with inbox.transaction() as tx:
             assert await tx.tombstone("c-2") is None
         with pytest.raises(StoreError):
             async with inbox.transaction() as tx:
-                await tx.claim("c-3")
+                await tx.claim(["c-3"])
                 await terminate_backends(pg_url)
-                await tx.complete("c-3", envelope("s-3").reply(Outcome.SUCCESS))
+                done = envelope("s-3").reply(Outcome.SUCCESS)
+                await tx.complete([done.model_copy(update={"command_id": "c-3"})])
         async with inbox.transaction() as tx:
-            assert await tx.claim("c-3") is None
-            assert await tx.claim("c-2") == "tombstone"
+            assert await tx.claim(["c-3"]) == {}
+            assert await tx.claim(["c-2"]) == {"c-2": "tombstone"}
     finally:
         await inbox.close()
 
