@@ -322,7 +322,15 @@ class Coordinator:
                         extra=saga_fields(state),
                     )
                     continue
-                decision = engine.decide(saga, state, engine.TimerFired(), now)
+                try:
+                    decision = engine.decide(saga, state, engine.TimerFired(), now)
+                except Exception:  # one saga's bug must not hold up every other timer
+                    log.exception(
+                        "saga %s: deciding its due timer raised; left as it is",
+                        state.saga_id,
+                        extra=saga_fields(state),
+                    )
+                    continue
                 if decision.changed:
                     decided.append(Decided(saga, state, decision))
             return decided

@@ -13,6 +13,7 @@ out to the broker.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import SagaStore, UnitOfWork
 from sagaflow.core.state import LogEntry, SagaState
 from sagaflow.runtime.hooks import Hooks
+
+log = logging.getLogger("sagaflow.writer")
 
 __all__ = ["Decided", "SagaRegistry", "SagaWriter"]
 
@@ -119,7 +122,10 @@ class SagaWriter:
                 await tx.write(unit)
         for one in decided:
             if one.decision.rejected is None:  # an ignored (duplicate) reply is counted too
-                self.hooks.decided(one.saga, one.before, one.decision)
+                try:
+                    self.hooks.decided(one.saga, one.before, one.decision)
+                except Exception:  # committed already: a hook's bug must not undo it
+                    log.exception("a hook raised on a committed decision (ignored)")
         return decided
 
 
