@@ -102,8 +102,13 @@ class Stack:
         http_port: The order API's port; a free one by default.
         env_extra: More environment variables for every process.
         process_env: More environment variables for some processes, by process
-            name (``{"payment": {"SAGAFLOW_FAULT_KILL_AFTER_COMMIT": "once:5"}}``);
+            name (``{"payment": {"SAGAFLOW_WORKER_CONCURRENCY": "2"}}``);
             :meth:`restart` can replace them.
+        launchers: The command that runs some coordinator or worker processes
+            instead of ``python -m sagaflow``, by process name; the arguments
+            stay (``coordinator SPECS...``, ``worker MODULE:ATTR``). A program
+            of one's own that builds them with :func:`sagaflow.cli.run.run_worker`
+            and :func:`~sagaflow.cli.run.run_coordinator`, say.
         log_dir: Where ``<name>.log`` files go; a new temporary directory by default.
         sagas: ``module:attr`` specs the coordinators run.
         coordinators: How many coordinator processes (``coordinator``,
@@ -125,6 +130,7 @@ class Stack:
         http_port: int | None = None,
         env_extra: Mapping[str, str] | None = None,
         process_env: Mapping[str, Mapping[str, str]] | None = None,
+        launchers: Mapping[str, Sequence[str]] | None = None,
         log_dir: str | Path | None = None,
         sagas: Sequence[str] = ("services.order.saga:create_order",),
         coordinators: int = 1,
@@ -171,6 +177,11 @@ class Stack:
             )
         for name, extra in (process_env or {}).items():
             self._get(name).env = dict(extra)
+        for name, launcher in (launchers or {}).items():
+            proc = self._get(name)
+            if proc.argv[: len(cli)] != cli:
+                raise StackError(f"{name!r} is not run by sagaflow: no launcher to replace")
+            proc.argv = [*launcher, *proc.argv[len(cli) :]]
         self.store = PostgresSagaStore(database_url, schema=schema)
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=30.0)
 

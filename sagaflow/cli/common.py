@@ -34,7 +34,6 @@ from sagaflow.cli.logs import configure_logging
 from sagaflow.config import Settings
 from sagaflow.core.errors import ConfigurationError, SagaflowError
 from sagaflow.core.ports import ParticipantStore, SagaStore, Transport
-from sagaflow.faults import duplicating_from_env
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.telemetry import Telemetry, setup_telemetry
 
@@ -149,12 +148,8 @@ def transport(settings: Settings, *, name: str) -> Transport:
     Args:
         settings: Where the broker is.
         name: The connection name shown by RabbitMQ.
-
-    Test-only: with ``SAGAFLOW_FAULT_DUPLICATE=1`` every message is published
-    twice, out of order (:class:`sagaflow.faults.DuplicatingTransport`); the
-    fault-injection suite uses it, production never should.
     """
-    return duplicating_from_env(settings.transport(connection_name=name))
+    return settings.transport(connection_name=name)
 
 
 # --------------------------------------------------------------------------- per invocation

@@ -3,6 +3,10 @@
 Both stop gracefully on SIGTERM or SIGINT (finish the batches in hand, publish
 what they produced, close) and exit 0; a second signal stops at once. A signal
 that arrives while the process is still connecting stops it too.
+
+:func:`run_coordinator` and :func:`run_worker` build and run the same
+processes for a program of its own: with other adapters wrapped around the
+usual ones, or more hooks.
 """
 
 from __future__ import annotations
@@ -10,32 +14,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
-import sys
-from collections.abc import Awaitable, Callable
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, Protocol
 
 import typer
 
 from sagaflow.cli import common
-from sagaflow.cli.common import (
-    EARLY_SIGNALS,
-    UsageProblem,
-    current_settings,
-    guarded,
-    run_async,
-)
+from sagaflow.cli.common import EARLY_SIGNALS, current_settings, guarded, run_async
 from sagaflow.cli.resolve import load_participant, load_sagas, split_specs
+from sagaflow.config import Settings
+from sagaflow.core.definition import Saga
+from sagaflow.core.ports import ParticipantStore, SagaStore, Transport
 from sagaflow.runtime.coordinator import Coordinator
-from sagaflow.runtime.participant import Worker
+from sagaflow.runtime.hooks import CompositeHooks, Hooks
+from sagaflow.runtime.participant import Participant, Worker
 
-__all__ = ["FAULT_ENV", "coordinator", "fault_hook", "serve", "worker"]
+__all__ = [
+    "TransportFactory",
+    "coordinator",
+    "run_coordinator",
+    "run_worker",
+    "serve",
+    "worker",
+]
 
 log = logging.getLogger("sagaflow.cli")
-
-FAULT_ENV = "SAGAFLOW_FAULT_KILL_AFTER_COMMIT"
-"""Test-only: makes ``sagaflow worker`` SIGKILL itself after a batch commits."""
 
 
 async def serve(
@@ -98,90 +102,47 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
-def _kill_self() -> None:
-    log.warning("fault injection: SIGKILL after commit (%s)", FAULT_ENV)
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+class TransportFactory(Protocol):
+    """Builds a process's broker transport (:func:`sagaflow.cli.common.transport`'s shape)."""
+
+    def __call__(self, settings: Settings, *, name: str) -> Transport: ...
 
 
-def fault_hook(
-    spec: str | None,
+def _with(extra: Sequence[Hooks], hooks: Hooks) -> Hooks:
+    return CompositeHooks([hooks, *extra]) if extra else hooks
+
+
+def run_coordinator(
+    settings: Settings,
+    sagas: Sequence[Saga[Any]],
     *,
-    kill: Callable[[], None] = _kill_self,
-    rng: Callable[[], float] = random.random,
-) -> Callable[[], None] | None:
-    """The worker's ``after_commit`` for ``SAGAFLOW_FAULT_KILL_AFTER_COMMIT`` (test-only).
+    transport: TransportFactory | None = None,
+    store: Callable[[Settings], SagaStore] | None = None,
+    hooks: Sequence[Hooks] = (),
+) -> None:
+    """Run a coordinator until SIGTERM/SIGINT: what ``sagaflow coordinator`` does.
+
+    For a program that builds the coordinator process itself (its own
+    adapters around the usual ones, hooks of its own).
 
     Args:
-        spec: ``None``/empty for no fault; a probability ``0..1`` of being killed
-            after each committed batch; or ``once:<N>`` to be killed after the
-            N-th committed batch of this process.
-        kill: What killing means (SIGKILL of this process by default).
-        rng: Random numbers in [0, 1).
-
-    Raises:
-        UsageProblem: the spec is not one of these forms.
+        settings: The process settings.
+        sagas: The definitions it runs.
+        transport: Builds the transport; :func:`sagaflow.cli.common.transport` by default.
+        store: Builds the saga store; :func:`sagaflow.cli.common.saga_store` by default.
+        hooks: More hooks, called after tracing, metrics and saga logs.
     """
-    if spec is None or not spec.strip():
-        return None
-    text = spec.strip().lower()
-    if text.startswith("once:"):
-        try:
-            nth = int(text.removeprefix("once:"))
-        except ValueError:
-            nth = 0
-        if nth < 1:
-            raise UsageProblem(f"{FAULT_ENV}={spec!r}: 'once:<N>' needs N >= 1")
-        committed = 0
-
-        def once() -> None:
-            nonlocal committed
-            committed += 1
-            if committed == nth:
-                kill()
-
-        return once
-    try:
-        probability = float(text)
-    except ValueError:
-        probability = -1.0
-    if not 0.0 <= probability <= 1.0:
-        raise UsageProblem(f"{FAULT_ENV}={spec!r}: expected a probability 0..1 or 'once:<N>'")
-
-    def maybe() -> None:
-        if rng() < probability:
-            kill()
-
-    return maybe
-
-
-@guarded
-def coordinator(
-    specs: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="MODULE:ATTR...",
-            envvar="SAGAFLOW_SAGAS",
-            help="Saga definitions (a Saga or a list of Sagas each); default: SAGAFLOW_SAGAS.",
-            show_envvar=False,
-        ),
-    ] = None,
-) -> None:
-    """Run a coordinator for the given sagas until SIGTERM/SIGINT.
-
-    Several coordinators may run against the same database and broker.
-    """
-    settings = current_settings()
-    sagas = load_sagas(split_specs(specs or []))
+    make_transport = transport or common.transport
+    make_store = store or common.saga_store
 
     async def go() -> None:
         telemetry = common.telemetry(settings, "coordinator")
-        store = common.saga_store(settings)
+        saga_store = make_store(settings)
         runner = Coordinator(
             sagas,
-            store=store,
-            transport=common.transport(settings, name="sagaflow-coordinator"),
-            hooks=telemetry.hooks,
+            store=saga_store,
+            transport=make_transport(settings, name="sagaflow-coordinator"),
+            hooks=_with(hooks, telemetry.hooks),
             max_batch=settings.coordinator_max_batch,
             prefetch=settings.coordinator_prefetch,
             concurrency=settings.coordinator_concurrency,
@@ -191,7 +152,7 @@ def coordinator(
         redacted = settings.redacted()
 
         def ready() -> None:
-            telemetry.watch_outbox(store, clock=runner.clock)
+            telemetry.watch_outbox(saga_store, clock=runner.clock)
             log.info(
                 "coordinator started",
                 extra={
@@ -214,34 +175,40 @@ def coordinator(
     run_async(go())
 
 
-@guarded
-def worker(
-    spec: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The Participant to run.")],
+def run_worker(
+    settings: Settings,
+    participant: Participant,
+    *,
+    transport: TransportFactory | None = None,
+    store: Callable[[Settings, str], ParticipantStore] | None = None,
+    hooks: Sequence[Hooks] = (),
 ) -> None:
-    """Run a participant worker until SIGTERM/SIGINT.
+    """Run a participant worker until SIGTERM/SIGINT: what ``sagaflow worker`` does.
 
-    Its inbox lives in SAGAFLOW_PARTICIPANT_SCHEMA, by default a schema named
-    after the service.
+    For a program that builds the worker process itself (its own adapters
+    around the usual ones, hooks of its own).
 
-    Test-only: SAGAFLOW_FAULT_KILL_AFTER_COMMIT (a probability 0..1, or
-    once:N for the N-th committed batch) makes the worker SIGKILL itself right
-    after a batch commits, before it replies and acks. Fault-injection tests
-    use it; never set it in production.
+    Args:
+        settings: The process settings.
+        participant: The handlers.
+        transport: Builds the transport; :func:`sagaflow.cli.common.transport` by default.
+        store: Builds the participant's store from the settings and the service
+            name; :func:`sagaflow.cli.common.participant_store` by default.
+        hooks: More hooks, called after tracing, metrics and saga logs.
     """
-    settings = current_settings()
-    participant = load_participant(spec)
-    after_commit = fault_hook(os.environ.get(FAULT_ENV))
+    make_transport = transport or common.transport
+    make_store = store or common.participant_store
     service = participant.service
 
     async def go() -> None:
-        broker = common.transport(settings, name=f"sagaflow-worker-{service}")
-        store = common.participant_store(settings, service)
+        broker = make_transport(settings, name=f"sagaflow-worker-{service}")
+        inbox = make_store(settings, service)
         telemetry = common.telemetry(settings, service)
         runner = Worker(
             participant,
             transport=broker,
-            store=store,
-            hooks=telemetry.hooks,
+            store=inbox,
+            hooks=_with(hooks, telemetry.hooks),
             prefetch=settings.worker_prefetch,
             concurrency=settings.worker_concurrency,
             max_batch=settings.worker_max_batch,
@@ -251,7 +218,7 @@ def worker(
         async def abort() -> None:
             # Worker.stop() does nothing before start() finished: close what may be open
             await broker.close()
-            await store.close()
+            await inbox.close()
 
         def ready() -> None:
             log.info(
@@ -261,7 +228,6 @@ def worker(
                     "service": service,
                     "actions": participant.actions,
                     "schema": settings.participant_schema_for(service),
-                    "fault_injection": os.environ.get(FAULT_ENV) or None,
                 },
             )
 
@@ -272,3 +238,36 @@ def worker(
         log.info("worker exited", extra={"service": service})
 
     run_async(go())
+
+
+@guarded
+def coordinator(
+    specs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="MODULE:ATTR...",
+            envvar="SAGAFLOW_SAGAS",
+            help="Saga definitions (a Saga or a list of Sagas each); default: SAGAFLOW_SAGAS.",
+            show_envvar=False,
+        ),
+    ] = None,
+) -> None:
+    """Run a coordinator for the given sagas until SIGTERM/SIGINT.
+
+    Several coordinators may run against the same database and broker.
+    """
+    settings = current_settings()
+    run_coordinator(settings, load_sagas(split_specs(specs or [])))
+
+
+@guarded
+def worker(
+    spec: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The Participant to run.")],
+) -> None:
+    """Run a participant worker until SIGTERM/SIGINT.
+
+    Its inbox lives in SAGAFLOW_PARTICIPANT_SCHEMA, by default a schema named
+    after the service.
+    """
+    settings = current_settings()
+    run_worker(settings, load_participant(spec))

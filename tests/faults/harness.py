@@ -78,6 +78,15 @@ async def scenario(name: str) -> AsyncIterator[Scenario]:
     SUMMARIES.append(account.line("PASS"))
 
 
+INJECTING = (sys.executable, "-m", "tests.faults.proc")
+"""Runs a coordinator or worker with faults injected as its environment says (``proc.py``)."""
+
+
+def injecting(*names: str) -> dict[str, Sequence[str]]:
+    """``Stack(launchers=...)``: these processes run through :data:`INJECTING`."""
+    return dict.fromkeys(names, INJECTING)
+
+
 def saga_ids(order_ids: Iterable[str]) -> list[str]:
     """The saga of each order (the order service names it after the order)."""
     return [f"order-{order_id}" for order_id in order_ids]

@@ -1,7 +1,8 @@
 """Scenario 5: every message delivered twice, and out of order.
 
-With ``SAGAFLOW_FAULT_DUPLICATE=1`` the coordinator and the workers publish
-through :class:`sagaflow.faults.DuplicatingTransport`: each batch goes out
+The coordinator and the workers run through ``python -m tests.faults.proc``
+with ``FAULTS_DUPLICATE=1``: they publish through
+:class:`tests.faults.injection.DuplicatingTransport`, so each batch goes out
 shuffled, and every message is published a second time up to half a second
 later, after messages the saga sent since (a command for a step already
 compensated, a reply for a step already finished). The order service's own
@@ -15,9 +16,9 @@ import re
 
 import pytest
 
-from sagaflow.faults import DUPLICATE_ENV
 from tests.faults.conftest import StackFactory
-from tests.faults.harness import scenario, settle
+from tests.faults.harness import injecting, scenario, settle
+from tests.faults.injection import DUPLICATE_ENV
 from tests.faults.invariants import check
 from tests.faults.workload import (
     http_placer,
@@ -39,7 +40,10 @@ async def test_every_message_twice_and_out_of_order(make_stack: StackFactory, pg
     async with scenario("5 duplicates + reordering") as account:
         _, seed = rng_for("duplicates")
         account.notes.append(f"seed={seed}")
-        stack = await make_stack(env_extra={DUPLICATE_ENV: "1"})
+        stack = await make_stack(
+            launchers=injecting(*DUPLICATED),
+            process_env={name: {DUPLICATE_ENV: "1"} for name in DUPLICATED},
+        )
         orders = plan(workload_size(), seed=seed)
         account.sagas = len(orders)
         placed = await place_all(orders, http_placer(stack), seconds=pace(len(orders)))

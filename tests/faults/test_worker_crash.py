@@ -2,9 +2,11 @@
 
 The worst moment is right after a worker's transaction committed the business
 effect and the inbox record, before it published the replies and acked the
-commands: ``SAGAFLOW_FAULT_KILL_AFTER_COMMIT=once:<N>`` makes ``sagaflow
-worker`` SIGKILL itself after its N-th committed batch. The commands come back
-to the restarted worker, which must answer them from its inbox without a
+commands: the workers run through ``python -m tests.faults.proc``, and
+``FAULTS_KILL_AFTER_COMMIT=once:<N>`` makes one SIGKILL itself right after
+its N-th command transaction committed
+(:class:`tests.faults.injection.KillAfterCommit`). The commands come back to
+the restarted worker, which must answer them from its inbox without a
 second effect. Random SIGKILLs of every participant process (the order
 service's included) come on top.
 """
@@ -16,16 +18,17 @@ import contextlib
 
 import pytest
 
-from sagaflow.cli.run import FAULT_ENV
 from tests.faults.conftest import StackFactory
 from tests.faults.harness import (
     at_random_moments,
     in_flight,
+    injecting,
     kill_and_restart,
     log_count,
     scenario,
     settle,
 )
+from tests.faults.injection import KILL_AFTER_COMMIT_ENV, KILLED_AFTER_COMMIT
 from tests.faults.invariants import check
 from tests.faults.workload import (
     http_placer,
@@ -52,9 +55,11 @@ async def test_workers_killed_after_commit_and_at_random(
         account.notes.append(f"seed={seed}")
 
         def fault_env() -> dict[str, str]:
-            return {FAULT_ENV: f"once:{rng.randint(3, 12)}"}
+            return {KILL_AFTER_COMMIT_ENV: f"once:{rng.randint(3, 12)}"}
 
-        stack = await make_stack(process_env={w: fault_env() for w in WORKERS})
+        stack = await make_stack(
+            launchers=injecting(*WORKERS), process_env={w: fault_env() for w in WORKERS}
+        )
         orders = plan(workload_size(), seed=seed)
         account.sagas = len(orders)
         seconds = pace(len(orders))
@@ -99,7 +104,7 @@ async def test_workers_killed_after_commit_and_at_random(
 
         for name in WORKERS:
             # the hook logs a line right before it kills: the kill came after a commit
-            hooked = log_count(stack, name, "fault injection: SIGKILL after commit")
+            hooked = log_count(stack, name, KILLED_AFTER_COMMIT)
             assert hooked >= 1, f"{name} never reached its fault injection point"
             account.faults.extend([f"{name} SIGKILL after commit"] * hooked)
         account.verdict = await check(pg_url, placed=placed)

@@ -26,9 +26,8 @@ from typer.testing import CliRunner
 
 from sagaflow import BusinessFailure, HandlerContext, Hooks, Participant, Saga, SagaStatus
 from sagaflow.cli import app, common
-from sagaflow.cli.common import UsageProblem
 from sagaflow.cli.logs import configure_logging
-from sagaflow.cli.run import fault_hook, serve
+from sagaflow.cli.run import run_coordinator, run_worker, serve
 from sagaflow.config import Settings, redact_url
 from sagaflow.core.definition import to_mermaid
 from sagaflow.core.errors import StoreError
@@ -621,32 +620,17 @@ def test_dlq_list_and_replay(
 # --------------------------------------------------------------------------- processes
 
 
-def test_fault_hook_kills_on_the_nth_commit_only() -> None:
-    kills: list[int] = []
-    hook = fault_hook("once:3", kill=lambda: kills.append(1))
-    assert hook is not None
-    for _ in range(5):
-        hook()
-    assert kills == [1]
-
-
-@pytest.mark.parametrize(("spec", "expected"), [("1", 4), ("1.0", 4), ("0", 0), ("0.5", 2)])
-def test_fault_hook_probability(spec: str, expected: int) -> None:
-    kills: list[int] = []
-    draws = iter([0.1, 0.9, 0.2, 0.7])
-    hook = fault_hook(spec, kill=lambda: kills.append(1), rng=lambda: next(draws))
-    assert hook is not None
-    for _ in range(4):
-        hook()
-    assert len(kills) == expected
-
-
-@pytest.mark.parametrize("spec", ["2", "-0.1", "once:0", "once:x", "sometimes"])
-def test_fault_hook_rejects_nonsense(spec: str) -> None:
-    with pytest.raises(UsageProblem):
-        fault_hook(spec)
-    assert fault_hook(None) is None
-    assert fault_hook("") is None
+def test_the_product_has_no_fault_switches() -> None:
+    """Fault injection lives in tests/faults (``python -m tests.faults.proc``), not
+    in environment variables the installed processes read."""
+    package = Path(common.__file__).resolve().parent.parent
+    mentions = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if "SAGAFLOW_FAULT" in path.read_text() or "after_commit" in path.read_text()
+    ]
+    assert mentions == []
+    assert not (package / "faults.py").exists()
 
 
 async def test_serve_stops_gracefully_on_sigterm() -> None:
@@ -772,14 +756,45 @@ def test_worker_command_runs_until_sigterm(
     assert stop_when_started.messages[-1] == "worker exited"
 
 
-def test_worker_refuses_a_bad_fault_spec(
-    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, write_module: Callable[[str], str]
+class _Counting(Hooks):
+    pass
+
+
+def test_run_worker_and_run_coordinator_build_from_the_factories_given(
+    monkeypatch: pytest.MonkeyPatch,
+    store: InMemorySagaStore,
+    stop_when_started: _StopWhenStarted,
 ) -> None:
-    name = write_module("from sagaflow import Participant\np = Participant('inventory')\n")
-    monkeypatch.setenv("SAGAFLOW_FAULT_KILL_AFTER_COMMIT", "always")
-    result = invoke(runner, "worker", f"{name}:p")
-    assert result.exit_code == 2
-    assert "SAGAFLOW_FAULT_KILL_AFTER_COMMIT='always'" in result.stderr
+    """What a program of its own builds on (the fault suite's entry point does)."""
+    built: list[tuple[str, str]] = []
+
+    def transport(settings: Settings, *, name: str) -> InMemoryTransport:
+        built.append(("transport", name))
+        return InMemoryTransport()
+
+    def inbox(settings: Settings, service: str) -> InMemoryParticipantStore:
+        built.append(("store", service))
+        return InMemoryParticipantStore()
+
+    def saga_store(settings: Settings) -> SagaStore:
+        built.append(("saga store", settings.db_schema))
+        return store
+
+    monkeypatch.setattr(common, "transport", lambda settings, name: pytest.fail("not used"))
+    common.begin_invocation(debug=False)
+    settings = common.current_settings()  # logs "started" as the commands do
+    run_worker(
+        settings, Participant("inventory"), transport=transport, store=inbox, hooks=[_Counting()]
+    )
+    run_coordinator(settings, [saga], transport=transport, store=saga_store, hooks=[_Counting()])
+    assert built == [
+        ("transport", "sagaflow-worker-inventory"),
+        ("store", "inventory"),
+        ("saga store", "sagaflow"),
+        ("transport", "sagaflow-coordinator"),
+    ]
+    assert stop_when_started.messages.count("worker exited") == 1
+    assert stop_when_started.messages[-1] == "coordinator exited"
 
 
 def test_demo_runs_the_packaged_shop_and_real_runs_services_demo(
