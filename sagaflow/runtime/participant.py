@@ -39,6 +39,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -323,9 +324,7 @@ class Worker:
         if not commands:
             return
         try:
-            await retry_healing(
-                lambda: self._transact(commands), what=f"{self.participant.service} transaction"
-            )
+            await self._commit(commands)
             replies = [c.reply for c in commands if c.reply is not None and c.poison is None]
             if replies:
                 await retry_healing(lambda: self._publish(replies), what="publishing replies")
@@ -395,6 +394,20 @@ class Worker:
             raise MessageRejected(f"invalid_command: {envelope.type}: {exc.errors()[:3]}") from None
         return envelope, registration, command
 
+    async def _commit(self, commands: Sequence[_Command]) -> None:
+        """Handle and commit a lane's commands, retrying what heals. A lane that
+        lost a deadlock to another (their handlers lock the same rows in another
+        order) tries again one transaction per command: each then holds only its
+        own command's locks, so the lanes cannot keep deadlocking each other."""
+        what = f"{self.participant.service} transaction"
+        try:
+            await self._transact(commands)
+        except HEALING as exc:
+            split = len(commands) > 1 and isinstance(exc, ConcurrencyConflict)
+            log.warning("%s failed, retrying%s: %r", what, " one by one" if split else "", exc)
+            for group in [[one] for one in commands] if split else [commands]:
+                await retry_healing(partial(self._transact, group), what=what)
+
     async def _transact(self, commands: Sequence[_Command]) -> None:
         """One try at a lane's commands in one transaction: claim them all, run
         each handler in a savepoint of its own, store the replies, commit. The
@@ -441,24 +454,25 @@ class Worker:
         started = time.perf_counter()
         run = one.run
         run.ran, run.raised = False, None
-        with self.hooks.processing(one.envelope, self._queue) as trace:
-            # replies carry the context of this handling (its CONSUMER span)
-            envelope = carrying(one.envelope, trace)
-            try:
-                async with tx.savepoint():
-                    one.reply = await self._in_savepoint(tx, envelope, one)
-                one.store = True
-            except HEALING:
-                raise  # the transaction is lost: the lane tries again
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if exc is not run.raised:  # not the handler: a hook, a bug
-                    log.exception("%s: a command could not be handled", self.participant.service)
-                    one.poison = exc
-                    return
-                # the handler raised: its writes were undone
-                one.reply, one.store = self._outcome(envelope, exc)
+        try:
+            with self.hooks.processing(one.envelope, self._queue) as trace:
+                # replies carry the context of this handling (its CONSUMER span)
+                envelope = carrying(one.envelope, trace)
+                try:
+                    async with tx.savepoint():
+                        one.reply = await self._in_savepoint(tx, envelope, one)
+                    one.store = True
+                except Exception as exc:
+                    if exc is not run.raised or isinstance(exc, HEALING):
+                        raise  # not the handler's outcome
+                    # the handler raised: its writes were undone
+                    one.reply, one.store = self._outcome(envelope, exc)
+        except HEALING:
+            raise  # the transaction is lost: the lane tries again
+        except Exception as exc:  # not the handler: a hook, a bug (its savepoint undone)
+            log.exception("%s: a command could not be handled", self.participant.service)
+            one.poison = exc
+            return
         one.seconds = time.perf_counter() - started
 
     async def _in_savepoint(

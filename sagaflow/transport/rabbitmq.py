@@ -25,20 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aio_pika
-import aiormq
-import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractIncomingMessage,
     AbstractQueue,
     HeadersType,
 )
@@ -58,18 +54,23 @@ from yarl import URL
 from sagaflow.core.errors import TransportError
 from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
+from sagaflow.transport.amqp import (
+    Acks,
+    Outgoing,
+    RabbitMQDelivery,
+    confirmed,
+    waves,
+)
+from sagaflow.transport.rabbitmq_dlq import copy_message, peek, replay
 from sagaflow.transport.wire import (
     H_ORIGINAL_EXCHANGE,
     H_ORIGINAL_ROUTING_KEY,
     H_REASON,
     H_SOURCE_QUEUE,
     REPLY_ROUTING_KEY,
-    as_dead_letter,
     dead_letter_id,
     deliver,
-    is_death_header,
     message_headers,
-    replay_route,
     route,
     truncate_reason,
 )
@@ -93,15 +94,6 @@ _FATAL_CONNECT_ERRORS = (
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
-@dataclass(eq=False, slots=True)
-class _Outgoing:
-    message_id: str
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: Basic.Properties
-
-
 @dataclass(eq=False)
 class _Consumer:
     queue: str
@@ -110,138 +102,10 @@ class _Consumer:
     task: asyncio.Task[None] | None = None
     channel: AbstractChannel | None = None
     tag: str | None = None
-    acks: _Acks | None = None  # of the current channel
+    acks: Acks | None = None  # of the current channel
     first_attempt_done: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     refused: bool = False
-
-
-class _Acks:
-    """Coalesces the acks of one channel: the acks given in one turn of the event
-    loop go out as one ``basic.ack multiple`` frame up to the highest tag below
-    any delivery still unsettled, plus single acks above it.
-
-    Deliveries are registered in tag order (aiormq hands them over in order),
-    so a tag below the multiple ack's tag that is not being acked is known here
-    and bounds it: nothing is acked that was not asked to be. One flush runs at
-    a time: a second one, computing its bound while the first still had frames
-    to send, could cover their tags with its multiple ack, and the first's
-    single ack of such a tag then made the broker close the channel ("unknown
-    delivery tag"): every unacked delivery came back.
-    """
-
-    __slots__ = ("_flushing", "_pending", "_track", "unsettled")
-
-    def __init__(self, track: Callable[[asyncio.Task[None]], None]) -> None:
-        self.unsettled: set[int] = set()
-        self._pending: dict[int, DeliveredMessage] = {}
-        self._flushing = False
-        self._track = track
-
-    def ack(self, tag: int, message: DeliveredMessage) -> None:
-        self._pending[tag] = message
-        if not self._flushing:
-            self._flushing = True
-            self._track(asyncio.create_task(self._flush(), name="acks"))
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                pending, self._pending = self._pending, {}
-                await self._send(pending)
-        finally:
-            self._flushing = False
-
-    async def _send(self, pending: dict[int, DeliveredMessage]) -> None:
-        self.unsettled.difference_update(pending)
-        floor = min(self.unsettled, default=None)
-        tags = sorted(pending)
-        below = [tag for tag in tags if floor is None or tag < floor]
-        channel = pending[tags[0]].channel  # one channel per _Acks
-        try:
-            # wait=False: the frames are queued in this order; the ack needs no drain
-            if below:
-                await channel.basic_ack(below[-1], multiple=True, wait=False)
-            for tag in tags[len(below) :]:
-                await channel.basic_ack(tag, wait=False)
-        except Exception as exc:  # the channel is gone: the broker redelivers them
-            log.debug("acks of %d deliveries dropped (channel gone): %r", len(tags), exc)
-
-
-class RabbitMQDelivery:
-    """A message received from RabbitMQ; settle it once with ``ack`` or ``nack``.
-
-    Settling after the channel died is not an error: the broker has already
-    put the message back and will deliver it again.
-
-    It wraps aiormq's frame-level message: aio-pika's ``IncomingMessage`` (which
-    decodes every property) is built only when ``message`` is asked for.
-    """
-
-    __slots__ = ("_acks", "_headers", "_message", "_settled", "_tag", "queue", "raw")
-
-    def __init__(self, raw: DeliveredMessage, queue: str, acks: _Acks | None = None) -> None:
-        self.raw = raw
-        self.queue = queue
-        self._acks = acks
-        self._headers: dict[str, str] | None = None
-        self._message: AbstractIncomingMessage | None = None
-        self._settled = False
-        tag = raw.delivery_tag
-        assert tag is not None  # a consumed message always has one
-        self._tag = tag
-        if acks is not None:
-            acks.unsettled.add(tag)
-
-    @property
-    def message(self) -> AbstractIncomingMessage:
-        """The delivery as aio-pika's message (for its properties)."""
-        if self._message is None:
-            self._message = aio_pika.IncomingMessage(self.raw, no_ack=False)
-        return self._message
-
-    @property
-    def body(self) -> bytes:
-        return self.raw.body
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        if self._headers is None:
-            self._headers = text_headers(self.raw.header.properties.headers or {})
-        return self._headers
-
-    @property
-    def redelivered(self) -> bool:
-        return bool(self.raw.redelivered)
-
-    async def ack(self) -> None:
-        """Remove the message from its queue.
-
-        The ack frame goes out once this turn of the event loop ends, together
-        with the other acks given meanwhile on the same channel.
-        """
-        if self._settled:
-            return
-        self._settled = True
-        if self._acks is not None:
-            self._acks.ack(self._tag, self.raw)
-            return
-        try:
-            await self.raw.channel.basic_ack(self._tag)
-        except Exception as exc:
-            log.debug("ack of a delivery from %s dropped (channel gone): %r", self.queue, exc)
-
-    async def nack(self, requeue: bool = True) -> None:
-        """Return the message (it counts toward the delivery limit) or dead-letter it."""
-        if self._settled:
-            return
-        self._settled = True
-        if self._acks is not None:
-            self._acks.unsettled.discard(self._tag)
-        try:
-            await self.raw.channel.basic_nack(self._tag, requeue=requeue)
-        except Exception as exc:
-            log.debug("nack of a delivery from %s dropped (channel gone): %r", self.queue, exc)
 
 
 class RabbitMQTransport:
@@ -385,7 +249,7 @@ class RabbitMQTransport:
         now = datetime.now(UTC)
         await self._send([self._outgoing(envelope, now) for envelope in envelopes])
 
-    def _outgoing(self, envelope: Envelope, now: datetime) -> _Outgoing:
+    def _outgoing(self, envelope: Envelope, now: datetime) -> Outgoing:
         body = encode(envelope)
         if len(body) > self.max_message_bytes:
             raise TransportError(
@@ -404,9 +268,9 @@ class RabbitMQTransport:
             timestamp=now,
             message_type=envelope.type,
         )
-        return _Outgoing(envelope.message_id, exchange, routing_key, body, properties)
+        return Outgoing(envelope.message_id, exchange, routing_key, body, properties)
 
-    async def _send(self, items: list[_Outgoing]) -> None:
+    async def _send(self, items: list[Outgoing]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
         while True:
@@ -435,10 +299,10 @@ class RabbitMQTransport:
             await asyncio.sleep(min(self.reconnect_delay[0], max(0.0, deadline - loop.time())))
 
     async def _publish_on(
-        self, channel: AbstractChannel, items: list[_Outgoing], deadline: float
-    ) -> list[tuple[_Outgoing, BaseException]]:
-        failed: list[tuple[_Outgoing, BaseException]] = []
-        for wave in _waves(items):
+        self, channel: AbstractChannel, items: list[Outgoing], deadline: float
+    ) -> list[tuple[Outgoing, BaseException]]:
+        failed: list[tuple[Outgoing, BaseException]] = []
+        for wave in waves(items):
             try:
                 if channel.is_closed:
                     raise ChannelInvalidStateError(f"{channel!r} closed")
@@ -448,7 +312,7 @@ class RabbitMQTransport:
                 continue
             try:
                 async with asyncio.timeout_at(deadline):
-                    results = await _confirmed(underlay, wave)
+                    results = await confirmed(underlay, wave)
             except TimeoutError as exc:
                 raise TransportError(
                     f"message {wave[0].message_id} not confirmed within {self.publish_timeout}s"
@@ -586,7 +450,7 @@ class RabbitMQTransport:
             await channel.set_qos(prefetch_count=consumer.prefetch)
             queue = await self._declare_for_consume(channel, consumer.queue)
             consumer.channel = channel
-            consumer.acks = _Acks(self._track)
+            consumer.acks = Acks(self._track)
             ok = await underlay.basic_consume(queue.name, partial(self._on_message, consumer))
             consumer.tag = ok.consumer_tag
         except BaseException:
@@ -645,7 +509,7 @@ class RabbitMQTransport:
             ident = dead_letter_id(incoming.message_id, incoming.body)
             extra[H_ORIGINAL_EXCHANGE] = incoming.exchange or ""
             extra[H_ORIGINAL_ROUTING_KEY] = incoming.routing_key or ""
-            message = _copy(incoming, {**incoming.headers, **extra}, message_id=ident)
+            message = copy_message(incoming, {**incoming.headers, **extra}, message_id=ident)
         else:
             ident = dead_letter_id(None, delivery.body)
             message = aio_pika.Message(
@@ -655,30 +519,12 @@ class RabbitMQTransport:
                 message_id=ident,
             )
         dlx = self.topology.dead_letter_exchange
-        await self._send([_Outgoing(ident, dlx, source, message.body, message.properties)])
+        await self._send([Outgoing(ident, dlx, source, message.body, message.properties)])
         await delivery.ack()
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Peek at up to ``limit`` dead letters; they stay in the queue, in order."""
-        return await self._with_channel(partial(self._peek, limit=limit))
-
-    async def _peek(self, channel: AbstractChannel, limit: int) -> list[DeadLetter]:
-        queue = await channel.declare_queue(self.topology.dead_letter_queue, passive=True)
-        letters: list[DeadLetter] = []
-        last: AbstractIncomingMessage | None = None
-        # basic.get until empty, not up to the declare-ok message count: on a
-        # quorum queue that count can lag messages another channel just returned.
-        # Every message stays unacked on this channel while we look, so none is
-        # returned twice; the nack below puts them all back, in order.
-        while len(letters) < limit:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            letters.append(_as_dead_letter(message))
-            last = message
-        if last is not None:
-            await last.nack(multiple=True, requeue=True)
-        return letters
+        return await self._with_channel(partial(peek, topology=self.topology, limit=limit))
 
     async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         """Re-publish dead letters (all, or those with the given ids) to where they came from.
@@ -690,44 +536,9 @@ class RabbitMQTransport:
                 dead-letter queue (those replayed before it are gone from it).
         """
         wanted = None if ids is None else set(ids)
-        return await self._with_channel(partial(self._replay, wanted=wanted))
-
-    async def _replay(self, channel: AbstractChannel, wanted: set[str] | None) -> int:
-        queue = await channel.declare_queue(self.topology.dead_letter_queue, passive=True)
-        replayed: set[str] = set()
-        count = 0
-        while True:
-            incoming = await queue.get(no_ack=False, fail=False)
-            if incoming is None:
-                break
-            letter = _as_dead_letter(incoming)
-            # Skipped messages stay unacked on this channel until it closes, so
-            # basic.get never returns them twice. That includes a copy of one
-            # replayed in this pass that already failed again: no replay loop.
-            if letter.id in replayed or (wanted is not None and letter.id not in wanted):
-                continue
-            exchange_name, routing_key = replay_route(
-                self.topology, letter.source_queue, letter.headers
-            )
-            headers = {k: v for k, v in incoming.headers.items() if not is_death_header(k)}
-            message = _copy(incoming, headers)
-            exchange = (
-                channel.default_exchange
-                if not exchange_name
-                else await channel.get_exchange(exchange_name, ensure=False)
-            )
-            try:
-                await exchange.publish(
-                    message, routing_key, mandatory=True, timeout=self.publish_timeout
-                )
-            except Exception as exc:
-                raise TransportError(
-                    f"dead letter {letter.id} cannot be replayed: {exc!r}"
-                ) from exc
-            await incoming.ack()
-            replayed.add(letter.id)
-            count += 1
-        return count
+        return await self._with_channel(
+            partial(replay, topology=self.topology, wanted=wanted, timeout=self.publish_timeout)
+        )
 
     async def _with_channel(self, work: Callable[[AbstractChannel], Awaitable[_T]]) -> _T:
         """Run ``work`` on a short-lived confirming channel of the current connection."""
@@ -861,114 +672,6 @@ async def _wait_first(events: Sequence[asyncio.Event], timeout: float) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-def _waves(items: list[_Outgoing]) -> list[list[_Outgoing]]:
-    """Split a batch so no two in-flight messages share a message id.
-
-    aiormq matches a returned (unroutable) message to its publish by message id;
-    two concurrent publishes with the same id would confuse it.
-    """
-    waves: list[list[_Outgoing]] = []
-    seen: list[set[str]] = []
-    for item in items:
-        for wave, ids in zip(waves, seen, strict=True):
-            if item.message_id not in ids:
-                wave.append(item)
-                ids.add(item.message_id)
-                break
-        else:
-            waves.append([item])
-            seen.append({item.message_id})
-    return waves
-
-
-async def _confirmed(underlay: aiormq.abc.AbstractChannel, wave: list[_Outgoing]) -> list[object]:
-    """Publish a wave and wait for its confirms: a result per message, the
-    exception for one that failed (a CancelledError *result* is a confirm the
-    closing channel cancelled; our own cancellation is raised).
-
-    ``wait=False``: a publish does not wait for its frames to be written before
-    waiting for its confirm (which cannot come sooner anyway), so the channel's
-    lock is not held across a trip through the writer and a wave goes out
-    together. A lone message (one saga at a time) is awaited without a task.
-    """
-    channel = cast(aiormq.Channel, underlay)  # ``wait`` is not on the abstract class
-    publishes = [
-        channel.basic_publish(
-            item.body,
-            exchange=item.exchange,
-            routing_key=item.routing_key,
-            properties=item.properties,
-            mandatory=True,
-            wait=False,
-        )
-        for item in wave
-    ]
-    if len(publishes) > 1:
-        return await asyncio.gather(*publishes, return_exceptions=True)
-    try:
-        return [await publishes[0]]
-    except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        return [exc]
-    except Exception as exc:
-        return [exc]
-
-
-def _copy(
-    incoming: AbstractIncomingMessage, headers: HeadersType, *, message_id: str | None = None
-) -> aio_pika.Message:
-    """A persistent copy of a received message with new headers (user_id dropped:
-    the broker checks it against the connection's user)."""
-    return aio_pika.Message(
-        incoming.body,
-        headers=headers,
-        content_type=incoming.content_type,
-        content_encoding=incoming.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=incoming.priority,
-        correlation_id=incoming.correlation_id,
-        message_id=message_id or incoming.message_id,
-        timestamp=incoming.timestamp,
-        type=incoming.type,
-        app_id=incoming.app_id,
-    )
-
-
-def _as_dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
-    return as_dead_letter(message.message_id, message.body, text_headers(message.headers))
-
-
-def text_headers(headers: Mapping[str, Any]) -> dict[str, str]:
-    """AMQP header values as text (tables such as ``x-death`` as JSON)."""
-    return {
-        name: value if isinstance(value, str) else _text(value) for name, value in headers.items()
-    }
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, bool | int | float | Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if value is None:
-        return ""
-    return orjson.dumps(_jsonable(value)).decode()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return _text(value)
 
 
 async def _close_quietly(closable: AbstractChannel | AbstractConnection) -> None:

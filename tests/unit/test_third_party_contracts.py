@@ -45,14 +45,14 @@ def test_opentelemetry_suppression_key() -> None:
 
 
 def test_aiormq_publish_and_ack_take_wait() -> None:
-    """``_confirmed`` and ``_Acks._send`` (sagaflow/transport/rabbitmq.py) pass
+    """``confirmed`` and ``Acks._send`` (sagaflow/transport/amqp.py) pass
     ``wait=False`` to the concrete ``aiormq.Channel`` (it is not on the abstract
     class): frames are queued without waiting for the writer."""
     for method in ("basic_publish", "basic_ack", "basic_nack"):
         parameters = inspect.signature(getattr(aiormq.Channel, method)).parameters
         assert "wait" in parameters, (
             f"aiormq.Channel.{method} lost its wait= parameter: drop wait=False in "
-            "sagaflow/transport/rabbitmq.py (and re-measure the publish path)"
+            "sagaflow/transport/amqp.py (and re-measure the publish path)"
         )
 
 
@@ -67,13 +67,13 @@ def test_aiormq_consumer_cancel_callbacks() -> None:
 
 
 def test_aiormq_matches_returned_messages_by_message_id() -> None:
-    """``_waves`` (sagaflow/transport/rabbitmq.py) keeps two messages with one id out
+    """``waves`` (sagaflow/transport/amqp.py) keeps two messages with one id out
     of the same wave because aiormq matches a returned (unroutable) message to its
     publish by message id. If that changed, ``_waves`` may be unnecessary: check."""
     source = inspect.getsource(aiormq.Channel)
     assert "message_id_delivery_tag" in source, (
         "aiormq no longer matches returns by message id: revisit _waves in "
-        "sagaflow/transport/rabbitmq.py"
+        "sagaflow/transport/amqp.py"
     )
 
 

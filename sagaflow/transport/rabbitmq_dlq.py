@@ -1,0 +1,96 @@
+"""The dead-letter queue of the RabbitMQ transport: peeking and replaying.
+
+Both work on a short-lived channel of their own; a message stays unacked on it
+while it is looked at, so no message is seen twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
+
+from sagaflow.core.errors import TransportError
+from sagaflow.core.ports import DeadLetter, Topology
+from sagaflow.transport.amqp import text_headers
+from sagaflow.transport.wire import as_dead_letter, is_death_header, replay_route
+
+__all__ = ["copy_message", "peek", "replay"]
+
+
+async def peek(channel: AbstractChannel, topology: Topology, limit: int) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters, left where they are."""
+    queue = await channel.declare_queue(topology.dead_letter_queue, passive=True)
+    letters: list[DeadLetter] = []
+    last: AbstractIncomingMessage | None = None
+    # basic.get until empty, not up to the declare-ok message count: on a
+    # quorum queue that count can lag messages another channel just returned.
+    # Every message stays unacked on this channel while we look, so none is
+    # returned twice; the nack below puts them all back, in order.
+    while len(letters) < limit:
+        message = await queue.get(no_ack=False, fail=False)
+        if message is None:
+            break
+        letters.append(_as_dead_letter(message))
+        last = message
+    if last is not None:
+        await last.nack(multiple=True, requeue=True)
+    return letters
+
+
+async def replay(
+    channel: AbstractChannel, topology: Topology, wanted: set[str] | None, timeout: float
+) -> int:
+    """Re-publish dead letters (``wanted`` ids, or all) to where they came from."""
+    queue = await channel.declare_queue(topology.dead_letter_queue, passive=True)
+    replayed: set[str] = set()
+    count = 0
+    while True:
+        incoming = await queue.get(no_ack=False, fail=False)
+        if incoming is None:
+            break
+        letter = _as_dead_letter(incoming)
+        # Skipped messages stay unacked on this channel until it closes, so
+        # basic.get never returns them twice. That includes a copy of one
+        # replayed in this pass that already failed again: no replay loop.
+        if letter.id in replayed or (wanted is not None and letter.id not in wanted):
+            continue
+        exchange_name, routing_key = replay_route(topology, letter.source_queue, letter.headers)
+        headers = {k: v for k, v in incoming.headers.items() if not is_death_header(k)}
+        message = copy_message(incoming, headers)
+        exchange = (
+            channel.default_exchange
+            if not exchange_name
+            else await channel.get_exchange(exchange_name, ensure=False)
+        )
+        try:
+            await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
+        except Exception as exc:
+            raise TransportError(f"dead letter {letter.id} cannot be replayed: {exc!r}") from exc
+        await incoming.ack()
+        replayed.add(letter.id)
+        count += 1
+    return count
+
+
+def copy_message(
+    incoming: AbstractIncomingMessage, headers: HeadersType, *, message_id: str | None = None
+) -> aio_pika.Message:
+    """A persistent copy of a received message with new headers (user_id dropped:
+    the broker checks it against the connection's user)."""
+    return aio_pika.Message(
+        incoming.body,
+        headers=headers,
+        content_type=incoming.content_type,
+        content_encoding=incoming.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=incoming.priority,
+        correlation_id=incoming.correlation_id,
+        message_id=message_id or incoming.message_id,
+        timestamp=incoming.timestamp,
+        type=incoming.type,
+        app_id=incoming.app_id,
+    )
+
+
+def _as_dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
+    return as_dead_letter(message.message_id, message.body, text_headers(message.headers))
