@@ -364,7 +364,7 @@ def configure_metrics(
         log.info("metrics on http://%s:%d/metrics", host, port)
     if not readers:
         return None
-    from sagaflow.tracing import resource
+    from sagaflow.tracing_setup import resource
 
     _provider = MeterProvider(metric_readers=readers, resource=resource(service_name))
     metrics.set_meter_provider(_provider)

@@ -9,7 +9,7 @@ A coordinator, a worker, or an application that starts sagas does::
     await telemetry.aclose()             # on SIGTERM: flush spans and metrics
 
 Tracing is on only when the ``OTEL_*`` environment configures an exporter
-(:func:`sagaflow.tracing.configure_tracing`); metrics when
+(:func:`sagaflow.tracing_setup.configure_tracing`); metrics when
 ``SAGAFLOW_METRICS_PORT`` is set or ``OTEL_*`` configures OTLP; the saga log
 lines of :class:`sagaflow.logs.LoggingHooks` always. Exporting needs the
 ``tracing`` or ``metrics`` extra; with neither configured the core suffices.
@@ -22,12 +22,8 @@ from typing import TYPE_CHECKING
 from sagaflow.logs import LoggingHooks
 from sagaflow.metrics import MetricsHooks, OutboxMonitor, configure_metrics, shutdown_metrics
 from sagaflow.runtime.hooks import CompositeHooks, Hooks
-from sagaflow.tracing import (
-    TracingHooks,
-    configure_tracing,
-    default_service_name,
-    shutdown_tracing,
-)
+from sagaflow.tracing import TracingHooks
+from sagaflow.tracing_setup import configure_tracing, default_service_name, shutdown_tracing
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider

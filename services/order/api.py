@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from sagaflow import Hooks, SagaClient
 from sagaflow.config import Settings
 from sagaflow.store import migrate_participant
-from sagaflow.tracing import tracing_configured
+from sagaflow.tracing_setup import tracing_configured
 from services.order.app import (
     NewOrder,
     Order,

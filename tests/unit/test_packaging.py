@@ -137,7 +137,7 @@ def test_tracing_export_names_the_tracing_extra() -> None:
     done = run_without_extras(
         """
         from sagaflow import ConfigurationError
-        from sagaflow.tracing import configure_tracing
+        from sagaflow.tracing_setup import configure_tracing
         try:
             configure_tracing("x", database=False)
         except ConfigurationError as exc:
@@ -161,7 +161,7 @@ def test_tracing_export_names_the_tracing_extra() -> None:
 def test_console_tracing_needs_no_extra() -> None:
     done = run_without_extras(
         """
-        from sagaflow.tracing import configure_tracing
+        from sagaflow.tracing_setup import configure_tracing
         print(configure_tracing("x", database=False) is not None)
         """,
         OTEL_TRACES_EXPORTER="console",
@@ -212,7 +212,7 @@ def test_core_dependencies_stay_light() -> None:
 
 def test_the_otlp_protocol_picks_the_exporter_opentelemetry_registers() -> None:
     from sagaflow import ConfigurationError
-    from sagaflow.tracing import _exporter, _exporters
+    from sagaflow.tracing_setup import _exporter, _exporters
 
     endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
     assert _exporters(endpoint) == ["otlp_proto_http"]

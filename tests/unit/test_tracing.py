@@ -27,15 +27,8 @@ from sagaflow.core.engine import LINK, TRACEPARENT
 from sagaflow.core.messages import Envelope, MessageKind
 from sagaflow.runtime.hooks import CompositeHooks
 from sagaflow.testing import SagaTestEnvironment
-from sagaflow.tracing import (
-    TRACESTATE,
-    TracingHooks,
-    _parent,
-    _remote,
-    configure_tracing,
-    trace_id_of,
-    tracing_configured,
-)
+from sagaflow.tracing import TRACESTATE, TracingHooks, _parent, _remote, trace_id_of
+from sagaflow.tracing_setup import configure_tracing, tracing_configured
 from tests.sample import (
     Cmd,
     Ok,
