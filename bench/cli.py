@@ -1,8 +1,9 @@
 """``python -m bench``: plan the runs, run them, print JSON (stdout) and tables (stderr).
 
-Without arguments (``make bench``) it runs the raw ceiling and sagaflow
-interleaved in one invocation: throughput raw, sagaflow, raw, sagaflow, then
-latency raw, sagaflow; and prints the sagaflow/raw ratios. Every run prints
+Without arguments (``make bench``) it runs the raw ceiling, sagaflow and a
+Celery chain interleaved in one invocation: throughput raw, sagaflow, celery,
+twice, then latency raw, sagaflow, celery; and prints the sagaflow/raw and
+sagaflow/celery ratios. Every run prints
 one JSON object (``"kind": "run"``) on its own line; every comparison one more
 (``"kind": "comparison"``). A run whose outcome is not what the workload
 implies stops everything with exit code 1.
@@ -48,6 +49,21 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+SYSTEMS = ("raw", "sagaflow", "celery")
+SYSTEM_ALIASES = {"all": list(SYSTEMS), "both": ["raw", "sagaflow"]}
+
+
+def _systems(text: str) -> list[str]:
+    if text in SYSTEM_ALIASES:
+        return SYSTEM_ALIASES[text]
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or any(v not in SYSTEMS for v in values) or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(
+            f"expected all, both, or some of {', '.join(SYSTEMS)} (e.g. sagaflow,celery): {text!r}"
+        )
+    return [s for s in SYSTEMS if s in values]
+
+
 def _tracing(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values or any(v not in ("none", "off", "on") for v in values):
@@ -58,8 +74,8 @@ def _tracing(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="sagaflow benchmark: the raw ceiling and sagaflow on real RabbitMQ and "
-        "PostgreSQL (or --embedded, in memory). JSON on stdout, tables on stderr.",
+        description="sagaflow benchmark: the raw ceiling, sagaflow and a Celery chain on real "
+        "RabbitMQ and PostgreSQL (or --embedded, in memory). JSON on stdout, tables on stderr.",
     )
     p.add_argument(
         "--mode",
@@ -69,9 +85,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--system",
-        choices=["both", "raw", "sagaflow"],
-        default="both",
-        help="both = raw and sagaflow interleaved, with ratios (default)",
+        type=_systems,
+        default=list(SYSTEMS),
+        help="the systems to run, interleaved: all (default: raw, sagaflow, celery), "
+        "both (raw and sagaflow), or a list such as sagaflow,celery",
     )
     p.add_argument(
         "--embedded",
@@ -96,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
         "--queue-type",
         choices=["quorum", "classic"],
         default="quorum",
-        help="the raw ceiling's queues (sagaflow declares quorum queues)",
+        help="the raw ceiling's queues (sagaflow and the Celery chain declare quorum queues)",
     )
     p.add_argument(
         "--starter",
@@ -145,12 +162,7 @@ def _starter(choice: str, coordinators: int) -> str:
 
 def plan(args: argparse.Namespace) -> list[Params]:
     modes = ["throughput", "latency"] if args.mode == "all" else [args.mode]
-    if args.embedded:
-        systems = ["embedded"]
-    elif args.system == "both":
-        systems = ["raw", "sagaflow"]
-    else:
-        systems = [args.system]
+    systems = ["embedded"] if args.embedded else list(args.system)
     if not 0 <= args.fail_rate <= 1:
         raise SystemExit("--fail-rate must be between 0 and 1")
     runs: list[Params] = []

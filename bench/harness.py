@@ -1,12 +1,12 @@
 """One benchmark run: fresh servers' namespaces, processes, load, measurements, checks.
 
-A run of the ``raw`` or ``sagaflow`` system:
+A run of the ``raw``, ``sagaflow`` or ``celery`` system:
 
 1. creates a database and a vhost (``bench.infra``) and the tables;
 2. starts the processes, each a separate OS process (``bench.raw`` or
-   ``bench.node``) and waits until each says it is ready;
+   ``bench.node`` or ``bench.celery_chain``) and waits until each says it is ready;
 3. takes the baselines (CPU of every process group, ``xact_commit`` of the
-   database) and starts the load: the raw driver generates its own; for
+   database) and starts the load: the raw and Celery drivers generate their own; for
    sagaflow this process starts sagas through ``SagaClient`` (as application
    code would: one transaction, published by the coordinator's outbox relay),
    keeping at most ``inflight`` unfinished;
@@ -67,7 +67,7 @@ class BenchFailure(RuntimeError):
 class Params:
     """What one run does."""
 
-    system: str  # raw | sagaflow | embedded
+    system: str  # raw | sagaflow | celery | embedded
     mode: str  # throughput | latency | soak
     sagas: int
     inflight: int
@@ -351,8 +351,24 @@ def _processes(
     load = ["--sagas", str(params.sagas), "--inflight", str(params.inflight)]
     if params.mode == "soak":
         load += ["--duration", str(params.duration)]
+    shape = ["--steps", str(params.steps), "--fail-rate", str(params.fail_rate)]
+    if params.system == "celery":
+        limit = ["--timeout", str(params.timeout)]
+        return [
+            Proc(
+                s, PARTICIPANTS, ["bench.celery_chain", "worker", "--service", s, *common], log_dir
+            )
+            for s in SERVICES
+        ] + [
+            Proc(
+                "driver",
+                COORDINATOR,
+                ["bench.celery_chain", "driver", *common, *shape, *load, "--run", run, *limit],
+                log_dir,
+                drives=True,
+            )
+        ]
     if params.system == "raw":
-        shape = ["--steps", str(params.steps), "--fail-rate", str(params.fail_rate)]
         q = ["--queue-type", params.queue_type]
         return [
             Proc(
@@ -395,7 +411,7 @@ def _processes(
 
 
 async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``raw`` or ``sagaflow`` against the real servers and return the checked result."""
+    """Run ``raw``, ``sagaflow`` or ``celery`` against the real servers; return the checked result."""
     run = uuid.uuid4().hex[:6]
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-{params.system}-{run}-"))
     # the collector is a process of its own, in no measured group
@@ -419,6 +435,10 @@ async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dic
     try:
         if params.system == "raw":
             await raw.setup(target.dsn)
+        elif params.system == "celery":
+            from bench import celery_chain  # only this system needs Celery installed
+
+            await asyncio.to_thread(celery_chain.setup, target.dsn)
         else:
             await _setup_sagaflow(target.dsn)
         settings = await infra.server_settings(target.database)
@@ -438,6 +458,7 @@ async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dic
         if drivers:
             drivers[0].send("go")
             driver_done = await drivers[0].event("done", params.timeout)
+            harness_queries = driver_done.get("queries", 0)  # the Celery driver's polling
         else:
             harness_queries = await _drive_sagaflow(params, target.dsn, run)
         usage = sampler.end()
@@ -555,7 +576,7 @@ def _result(params: Params, outcome: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 async def _read_outcome(params: Params, dsn: str) -> dict[str, Any]:
-    table = "raw.sagas" if params.system == "raw" else "sagaflow.sagas"
+    table = {"raw": "raw.sagas", "celery": "celery.sagas"}.get(params.system, "sagaflow.sagas")
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
@@ -570,6 +591,9 @@ async def _read_outcome(params: Params, dsn: str) -> dict[str, Any]:
             counts: dict[bool, int] = {bool(r[0]): int(r[1]) for r in rows_by_kind}
             effects[service] = (counts.get(False, 0), counts.get(True, 0))
         messages = 0
+        if params.system == "celery":  # a task message per step run; no replies
+            for service in SERVICES:
+                messages += await conn.fetchval(f'SELECT count(*) FROM "{service}".inbox')
         if params.system == "sagaflow":
             messages = 2 * await conn.fetchval(
                 "SELECT count(*) FROM sagaflow.saga_log"

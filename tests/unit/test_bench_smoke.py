@@ -1,4 +1,5 @@
-"""The benchmark harness: a tiny embedded run, its JSON shape, the plan and the checks."""
+"""The benchmark harness: a tiny embedded run, its JSON shape, the plan, the checks, the
+comparisons and the Celery chain's set-up (everything that needs no server)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from bench.harness import (
     BenchFailure,
     Params,
     Proc,
+    _processes,
     _start_all,
     _stop_all,
     _tracing_outcome,
     verify,
 )
-from bench.report import tracing_compare
+from bench.infra import Infra
+from bench.report import compare, comparison_table, tracing_compare
 from bench.workload import expected, fail_step, failing_count, fails, percentiles
 
 pytestmark = pytest.mark.timeout(30)
@@ -53,23 +56,51 @@ def test_embedded_latency_run_with_more_steps(capsys: pytest.CaptureFixture[str]
     assert result["messages_per_saga"] == pytest.approx((18 * 12 + 2 * 18) / 20)
 
 
-def test_default_plan_interleaves_raw_and_sagaflow() -> None:
+def test_default_plan_interleaves_raw_sagaflow_and_celery() -> None:
     runs = plan(parser().parse_args([]))
     assert [(r.mode, r.system) for r in runs] == [
         ("throughput", "raw"),
         ("throughput", "sagaflow"),
+        ("throughput", "celery"),
         ("throughput", "raw"),
         ("throughput", "sagaflow"),
+        ("throughput", "celery"),
         ("latency", "raw"),
         ("latency", "sagaflow"),
+        ("latency", "celery"),
     ]
     assert runs[0].sagas == 2000 and runs[0].inflight == 200
     assert runs[-1].sagas == 200 and runs[-1].inflight == 1
 
 
+def test_system_flag_selects_systems_in_a_fixed_order() -> None:
+    def systems(*argv: str) -> list[str]:
+        args = parser().parse_args(["--mode", "latency", *argv])
+        return [r.system for r in plan(args)]
+
+    assert systems("--system", "both") == ["raw", "sagaflow"]
+    assert systems("--system", "celery,sagaflow") == ["sagaflow", "celery"]
+    assert systems("--system", "celery") == ["celery"]
+    assert systems("--system", "all") == ["raw", "sagaflow", "celery"]
+    for bad in ("temporal", "raw,raw", ""):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["--system", bad])
+
+
 def test_plan_sweeps_steps_and_coordinators_for_sagaflow_only() -> None:
     args = parser().parse_args(
-        ["--mode", "throughput", "--steps", "3,6", "--coordinators", "1,2", "--repeat", "1"]
+        [
+            "--mode",
+            "throughput",
+            "--steps",
+            "3,6",
+            "--coordinators",
+            "1,2",
+            "--repeat",
+            "1",
+            "--system",
+            "both",
+        ]
     )
     runs = [(r.steps, r.system, r.coordinators) for r in plan(args)]
     assert runs == [
@@ -123,7 +154,7 @@ def test_percentiles_nearest_rank() -> None:
 
 
 def test_plan_interleaves_tracing_off_and_on_for_sagaflow_only() -> None:
-    args = parser().parse_args(["--mode", "throughput", "--tracing", "off,on"])
+    args = parser().parse_args(["--mode", "throughput", "--system", "both", "--tracing", "off,on"])
     runs = [(r.system, r.tracing) for r in plan(args)]
     assert runs == [
         ("raw", ""),
@@ -209,3 +240,117 @@ async def test_a_process_dying_at_start_fails_the_run_and_the_rest_stop_cleanly(
     stopped = await _stop_all(procs)
     assert stopped[0] == {"event": "stopped"}
     assert stopped[2] == {"event": "stopped"}
+
+
+def _run(
+    system: str, mode: str, rate: float, p50: float, coordinator_cpu: float
+) -> dict[str, object]:
+    params = Params(system, mode, 100, 200 if mode == "throughput" else 1)
+    return {
+        "system": system,
+        "mode": mode,
+        "params": dataclasses.asdict(params),
+        "sagas": 100,
+        "sagas_per_s": rate,
+        "latency_ms": {"p50": p50, "p99": 2 * p50},
+        "cpu_ms_per_saga": {"coordinator": coordinator_cpu, "client": 0.0, "total": 6.0},
+    }
+
+
+def test_comparison_has_a_row_per_baseline_with_its_own_targets() -> None:
+    rows = compare(
+        [
+            _run("raw", "throughput", 200.0, 800.0, 2.0),
+            _run("sagaflow", "throughput", 320.0, 600.0, 1.2),
+            _run("celery", "throughput", 250.0, 700.0, 0.8),
+            _run("raw", "latency", 60.0, 12.0, 2.0),
+            _run("sagaflow", "latency", 70.0, 11.0, 1.2),
+            _run("celery", "latency", 80.0, 10.0, 0.8),
+        ]
+    )
+    by = {(row["baseline"], row["mode"]): row for row in rows}
+    assert set(by) == {
+        ("raw", "throughput"),
+        ("celery", "throughput"),
+        ("raw", "latency"),
+        ("celery", "latency"),
+    }
+    assert by["raw", "throughput"]["throughput_ratio"] == 1.6
+    assert by["raw", "throughput"]["targets_met"] == {"throughput": True, "coordinator_cpu": True}
+    # against Celery only the throughput has a target (its "coordinator" is the driver)
+    assert by["celery", "throughput"]["throughput_ratio"] == 1.28
+    assert by["celery", "throughput"]["targets_met"] == {"throughput": False}
+    assert by["celery", "throughput"]["sagas_per_s"] == {"celery": [250.0], "sagaflow": [320.0]}
+    assert by["celery", "latency"]["targets_met"] == {}
+    assert by["raw", "latency"]["targets_met"] == {"latency_p50": True}
+    assert comparison_table(rows).row_count == 4
+
+
+def test_celery_runs_one_worker_per_service_queue_and_a_driver(tmp_path: Path) -> None:
+    params = Params("celery", "throughput", 20, 10)
+    procs = _processes(params, Infra("bench_celery_x", "bench-celery-x"), "r1", tmp_path)
+    assert [(p.name, p.group, p.drives) for p in procs] == [
+        ("inventory", "participants", False),
+        ("payment", "participants", False),
+        ("shipping", "participants", False),
+        ("driver", "coordinator", True),
+    ]
+    assert all(p.argv[0] == "bench.celery_chain" for p in procs)
+    driver = procs[-1].argv
+    assert driver[driver.index("--sagas") + 1] == "20"
+    assert driver[driver.index("--fail-rate") + 1] == "0.1"
+
+
+def test_verify_catches_a_wrong_celery_outcome() -> None:
+    params = Params(system="celery", mode="throughput", sagas=10, inflight=5)
+    good = {
+        "sagas": 10,
+        "statuses": {"COMPLETED": 9, "COMPENSATED": 1},
+        "effects": {"inventory": (10, 1), "payment": (9, 0), "shipping": (9, 0)},
+    }
+    verify(params, {}, good)
+    # a compensation that never ran: the saga is stuck and inventory stays reserved
+    stuck = {
+        **good,
+        "statuses": {"COMPLETED": 9, "RUNNING": 1},
+        "effects": {**good["effects"], "inventory": (10, 0)},  # type: ignore[dict-item]
+    }
+    with pytest.raises(BenchFailure, match=r"0 COMPENSATED, expected 1.*inventory: 10 effects"):
+        verify(params, {}, stuck)
+
+
+def test_celery_app_is_configured_as_a_careful_user_would() -> None:
+    celery_chain = pytest.importorskip("bench.celery_chain")
+    chains = celery_chain.make_app(
+        "amqp://guest:guest@127.0.0.1:5672/bench-x", "postgresql://postgres@127.0.0.1/x"
+    )
+    conf = chains.app.conf
+    assert conf.broker_url == "pyamqp://guest:guest@127.0.0.1:5672/bench-x"
+    assert conf.broker_transport_options == {"confirm_publish": True}
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.task_default_delivery_mode == "persistent"
+    assert conf.result_backend is None and conf.task_ignore_result
+    queues = {q.name: q for q in conf.task_queues}
+    assert set(queues) == {"inventory", "payment", "shipping"}
+    for queue in queues.values():
+        assert queue.durable
+        assert queue.queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": 5}
+    # the forward steps in order, each on its service's queue, each linked to the errback
+    saga = chains.saga({"saga": "s-1", "steps": 6, "fail_at": 4})
+    names = [task.task for task in saga.tasks]
+    assert names == [
+        "inventory.reserve",
+        "payment.charge",
+        "shipping.schedule",
+        "inventory.reserve",
+        "payment.charge",
+        "shipping.schedule",
+    ]
+    assert [task.kwargs["step"] for task in saga.tasks] == list(range(6))
+    assert saga.options["link_error"][0].task == "saga.compensate"
+    routes = {name: chains.app.amqp.router.route({}, name)["queue"].name for name in names[:3]}
+    assert routes == {
+        "inventory.reserve": "inventory",
+        "payment.charge": "payment",
+        "shipping.schedule": "shipping",
+    }
