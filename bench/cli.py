@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench.harness import BenchFailure, Params, run_in_memory, run_servers
+from bench.harness import ROOT, BenchFailure, Params, run_in_memory, run_servers
 from bench.infra import InfraError
 from bench.report import (
     compare,
@@ -31,6 +32,7 @@ from bench.report import (
     tracing_table,
 )
 
+RESULTS = ROOT / "bench" / "results"  # in .gitignore
 DEFAULT_SAGAS = {"throughput": 2000, "latency": 200, "soak": 0}
 QUICK_SAGAS = {"throughput": 300, "latency": 50, "soak": 0}
 EMBEDDED_SAGAS = {"throughput": 10_000, "latency": 1000, "soak": 0}
@@ -147,7 +149,12 @@ def parser() -> argparse.ArgumentParser:
         "recorded or exported), to tell the cost of tracing from that of metrics",
     )
     p.add_argument("--profile", type=Path, help="record py-spy profiles of the coordinators here")
-    p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="also append the JSON lines to this file (default: a new file in bench/results/, "
+        "which git ignores)",
+    )
     p.add_argument(
         "--check-targets", action="store_true", help="exit 3 when a performance target is missed"
     )
@@ -245,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     runs = plan(args)
     con = console()
+    if args.out is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        args.out = RESULTS / f"{stamp}-{'embedded' if args.embedded else 'servers'}.jsonl"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    con.print(f"JSON lines also in {args.out}")
     try:
         results = asyncio.run(_run_all(runs, args))
     except (BenchFailure, InfraError) as exc:

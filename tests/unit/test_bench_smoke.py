@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,14 @@ from bench.workload import expected, fail_step, failing_count, fails, percentile
 pytestmark = pytest.mark.timeout(30)
 
 
-def test_embedded_run_prints_one_verified_json_object(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--embedded", "--mode", "throughput", "--sagas", "50"]) == 0
+def test_embedded_run_prints_one_verified_json_object(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "runs.jsonl"
+    assert main(["--embedded", "--mode", "throughput", "--sagas", "50", "--out", str(out)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1
+    assert out.read_text().splitlines() == lines
     result = json.loads(lines[0])
     assert result["kind"] == "run"
     assert result["system"] == "embedded"
@@ -47,8 +52,11 @@ def test_embedded_run_prints_one_verified_json_object(capsys: pytest.CaptureFixt
     assert result["params"]["steps"] == 3
 
 
-def test_embedded_latency_run_with_more_steps(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--embedded", "--mode", "latency", "--sagas", "20", "--steps", "6"]) == 0
+def test_embedded_latency_run_with_more_steps(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["--embedded", "--mode", "latency", "--sagas", "20", "--steps", "6"]
+    assert main([*argv, "--out", str(tmp_path / "runs.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[0])
     assert result["params"]["inflight"] == 1
     assert result["statuses"] == {"COMPLETED": 18, "COMPENSATED": 2}
@@ -354,3 +362,18 @@ def test_celery_app_is_configured_as_a_careful_user_would() -> None:
         "payment.charge": "payment",
         "shipping.schedule": "shipping",
     }
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_docs_links_resolve_and_benchmark_runs_stay_out_of_the_repository() -> None:
+    # raw runs go to the ignored bench/results/; docs/performance.md has the numbers
+    assert not (ROOT / "docs" / "bench-runs").exists()
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text("utf-8")):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+    assert "bench/results/" in (ROOT / ".gitignore").read_text("utf-8").split()
