@@ -61,7 +61,7 @@ try:
     from celery import Celery, chain, signals
     from kombu import Exchange, Queue
 except ImportError as exc:  # pragma: no cover - the bench extra is not installed
-    raise SystemExit(
+    raise ImportError(
         f"the Celery comparison needs the bench extra: pip install 'sagaflow[bench]' ({exc})"
     ) from exc
 

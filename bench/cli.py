@@ -256,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         args.out = RESULTS / f"{stamp}-{'embedded' if args.embedded else 'servers'}.jsonl"
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if any(run.system == "celery" for run in runs):
+        try:
+            import bench.celery_chain  # noqa: F401  (Celery and psycopg: the bench extra)
+        except ImportError as exc:
+            con.print(f"[bold red]BENCHMARK FAILED[/]: {exc}; or leave it out: --system both")
+            return 1
     con.print(f"JSON lines also in {args.out}")
     try:
         results = asyncio.run(_run_all(runs, args))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
 from bench.harness import BenchFailure, Params, run_servers
 
-celery_chain = pytest.importorskip("bench.celery_chain")
+celery_chain = pytest.importorskip("bench.celery_chain", reason="needs the bench extra")
+psycopg = celery_chain.psycopg
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
