@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -83,11 +84,14 @@ class PostgresSagaTransaction:
     Every method is one round trip, whatever the batch size.
     """
 
-    __slots__ = ("_conn", "_sql", "notified")
+    __slots__ = ("_conn", "_sender", "_sql", "notified")
 
-    def __init__(self, conn: Connection, sql: SagaSql) -> None:
+    def __init__(self, conn: Connection, sql: SagaSql, *, commits: bool) -> None:
         self._conn = conn
         self._sql = sql
+        # A transaction this store commits wakes its own relay at commit, so its
+        # listener may skip the notification; a caller's transaction may not.
+        self._sender = sql.sender if commits else ""
         self.notified = False  # a NOTIFY for due outbox rows is pending in this transaction
 
     @property
@@ -125,7 +129,7 @@ class PostgresSagaTransaction:
             ValueError: a saga appears twice in ``unit.states``.
         """
         notify = bool(unit.messages) and not self.notified
-        sql, args = self._sql.unit(unit, notify=notify)
+        sql, args = self._sql.unit(unit, notify=notify, sender=self._sender)
         if not sql:
             return
         try:
@@ -171,7 +175,7 @@ class _TransactionContext:
                     await self._tx.start()
                 except DB_ERRORS as exc:
                     raise store_error(exc, "begin") from exc
-        self._txn = PostgresSagaTransaction(conn, store._sql)
+        self._txn = PostgresSagaTransaction(conn, store._sql, commits=self._tx is not None)
         return self._txn
 
     async def __aexit__(
@@ -283,7 +287,7 @@ class PostgresSagaStore:
     ) -> None:
         self._dsn = dsn
         self._schema = schema
-        self._sql = SagaSql(schema)
+        self._sql = SagaSql(schema, sender=uuid.uuid4().hex)
         self._min_size = min_size
         self._max_size = max_size
         self._attempts = max_size + 1  # every idle connection may have died
@@ -514,7 +518,7 @@ class PostgresSagaStore:
                 )
                 await conn.add_listener(self._sql.channel, self._on_notify)
                 # A dead listener wakes its waiter, whose next call reconnects.
-                conn.add_termination_listener(self._on_notify)
+                conn.add_termination_listener(self._on_terminated)
             except DB_ERRORS as exc:
                 level = logging.DEBUG if self._listen_failed else logging.WARNING
                 log.log(level, "cannot listen for outbox notifications (polling): %r", exc)
@@ -525,5 +529,9 @@ class PostgresSagaStore:
             self._listener, self._listen_failed = conn, False
             return True
 
-    def _on_notify(self, *_: object) -> None:
+    def _on_notify(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        if payload != self._sql.sender:  # this process's own commits woke it already
+            self._wake.set()
+
+    def _on_terminated(self, *_: object) -> None:
         self._wake.set()

@@ -42,9 +42,12 @@ def _state_json(state: SagaState, version: int) -> str:
 class SagaSql:
     """The statements, rendered once for a schema (a unit of work's once per shape)."""
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, sender: str) -> None:
         s = quote_schema(schema)
         self.channel = f"{schema}_outbox"
+        # the payload of notifications from transactions this store commits: its
+        # own listener, woken already at commit, skips them
+        self.sender = sender
         self.lock = (
             f"SELECT state::text FROM {s}.sagas WHERE saga_id = ANY($1::text[])"
             " ORDER BY saga_id FOR UPDATE"
@@ -87,7 +90,7 @@ class SagaSql:
             " ORDER BY c.relname)"
         )
 
-    def unit(self, unit: UnitOfWork, *, notify: bool) -> tuple[str, list[Any]]:
+    def unit(self, unit: UnitOfWork, *, notify: bool, sender: str = "") -> tuple[str, list[Any]]:
         """One statement writing ``unit``, and its arguments ("" if empty).
 
         Data-modifying CTEs all run whether the result reads them or not. Rows
@@ -110,7 +113,7 @@ class SagaSql:
                 [envelope_to_json(e) for e in unit.messages],
             ]
         if notify:
-            args.append(self.channel)
+            args += [self.channel, sender]
         sql = self._units.get(shape)
         if sql is None:
             sql = self._units[shape] = self._render(*shape)
@@ -173,8 +176,8 @@ class SagaSql:
                 " AS u(saga_id, envelope, ord) ORDER BY u.ord)"
             )
         if notify:
-            (channel,) = p(1)
-            results.append(f"SELECT 'n', NULL FROM pg_notify({channel}::text, '')")
+            channel, sender = p(2)
+            results.append(f"SELECT 'n', NULL FROM pg_notify({channel}::text, {sender}::text)")
         if not ctes:
             return ""
         if not results:  # a unit with nothing to report still needs a SELECT

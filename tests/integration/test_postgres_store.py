@@ -245,6 +245,31 @@ async def test_notify_wakes_another_process(pg_url: str, store: PostgresSagaStor
         await other.close()
 
 
+async def test_own_commit_wakes_once_and_a_callers_commit_wakes_by_notify(
+    pg_url: str, store: PostgresSagaStore
+) -> None:
+    """A commit of the store's own wakes its relay at commit, and its own NOTIFY
+    does not wake it a second time (an empty claim per commit, before); a
+    commit of the caller's transaction can only wake it by NOTIFY."""
+    await store.wait_for_outbox(0.05)  # starts listening
+    async with store.transaction() as tx:
+        await tx.write(UnitOfWork(messages=[envelope("s-1")]))
+    await asyncio.wait_for(store.wait_for_outbox(WAIT), 0.5)  # woken at commit
+    started = time.monotonic()
+    await store.wait_for_outbox(0.6)  # the NOTIFY that follows is its own: skipped
+    assert time.monotonic() - started >= 0.55
+
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1)
+    try:
+        waiter = asyncio.create_task(store.wait_for_outbox(WAIT * 3))
+        await asyncio.sleep(0.1)
+        async with pool.acquire() as conn, conn.transaction(), store.transaction(conn) as tx:
+            await tx.write(UnitOfWork(messages=[envelope("s-2")]))
+        await asyncio.wait_for(waiter, WAIT)
+    finally:
+        await pool.close()
+
+
 async def test_a_deadlock_is_a_concurrency_conflict(store: PostgresSagaStore) -> None:
     async with store.transaction() as tx:
         await tx.write(UnitOfWork(inserts=[saga("a"), saga("b")]))
