@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from sagaflow.core.errors import StoreError, TransportError
-from sagaflow.core.ports import Delivery
+from sagaflow.core.ports import Delivery, Transport
+from sagaflow.runtime.hooks import Hooks
 
 T = TypeVar("T")
 HEALING: tuple[type[Exception], ...] = (StoreError, TransportError)
@@ -213,6 +214,22 @@ def deliveries(delivery: Delivery) -> int:
 def failure_reason(exc: BaseException) -> str:
     """An unexpected exception as a dead letter's reason."""
     return f"unhandled: {type(exc).__name__}: {exc}"
+
+
+async def dead_letter(
+    delivery: Delivery, reason: str, *, transport: Transport, hooks: Hooks, what: str
+) -> None:
+    """Move a delivery (a ``what``: "message", "command") to the dead-letter queue
+    with ``reason``, logged and counted. If the broker fails it, the delivery
+    stays unsettled: it comes back and is judged again."""
+    log.warning("dead-lettering a %s from %s: %s", what, delivery.queue, reason)
+    hooks.dead_lettered(delivery.queue, reason)
+    try:
+        await transport.dead_letter(delivery, reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("dead-lettering failed: %r", exc)
 
 
 async def give_back(

@@ -39,7 +39,7 @@ from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageK
 from sagaflow.core.ports import Clock, Delivery, IdFactory, SagaStore, Transport
 from sagaflow.core.state import SagaState
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import Batcher, give_back, retry_healing
+from sagaflow.runtime.batching import Batcher, dead_letter, give_back, retry_healing
 from sagaflow.runtime.client import SagaClient, SagaHandle
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.relay import OutboxRelay
@@ -133,7 +133,7 @@ class Coordinator:
         return await self.client.retry_saga(saga_id, by=by, reason=reason)
 
     async def get(self, saga_id: str) -> SagaState | None:
-        return await self.store.get(saga_id)
+        return await self.client.get(saga_id)
 
     async def wait_for(
         self, saga_id: str, *, timeout: float = 60.0, poll: float = 0.05
@@ -283,14 +283,9 @@ class Coordinator:
         )
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)
-        self.hooks.dead_lettered(delivery.queue, reason)
-        try:
-            await self.transport.dead_letter(delivery, reason)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # not acked: it comes back and is judged again
-            log.warning("dead-lettering failed: %r", exc)
+        await dead_letter(
+            delivery, reason, transport=self.transport, hooks=self.hooks, what="message"
+        )
 
     # ------------------------------------------------------------------ timers
 

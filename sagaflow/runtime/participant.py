@@ -61,7 +61,7 @@ from sagaflow.core.messages import (
 )
 from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import HEALING, give_back, retry_healing
+from sagaflow.runtime.batching import HEALING, dead_letter, give_back, retry_healing
 from sagaflow.runtime.hooks import Hooks, carrying
 
 log = logging.getLogger("sagaflow.worker")
@@ -351,31 +351,17 @@ class Worker:
             await self.transport.publish(traced)
 
     async def _reject(self, delivery: Delivery, reason: str) -> None:
-        log.warning("%s: dead-lettering a command: %s", self.participant.service, reason)
-        self.hooks.dead_lettered(delivery.queue, reason)
-        try:
-            await self.transport.dead_letter(delivery, reason)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # not settled: redelivered and refused again
-            log.warning("dead-lettering failed: %r", exc)
+        await dead_letter(
+            delivery, reason, transport=self.transport, hooks=self.hooks, what="command"
+        )
 
     async def _give_back(self, delivery: Delivery, exc: Exception) -> None:
-        async def dead_letter(delivery: Delivery, reason: str) -> None:
-            self.hooks.dead_lettered(delivery.queue, reason)
-            await self.transport.dead_letter(delivery, reason)
-
-        try:
-            await give_back(
-                delivery,
-                exc,
-                limit=self.transport.topology.delivery_limit,
-                dead_letter=dead_letter,
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # not settled: redelivered, and given back again
-            log.warning("giving a command back failed: %r", error)
+        await give_back(
+            delivery,
+            exc,
+            limit=self.transport.topology.delivery_limit,
+            dead_letter=self._reject,
+        )
 
     def _parse(self, delivery: Delivery) -> tuple[Envelope, _Registration[Any, Any], BaseModel]:
         envelope = decode(delivery.body, dict(delivery.headers), self.max_message_bytes)
