@@ -185,19 +185,23 @@ async def retry_healing(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     initial: float = 0.1,
     maximum: float = 5.0,
+    unless: Callable[[Exception], bool] = lambda exc: False,
 ) -> T:
     """Run ``operation`` until it succeeds while it fails in a way that heals.
 
     ``StoreError`` and ``TransportError`` (the database or the broker
-    restarting, a lost deadlock) are retried with exponential back-off; any
-    other exception is raised at once: a bug retried forever is a stall.
-    Cancellation is never swallowed.
+    restarting, a lost deadlock) are retried with exponential back-off, unless
+    ``unless(exc)`` says the caller handles that one; any other exception is
+    raised at once: a bug retried forever is a stall. Cancellation is never
+    swallowed.
     """
     delay = initial
     while True:
         try:
             return await operation()
         except HEALING as exc:
+            if unless(exc):
+                raise
             log.warning("%s failed, retrying in %.1fs: %r", what, delay, exc)
             await sleep(delay)
             delay = min(maximum, delay * 2)

@@ -74,6 +74,8 @@ DEFAULT_CONCURRENCY = 8
 (see docs/workers.md)."""
 DEFAULT_MAX_BATCH = 16
 """Commands one lane takes into one transaction at most."""
+DEADLOCK_CALM = 30.0
+"""Seconds a worker takes one command per transaction after a lane lost a deadlock."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._started = False
         self._queue = transport.topology.service_queue(participant.service)
+        self._batching_from = 0.0  # monotonic time when lanes may batch again
 
     async def start(self) -> None:
         await retry_healing(self.store.start, what="store start")
@@ -303,8 +306,10 @@ class Worker:
     def _share(self, first: Delivery) -> list[Delivery]:
         """``first`` and this lane's fair share of what is waiting: split among all
         the lanes (busy ones are free again soon), so that commands arriving
-        together run side by side and none waits behind more than a few."""
-        share = min(self.max_batch, -(-(self._waiting.qsize() + 1) // self.concurrency))
+        together run side by side and none waits behind more than a few. For a
+        while after a lost deadlock, one command per transaction (see _commit)."""
+        most = self.max_batch if time.monotonic() >= self._batching_from else 1
+        share = min(most, -(-(self._waiting.qsize() + 1) // self.concurrency))
         batch = [first]
         while len(batch) < share and not self._waiting.empty():
             batch.append(self._waiting.get_nowait())
@@ -381,18 +386,31 @@ class Worker:
         return envelope, registration, command
 
     async def _commit(self, commands: Sequence[_Command]) -> None:
-        """Handle and commit a lane's commands, retrying what heals. A lane that
-        lost a deadlock to another (their handlers lock the same rows in another
-        order) tries again one transaction per command: each then holds only its
-        own command's locks, so the lanes cannot keep deadlocking each other."""
+        """Handle and commit a lane's commands, retrying what heals.
+
+        A lane that lost a deadlock to another (their handlers lock the same
+        rows, as reservations of one product do, and a batch takes the rows of
+        several commands in no particular order) tries again one transaction
+        per command, and every lane takes one command per transaction for the
+        next ``DEADLOCK_CALM`` seconds: each then holds only its own command's
+        locks, so the lanes cannot keep deadlocking each other. That holds at
+        any try: a batch retried because the database restarted splits too
+        when it then deadlocks (scenario 4 found whole batches retried into
+        ten seconds of deadlocks after a restart). Each deadlock
+        stalls the lanes waiting on those rows for PostgreSQL's
+        ``deadlock_timeout``; a backlog of batches that kept deadlocking would
+        drain at about one batch a second."""
         what = f"{self.participant.service} transaction"
         try:
-            await self._transact(commands)
-        except HEALING as exc:
-            split = len(commands) > 1 and isinstance(exc, ConcurrencyConflict)
-            log.warning("%s failed, retrying%s: %r", what, " one by one" if split else "", exc)
-            for group in [[one] for one in commands] if split else [commands]:
-                await retry_healing(partial(self._transact, group), what=what)
+            await retry_healing(
+                partial(self._transact, commands),
+                what=what,
+                unless=lambda exc: len(commands) > 1 and isinstance(exc, ConcurrencyConflict),
+            )
+        except ConcurrencyConflict as exc:
+            log.warning("%s lost a deadlock, retrying one by one: %r", what, exc)
+            for one in commands:
+                await self._commit([one])
 
     async def _transact(self, commands: Sequence[_Command]) -> None:
         """One try at a lane's commands in one transaction: claim them all, run
@@ -418,6 +436,8 @@ class Worker:
                             await self._attempt(tx, one)
                     await tx.complete([one.reply for one in tried if one.store and one.reply])
         except BaseException as exc:
+            if isinstance(exc, ConcurrencyConflict):  # see _commit
+                self._batching_from = time.monotonic() + DEADLOCK_CALM
             for one in tried:
                 self.hooks.rolled_back(one.envelope)
                 if one.run.ran and isinstance(exc, HEALING):

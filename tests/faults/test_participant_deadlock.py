@@ -129,3 +129,92 @@ async def test_a_deadlocked_batch_is_retried_whole(
     finally:
         await conn.close()
     assert counters == {"a": COMMANDS, "b": COMMANDS}
+
+
+# --------------------------------------------------------------------------- hot rows
+
+HOT = Participant("hot", setup=None)
+HOT_COMMANDS = 960
+touch = Action("hot", "touch", Transfer, Done)
+
+
+@HOT.handler(touch)
+async def touch_one(command: Transfer, ctx: HandlerContext) -> Done:
+    """One row per command, as a reservation takes stock of one SKU: never a
+    deadlock alone, but a lane's batch takes the rows of several commands."""
+    await ctx.connection.execute(
+        "INSERT INTO hot.counters VALUES ($1, 1) ON CONFLICT (k) DO UPDATE SET n = counters.n + 1",
+        command.first,
+    )
+    await asyncio.sleep(0.005)
+    return Done(ok=True)
+
+
+def touch_command(n: int) -> Envelope:
+    saga = f"h-{n}"
+    return command(n).model_copy(
+        update={
+            "message_id": f"{saga}:touch:command:1",
+            "command_id": f"{saga}:touch:command",
+            "saga_id": saga,
+            "step": "touch",
+            "type": touch.type,
+            "payload": {"first": "abc"[n % 3], "second": ""},
+        }
+    )
+
+
+async def test_a_lost_deadlock_stops_the_batches_that_caused_it(
+    amqp_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backlog of commands on three hot rows (as after a database restart):
+    lanes batching them in opposite orders deadlock, and each deadlock stalls
+    every lane for ``deadlock_timeout``. After the first one the worker must
+    stop putting several commands in one transaction, or the backlog drains
+    at one batch a second and steps time out (seen in scenario 4)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "CREATE SCHEMA IF NOT EXISTS hot;"
+            " CREATE TABLE IF NOT EXISTS hot.counters (k text PRIMARY KEY, n int NOT NULL)"
+        )
+    finally:
+        await conn.close()
+    client = RabbitMQTransport(amqp_url, TOPOLOGY, connection_name="hot-test")
+    await client.start(["hot"])
+    replies: list[Envelope] = []
+    got_all = asyncio.Event()
+
+    async def on_reply(delivery: Delivery) -> None:
+        replies.append(decode(delivery.body))
+        await delivery.ack()
+        if len({r.saga_id for r in replies}) >= HOT_COMMANDS:
+            got_all.set()
+
+    await client.consume(TOPOLOGY.replies_queue, on_reply, prefetch=100)
+    await client.publish([touch_command(n) for n in range(HOT_COMMANDS)])
+    worker = Worker(
+        HOT,
+        transport=RabbitMQTransport(amqp_url, TOPOLOGY, connection_name=f"w-{uuid.uuid4()}"),
+        store=PostgresParticipantStore(pg_url, schema="hot"),
+        concurrency=4,
+    )
+    caplog.set_level("WARNING", logger="sagaflow")
+    await worker.start()
+    try:
+        async with asyncio.timeout(90):
+            await got_all.wait()
+    finally:
+        await worker.stop()
+        await client.close()
+
+    assert all(r.outcome is Outcome.SUCCESS for r in replies)
+    lost = [r for r in caplog.records if "DeadlockDetected" in r.getMessage()]
+    # after the first deadlock only the batches already in flight can deadlock
+    assert len(lost) <= worker.concurrency, [r.getMessage()[:120] for r in lost]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        counters = dict(await conn.fetch("SELECT k, n FROM hot.counters"))
+    finally:
+        await conn.close()
+    assert counters == {k: HOT_COMMANDS // 3 for k in "abc"}

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from sagaflow import Action, BusinessFailure, HandlerContext, Participant, Worker
-from sagaflow.core.errors import StoreError
+from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, decode
 from sagaflow.core.ports import Delivery, ParticipantTransaction, Topology
 from sagaflow.runtime.hooks import Hooks
@@ -215,6 +215,53 @@ async def test_a_failed_commit_runs_the_handler_again_and_counts_it() -> None:
     assert calls == [1, 1]
     assert hooks.reruns == [("saga-1", "store")]
     assert hooks.rolled == ["saga-1"] and hooks.handled_ids == ["saga-1"]
+
+
+class ScriptedStore(InMemoryParticipantStore):
+    """Fails the commits of its first transactions with the given errors, and
+    records how many handlers ran in each transaction (``ran``)."""
+
+    def __init__(self, *failures: StoreError) -> None:
+        super().__init__()
+        self.failures = list(failures)
+        self.sizes: list[int] = []
+
+    def ran(self) -> None:
+        self.sizes[-1] += 1
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[ParticipantTransaction]:  # type: ignore[override]
+        async with super().transaction() as tx:
+            self.sizes.append(0)
+            yield tx
+            if self.failures:
+                raise self.failures.pop(0)
+
+
+async def test_a_batch_that_deadlocks_on_a_retry_runs_one_command_per_transaction() -> None:
+    """After the database came back, a lane's batch retried whole can lose a
+    deadlock to another lane's: it then runs one command per transaction, and
+    so do the lanes' next batches for a while (scenario 4 found whole batches
+    deadlocking each other once a second for ten seconds after a restart)."""
+    bank = Participant("bank")
+
+    store = ScriptedStore(
+        StoreError("commit failed: the database restarted"),
+        ConcurrencyConflict("handler failed: DeadlockDetectedError: deadlock detected"),
+    )
+
+    @bank.handler(charge)
+    async def pay(cmd: Charge, ctx: HandlerContext) -> Charged:
+        store.ran()
+        return Charged(n=cmd.n)
+
+    worker = Worker(bank, transport=InMemoryTransport(), store=store, concurrency=1)
+    async with running(worker) as bench:
+        first = await bench.send(*(command(n) for n in range(4)))
+        later = await bench.send(*(command(n) for n in range(4, 8)))
+    assert all(r.outcome is Outcome.SUCCESS for r in first + later)
+    # whole, whole (deadlocked), split; then the next batch one by one too
+    assert store.sizes == [4, 4, 1, 1, 1, 1, 1, 1, 1, 1]
 
 
 class BrokenHook(Hooks):
