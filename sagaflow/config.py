@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES
 from sagaflow.core.ports import Topology
+from sagaflow.core.signing import Keys
 
 if TYPE_CHECKING:
     from sagaflow.store.postgres import PostgresSagaStore
@@ -96,6 +97,9 @@ class Settings(BaseSettings):
             in its own transaction on its own connection (the participant pool's
             size).
         worker_max_batch: Commands one lane takes into one transaction at most.
+        signing_keys: ``service:key_id:secret`` entries, comma-separated: every
+            message is signed and every receiver checks signatures (unset:
+            messages are not authenticated; see docs/security.md).
         participant_schema: A worker's schema; by default its service name
             (with ``-`` turned into ``_``).
         jaeger_url: The Jaeger UI base URL, for links to a saga's trace.
@@ -128,6 +132,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=8, ge=1)
     worker_max_batch: int = Field(default=16, ge=1, le=64)
 
+    signing_keys: SecretStr | None = None
     participant_schema: str | None = None
     jaeger_url: str | None = None
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -182,6 +187,16 @@ class Settings(BaseSettings):
         """The broker namespace and delivery limit."""
         return Topology(prefix=self.prefix, delivery_limit=self.delivery_limit)
 
+    def keys(self) -> Keys | None:
+        """The signing keys, or ``None`` when messages are not signed.
+
+        Raises:
+            ConfigurationError: ``signing_keys`` is malformed.
+        """
+        if self.signing_keys is None or not self.signing_keys.get_secret_value().strip():
+            return None
+        return Keys.parse(self.signing_keys.get_secret_value())
+
     def transport(self, *, connection_name: str = "sagaflow") -> RabbitMQTransport:
         """A RabbitMQ transport (not yet started) for ``amqp_url``.
 
@@ -195,6 +210,7 @@ class Settings(BaseSettings):
             self.topology(),
             max_message_bytes=self.max_message_bytes,
             connection_name=connection_name,
+            keys=self.keys(),
         )
 
     def saga_store(self) -> PostgresSagaStore:

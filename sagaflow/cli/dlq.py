@@ -132,9 +132,9 @@ def replay(
         async with common.opened_transport(settings, name=_CONNECTION) as broker:
             # what is about to go back, to record it in each saga's log afterwards
             present = await broker.dead_letters(_MAX_LETTERS)
-            count = await broker.replay_dead_letters(wanted)
-        chosen = [letter for letter in present if wanted is None or letter.id in wanted]
-        return count, await _record(settings, chosen, by=who, reason=reason)
+            replayed = set(await broker.replay_dead_letters(wanted))
+        chosen = [letter for letter in present if letter.id in replayed]
+        return len(replayed), await _record(settings, chosen, by=who, reason=reason)
 
     count, recorded = run_async(go())
     log.info(

@@ -7,6 +7,7 @@ language-neutral description of it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -14,6 +15,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sagaflow.core.errors import MessageRejected
+from sagaflow.core.signing import Keys
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -122,30 +124,41 @@ def encode(envelope: Envelope) -> bytes:
 
 
 def decode(
-    body: bytes, trace: dict[str, str] | None = None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keys: Keys | None = None,
 ) -> Envelope:
-    """Parse and validate a body.
+    """Parse and validate a message: its body, the headers a receiver reads, and,
+    when ``keys`` are given, its signature (see :mod:`sagaflow.core.signing`).
 
     Raises:
-        MessageRejected: the body is too large, not JSON, or not a valid envelope.
+        MessageRejected: the body is too large, not JSON, or not a valid
+            envelope; a header holds NUL, a lone surrogate or (trace context)
+            anything but printable ASCII; or the signature is missing or wrong.
     """
     if len(body) > max_bytes:
         raise MessageRejected(f"too_large: {len(body)} bytes exceeds the limit of {max_bytes}")
     if b"\\u0000" in body:  # PostgreSQL's jsonb cannot hold it: refuse it here, not in a retry loop
         raise MessageRejected("invalid: NUL character in body")
+    headers = headers or {}
+    trace = check_headers(headers)
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MessageRejected(f"not_json: {exc}") from None
     if not isinstance(raw, dict):
         raise MessageRejected("invalid: body must be a JSON object")
+    if keys:
+        action = raw.get("type")
+        if not isinstance(action, str):
+            raise MessageRejected("invalid: type: a string is required")
+        keys.verify(action.split(".", 1)[0], body, headers)
     version = raw.get("schema", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise MessageRejected(f"unsupported_schema: {version!r}")
     if trace:
-        kept = {k: v for k, v in trace.items() if k in TRACE_HEADERS}
-        if kept:
-            raw["trace"] = kept  # validated with the rest: no copy afterwards
+        raw["trace"] = trace  # validated with the rest: no copy afterwards
     try:
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
@@ -155,6 +168,40 @@ def decode(
     if not envelope.is_reply and envelope.outcome is not None:
         raise MessageRejected("invalid: only replies carry an 'outcome'")
     return envelope
+
+
+MAX_TRACE_HEADER = 512
+"""The longest trace header value accepted (W3C ``tracestate`` is at most 512)."""
+
+
+def check_headers(headers: Mapping[str, object]) -> dict[str, str]:
+    """The trace context of a message's headers, after checking every text header.
+
+    Raises:
+        MessageRejected: a header holds NUL or a lone surrogate (no database
+            column can store it, and a receiver that tried would retry for
+            ever), or a trace header is not printable ASCII of at most
+            :data:`MAX_TRACE_HEADER` characters.
+    """
+    trace: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            continue
+        if "\x00" in value or not _encodable(value):
+            raise MessageRejected(f"invalid: header {name[:64]!r} holds NUL or a lone surrogate")
+        if name in TRACE_HEADERS:
+            if len(value) > MAX_TRACE_HEADER or not (value.isascii() and value.isprintable()):
+                raise MessageRejected(f"invalid: trace header {name!r} is not printable ASCII")
+            trace[name] = value
+    return trace
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _summary(exc: ValidationError) -> str:

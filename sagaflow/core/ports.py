@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from sagaflow.core.messages import Envelope
+from sagaflow.core.signing import Keys
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
 
 
@@ -112,9 +113,15 @@ of its own. If it raises, the delivery is nacked (requeued).
 
 
 class Transport(Protocol):
-    """Moves envelopes. Publishing is confirmed; consuming is acknowledged."""
+    """Moves envelopes. Publishing is confirmed; consuming is acknowledged.
+
+    With ``keys``, every message published is signed, and receivers (the
+    runtime's ``decode``, dead-letter replay) accept only messages signed by
+    the key of the service whose action they are about.
+    """
 
     topology: Topology
+    keys: Keys | None
 
     async def start(self, services: Sequence[str]) -> None:
         """Connect and declare the topology, with a durable queue per service."""
@@ -145,8 +152,10 @@ class Transport(Protocol):
         """Peek at dead-lettered messages without removing them."""
         ...
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        """Re-publish dead-lettered messages to where they came from; returns how many."""
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
+        """Re-publish dead-lettered messages to where their envelopes say; returns
+        the ids of those re-published (a message that is not a valid, signed
+        envelope stays)."""
         ...
 
 

@@ -144,7 +144,13 @@ class Coordinator:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Connect, declare, and start consumer, relay and timers (all eagerly)."""
+        """Connect, declare, and start consumer, relay and timers (all eagerly).
+
+        Raises:
+            ConfigurationError: messages are signed but a service has no key.
+        """
+        if self.transport.keys:
+            self.transport.keys.require(self.registry.services, "the coordinator")
         await retry_healing(self.store.start, what="store start", sleep=self.clock.sleep)
         await retry_healing(
             lambda: self.transport.start(self.registry.services),
@@ -225,7 +231,9 @@ class Coordinator:
             await self._dead_letter(delivery, reason)
 
     def _parse(self, delivery: Delivery) -> Envelope:
-        envelope = decode(delivery.body, dict(delivery.headers), self.max_message_bytes)
+        envelope = decode(
+            delivery.body, delivery.headers, self.max_message_bytes, self.transport.keys
+        )
         if envelope.kind is not MessageKind.REPLY:
             raise MessageRejected(f"not_a_reply: {envelope.kind.value} on the replies queue")
         if self.registry.get(envelope.saga_name, envelope.saga_version) is None:

@@ -240,6 +240,14 @@ class Worker:
         self._batching_from = 0.0  # monotonic time when lanes may batch again
 
     async def start(self) -> None:
+        """Connect, run the participant's setup, declare, and start the lanes.
+
+        Raises:
+            ConfigurationError: messages are signed but not with this service's key.
+        """
+        if self.transport.keys:
+            service = self.participant.service
+            self.transport.keys.require([service], f"the {service} worker")
         await retry_healing(self.store.start, what="store start")
         if self.participant.setup is not None:
             await retry_healing(self._setup, what=f"{self.participant.service} setup")
@@ -369,7 +377,9 @@ class Worker:
         )
 
     def _parse(self, delivery: Delivery) -> tuple[Envelope, _Registration[Any, Any], BaseModel]:
-        envelope = decode(delivery.body, dict(delivery.headers), self.max_message_bytes)
+        envelope = decode(
+            delivery.body, delivery.headers, self.max_message_bytes, self.transport.keys
+        )
         if envelope.kind is MessageKind.REPLY:
             raise MessageRejected("not_a_command: a reply on a service queue")
         if envelope.service != self.participant.service:

@@ -27,9 +27,10 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagaflow.core.errors import TransportError
+from sagaflow.core.errors import MessageRejected, TransportError
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
+from sagaflow.core.signing import Keys
 from sagaflow.transport.wire import (
     H_DELIVERY_COUNT,
     H_FIRST_DEATH_EXCHANGE,
@@ -178,6 +179,7 @@ class InMemoryTransport:
     Args:
         topology: names of the exchanges and queues (and the delivery limit).
         max_message_bytes: publishing a larger body raises ``TransportError``.
+        keys: sign what is published, and replay only dead letters signed.
         close_timeout: seconds ``close()`` lets running callbacks finish.
     """
 
@@ -187,8 +189,10 @@ class InMemoryTransport:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         close_timeout: float = 5.0,
+        keys: Keys | None = None,
     ) -> None:
         self.topology = topology
+        self.keys = keys
         self.max_message_bytes = max_message_bytes
         self.close_timeout = close_timeout
         self._queues: dict[str, _Queue] = {}
@@ -269,7 +273,7 @@ class InMemoryTransport:
                 )
             message = _Message(
                 body=body,
-                headers=message_headers(envelope),
+                headers=message_headers(envelope, body, self.keys),
                 message_id=envelope.message_id,
                 exchange=exchange,
                 routing_key=routing_key,
@@ -322,7 +326,7 @@ class InMemoryTransport:
         messages = [*dlq.returned, *dlq.ready][:limit]
         return [_as_dead_letter(m) for m in messages]
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
         """Re-publish dead letters (all, or those with the given ids) where they came from.
 
         Raises:
@@ -332,17 +336,24 @@ class InMemoryTransport:
         self._check_open()
         dlq = self._queues.get(self.topology.dead_letter_queue)
         if dlq is None:
-            return 0
+            return []
         wanted = None if ids is None else set(ids)
-        count = 0
+        replayed: list[str] = []
         for source in (dlq.returned, dlq.ready):
             for message in list(source):
                 letter = _as_dead_letter(message)
                 if wanted is not None and letter.id not in wanted:
                     continue
-                exchange, routing_key = replay_route(
-                    self.topology, letter.source_queue, message.headers
-                )
+                try:
+                    exchange, routing_key = replay_route(
+                        self.topology, message.body, message.headers, self.keys
+                    )
+                except MessageRejected as exc:
+                    if wanted is not None:
+                        raise TransportError(
+                            f"dead letter {letter.id} cannot be replayed: {exc}"
+                        ) from None
+                    continue
                 target = self._route_raw(exchange, routing_key)
                 if target is None:
                     raise TransportError(
@@ -355,9 +366,9 @@ class InMemoryTransport:
                     target,
                     _Message(message.body, headers, message.message_id, exchange, routing_key),
                 )
-                count += 1
+                replayed.append(letter.id)
         self._changed()
-        return count
+        return replayed
 
     # ----------------------------------------------------------------- test helpers
 

@@ -54,6 +54,7 @@ from yarl import URL
 from sagaflow.core.errors import TransportError
 from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
+from sagaflow.core.signing import Keys
 from sagaflow.transport.amqp import (
     Acks,
     Outgoing,
@@ -72,6 +73,7 @@ from sagaflow.transport.wire import (
     deliver,
     message_headers,
     route,
+    short_property,
     truncate_reason,
 )
 
@@ -123,6 +125,8 @@ class RabbitMQTransport:
         reconnect_delay: first and longest pause between reconnection attempts.
         close_timeout: seconds ``close()`` lets running callbacks finish.
         connection_name: shown in the RabbitMQ management UI.
+        keys: sign what is published, and replay only dead letters signed
+            (see :mod:`sagaflow.core.signing`).
     """
 
     def __init__(
@@ -137,8 +141,10 @@ class RabbitMQTransport:
         reconnect_delay: tuple[float, float] = (0.2, 5.0),
         close_timeout: float = 5.0,
         connection_name: str = "sagaflow",
+        keys: Keys | None = None,
     ) -> None:
         self.topology = topology
+        self.keys = keys
         self.max_message_bytes = max_message_bytes
         self.publish_timeout = publish_timeout
         self.start_timeout = start_timeout
@@ -261,10 +267,10 @@ class RabbitMQTransport:
         # the cost of a publish went into building and locking one)
         properties = Basic.Properties(
             content_type=CONTENT_TYPE,
-            headers={**message_headers(envelope)},
+            headers={**message_headers(envelope, body, self.keys)},
             delivery_mode=_PERSISTENT,
-            correlation_id=envelope.saga_id,
-            message_id=envelope.message_id,
+            correlation_id=short_property(envelope.saga_id),
+            message_id=short_property(envelope.message_id),
             timestamp=now,
             message_type=envelope.type,
         )
@@ -526,7 +532,7 @@ class RabbitMQTransport:
         """Peek at up to ``limit`` dead letters; they stay in the queue, in order."""
         return await self._with_channel(partial(peek, topology=self.topology, limit=limit))
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
         """Re-publish dead letters (all, or those with the given ids) to where they came from.
 
         Each is confirmed before its dead-letter copy is acked.
@@ -537,7 +543,13 @@ class RabbitMQTransport:
         """
         wanted = None if ids is None else set(ids)
         return await self._with_channel(
-            partial(replay, topology=self.topology, wanted=wanted, timeout=self.publish_timeout)
+            partial(
+                replay,
+                topology=self.topology,
+                wanted=wanted,
+                timeout=self.publish_timeout,
+                keys=self.keys,
+            )
         )
 
     async def _with_channel(self, work: Callable[[AbstractChannel], Awaitable[_T]]) -> _T:

@@ -6,15 +6,20 @@ while it is looked at, so no message is seen twice and none is lost.
 
 from __future__ import annotations
 
+import logging
+
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
-from sagaflow.core.errors import TransportError
+from sagaflow.core.errors import MessageRejected, TransportError
 from sagaflow.core.ports import DeadLetter, Topology
+from sagaflow.core.signing import Keys
 from sagaflow.transport.amqp import text_headers
 from sagaflow.transport.wire import as_dead_letter, is_death_header, replay_route
 
 __all__ = ["copy_message", "peek", "replay"]
+
+log = logging.getLogger("sagaflow.transport")
 
 
 async def peek(channel: AbstractChannel, topology: Topology, limit: int) -> list[DeadLetter]:
@@ -38,12 +43,20 @@ async def peek(channel: AbstractChannel, topology: Topology, limit: int) -> list
 
 
 async def replay(
-    channel: AbstractChannel, topology: Topology, wanted: set[str] | None, timeout: float
-) -> int:
-    """Re-publish dead letters (``wanted`` ids, or all) to where they came from."""
+    channel: AbstractChannel,
+    topology: Topology,
+    wanted: set[str] | None,
+    timeout: float,
+    keys: Keys | None = None,
+) -> list[str]:
+    """Re-publish dead letters (``wanted`` ids, or all) to where their envelopes say.
+
+    A message that is not a valid envelope (signed by its service's key, when
+    ``keys`` are given) stays where it is: skipped when replaying all, an
+    error when asked for by id.
+    """
     queue = await channel.declare_queue(topology.dead_letter_queue, passive=True)
-    replayed: set[str] = set()
-    count = 0
+    replayed: dict[str, None] = {}  # in order
     while True:
         incoming = await queue.get(no_ack=False, fail=False)
         if incoming is None:
@@ -54,7 +67,13 @@ async def replay(
         # replayed in this pass that already failed again: no replay loop.
         if letter.id in replayed or (wanted is not None and letter.id not in wanted):
             continue
-        exchange_name, routing_key = replay_route(topology, letter.source_queue, letter.headers)
+        try:
+            exchange_name, routing_key = replay_route(topology, letter.body, letter.headers, keys)
+        except MessageRejected as exc:
+            if wanted is not None:
+                raise TransportError(f"dead letter {letter.id} cannot be replayed: {exc}") from None
+            log.warning("dead letter %s not replayed: %s", letter.id, exc)
+            continue
         headers = {k: v for k, v in incoming.headers.items() if not is_death_header(k)}
         message = copy_message(incoming, headers)
         exchange = (
@@ -67,9 +86,8 @@ async def replay(
         except Exception as exc:
             raise TransportError(f"dead letter {letter.id} cannot be replayed: {exc!r}") from exc
         await incoming.ack()
-        replayed.add(letter.id)
-        count += 1
-    return count
+        replayed[letter.id] = None
+    return list(replayed)
 
 
 def copy_message(

@@ -14,8 +14,9 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-from sagaflow.core.messages import Envelope, MessageKind
+from sagaflow.core.messages import Envelope, MessageKind, decode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
+from sagaflow.core.signing import SIGNATURE_HEADER, Keys
 
 __all__ = [
     "H_COMMAND_ID",
@@ -32,6 +33,7 @@ __all__ = [
     "H_SAGA_STEP",
     "H_SOURCE_QUEUE",
     "MAX_REASON_CHARS",
+    "MAX_SHORT_STRING",
     "REPLY_ROUTING_KEY",
     "as_dead_letter",
     "dead_letter_id",
@@ -40,6 +42,7 @@ __all__ = [
     "message_headers",
     "replay_route",
     "route",
+    "short_property",
     "truncate_reason",
 ]
 
@@ -68,8 +71,9 @@ MAX_REASON_CHARS = 1000
 _DEATH_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-sagaflow-")
 
 
-def message_headers(envelope: Envelope) -> dict[str, str]:
-    """The AMQP headers of an envelope: trace context plus the ``x-saga-*`` fields.
+def message_headers(envelope: Envelope, body: bytes, keys: Keys | None) -> dict[str, str]:
+    """The AMQP headers of an envelope: trace context plus the ``x-saga-*`` fields,
+    and its signature when ``keys`` are given (``body`` is what is signed).
 
     Both adapters use this function, so the runtime sees the same headers
     whichever transport carried the message.
@@ -80,7 +84,21 @@ def message_headers(envelope: Envelope) -> dict[str, str]:
     headers[H_SAGA_ATTEMPT] = str(envelope.attempt)
     headers[H_SAGA_KIND] = envelope.kind.value
     headers[H_COMMAND_ID] = envelope.command_id
+    if keys:
+        headers[SIGNATURE_HEADER] = keys.sign(envelope.service, body, headers)
     return headers
+
+
+MAX_SHORT_STRING = 255
+"""AMQP's limit on a property such as ``message_id``, in UTF-8 bytes."""
+
+
+def short_property(value: str) -> str:
+    """``value`` as an AMQP short-string property: itself when it fits, else a
+    hash of it (a broker refuses the whole publish for one property too long)."""
+    if len(value) <= MAX_SHORT_STRING // 4 or len(value.encode()) <= MAX_SHORT_STRING:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
 def route(topology: Topology, envelope: Envelope) -> tuple[str, str]:
@@ -91,23 +109,18 @@ def route(topology: Topology, envelope: Envelope) -> tuple[str, str]:
 
 
 def replay_route(
-    topology: Topology, source_queue: str, headers: Mapping[str, str]
+    topology: Topology, body: bytes, headers: Mapping[str, str], keys: Keys | None
 ) -> tuple[str, str]:
-    """Where a dead letter from ``source_queue`` is re-published.
+    """Where a dead letter is re-published: where its envelope says, never where
+    its headers do (anyone who can publish to the dead-letter exchange can write
+    headers). With ``keys``, the message must carry a valid signature.
 
-    Framework queues map back to their exchange; anything else goes through the
-    default exchange straight to the queue it came from.
+    Raises:
+        MessageRejected: the body is not a valid (signed) envelope; a message
+            that cannot be received cannot be replayed either.
     """
-    if source_queue == topology.replies_queue:
-        return topology.replies_exchange, REPLY_ROUTING_KEY
-    service_prefix = topology.service_queue("")
-    if source_queue.startswith(service_prefix) and len(source_queue) > len(service_prefix):
-        return topology.commands_exchange, source_queue[len(service_prefix) :]
-    exchange = headers.get(H_ORIGINAL_EXCHANGE)
-    routing_key = headers.get(H_ORIGINAL_ROUTING_KEY)
-    if exchange is not None and routing_key is not None:
-        return exchange, routing_key
-    return "", source_queue
+    envelope = decode(body, headers, max_bytes=len(body) + 1, keys=keys)
+    return route(topology, envelope)
 
 
 def is_death_header(name: str) -> bool:

@@ -36,6 +36,7 @@ from sagaflow.core.ports import (
     Topology,
     Transport,
 )
+from sagaflow.core.signing import Keys
 
 __all__ = [
     "DUPLICATE_ENV",
@@ -100,6 +101,10 @@ class DuplicatingTransport:
         self._rng = random.Random(seed)
         self._copies: set[asyncio.Task[None]] = set()
 
+    @property
+    def keys(self) -> Keys | None:
+        return self.inner.keys
+
     async def start(self, services: Sequence[str]) -> None:
         await self.inner.start(services)
 
@@ -151,7 +156,7 @@ class DuplicatingTransport:
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return await self.inner.dead_letters(limit)
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
         return await self.inner.replay_dead_letters(ids)
 
 

@@ -514,6 +514,7 @@ class _SharedTransport:
     def __init__(self) -> None:
         self.inner = InMemoryTransport()
         self.topology = self.inner.topology
+        self.keys = None
 
     async def start(self, services: Sequence[str]) -> None:
         await self.inner.start(services)
@@ -533,14 +534,14 @@ class _SharedTransport:
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return await self.inner.dead_letters(limit)
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
         return await self.inner.replay_dead_letters(ids)
 
 
 @pytest.fixture
 def broker(monkeypatch: pytest.MonkeyPatch) -> _SharedTransport:
     shared = _SharedTransport()
-    asyncio.run(shared.start([]))
+    asyncio.run(shared.start(["inventory"]))
     monkeypatch.setattr(common, "transport", lambda settings, name: shared)
     return shared
 
@@ -559,7 +560,10 @@ def _dead_letter(broker: _SharedTransport) -> None:
         payload={"order_id": "o"},
     )
     body = envelope.model_dump_json(by_alias=True).encode()
-    headers = {H_REASON: "unknown_action: inventory.reserve", H_SOURCE_QUEUE: "sagaflow.replies"}
+    headers = {
+        H_REASON: "unknown_action: inventory.reserve",
+        H_SOURCE_QUEUE: broker.topology.service_queue("inventory"),
+    }
     broker.inner.inject(broker.topology.dead_letter_queue, body, headers)
 
 

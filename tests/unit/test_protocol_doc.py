@@ -29,6 +29,7 @@ from sagaflow.core.messages import (
     encode,
 )
 from sagaflow.core.ports import Topology
+from sagaflow.core.signing import Key, Keys
 from sagaflow.transport import wire
 from sagaflow.transport.rabbitmq import RabbitMQTransport
 
@@ -156,7 +157,8 @@ def test_headers_are_documented(doc: str) -> None:
         type="svc.act",
         trace={"traceparent": "00-0-0-01"},
     )
-    for header in wire.message_headers(sample):
+    keys = Keys([Key("svc", "k1", b"0123456789abcdef")])
+    for header in wire.message_headers(sample, encode(sample), keys):
         assert f"`{header}`" in doc, f"header {header} is sent but not documented"
     for header in (engine.TRACEPARENT, engine.LINK):  # trace context the engine sets
         assert f"`{header}`" in doc, f"header {header} is sent but not documented"
