@@ -9,16 +9,23 @@ printed at the end of the session (``pytest_terminal_summary``).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.stack import Stack
+from services.stack import PARTICIPANTS, Stack
 from tests.faults.harness import SUMMARIES
 
 StackFactory = Callable[..., Awaitable[Stack]]
+
+SIGNING_KEYS = ",".join(
+    f"{service}:{service}-fault-1:{secrets.token_urlsafe(32)}"
+    for service in (*PARTICIPANTS, "order")
+)
+"""A key per service of the example, made for this test session."""
 
 
 @pytest.fixture
@@ -28,6 +35,11 @@ async def make_stack(amqp_url: str, pg_url: str, tmp_path: Path) -> AsyncIterato
 
     async def make(**options: Any) -> Stack:
         options.setdefault("log_dir", tmp_path / "logs")
+        # every scenario runs with signed messages, as a deployment should
+        options["env_extra"] = {
+            "SAGAFLOW_SIGNING_KEYS": SIGNING_KEYS,
+            **options.get("env_extra", {}),
+        }
         stack = Stack(amqp_url, pg_url, **options)
         stacks.append(stack)
         await stack.start()

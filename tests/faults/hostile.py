@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from sagaflow.core.ports import Topology
+from sagaflow.core.signing import SIGNATURE_HEADER, Keys
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class Hostile:
     queue: str
     body: bytes
     reason: str | None
+    signer: str | None = "own"
+    """Whose key signs it: ``own`` (its action's service: an insider's message,
+    checked for what it says), another service's name, or ``None`` (unsigned)."""
 
     @property
     def message_id(self) -> str:
@@ -168,6 +172,27 @@ def first_wave(topology: Topology, finished_saga: str, max_bytes: int) -> list[H
         Hostile(
             "huge-command", payment, orjson.dumps(command("payment", "charge", huge)), "too_large"
         ),
+        Hostile(
+            "unsigned-reply",
+            replies,
+            orjson.dumps(reply(finished_saga, "validate", 0)),
+            "unsigned",
+            signer=None,
+        ),
+        Hostile(
+            "reply-signed-by-another-service",
+            replies,
+            orjson.dumps(reply(finished_saga, "validate", 0)),
+            "bad_signature",
+            signer="payment",
+        ),
+        Hostile(
+            "unsigned-command",
+            payment,
+            orjson.dumps(command("payment", "refund", {"order_id": "o"})),
+            "unsigned",
+            signer=None,
+        ),
     ]
 
 
@@ -199,8 +224,9 @@ def second_wave(topology: Topology, waiting_saga: str) -> list[Hostile]:
     ]
 
 
-async def publish(amqp_url: str, messages: list[Hostile]) -> None:
-    """Publish straight to each message's queue (default exchange), confirmed."""
+async def publish(amqp_url: str, messages: list[Hostile], keys: Keys) -> None:
+    """Publish straight to each message's queue (default exchange), confirmed,
+    signed as each message says (a body without an action type goes unsigned)."""
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True)
@@ -208,6 +234,7 @@ async def publish(amqp_url: str, messages: list[Hostile]) -> None:
             await channel.default_exchange.publish(
                 aio_pika.Message(
                     message.body,
+                    headers=dict(_signature(message, keys)),
                     message_id=message.message_id,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 ),
@@ -215,6 +242,21 @@ async def publish(amqp_url: str, messages: list[Hostile]) -> None:
             )
     finally:
         await connection.close()
+
+
+def _signature(message: Hostile, keys: Keys) -> dict[str, str]:
+    try:
+        action = orjson.loads(message.body)["type"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return {}
+    if message.signer is None or not isinstance(action, str):
+        return {}
+    service = action.split(".", 1)[0]
+    if message.signer == "own":
+        return {SIGNATURE_HEADER: keys.sign(service, message.body, {})}
+    # another service's key, presented as if it were this one's
+    stolen = keys.sign(message.signer, message.body, {})
+    return {SIGNATURE_HEADER: stolen}
 
 
 async def scrape(port: int, metric: str) -> dict[str, float]:

@@ -26,11 +26,12 @@ import orjson
 import pytest
 
 from sagaflow import SagaClient, SagaStatus
+from sagaflow.core.signing import Keys
 from sagaflow.store import PostgresSagaStore
 from sagaflow.transport import RabbitMQTransport
 from services.stack import Stack, free_port
 from tests.faults import hostile, sagas
-from tests.faults.conftest import StackFactory
+from tests.faults.conftest import SIGNING_KEYS, StackFactory
 from tests.faults.harness import log_count, saga_ids, sagaflow_cli, scenario, settle
 from tests.faults.invariants import check
 from tests.faults.workload import (
@@ -84,7 +85,7 @@ async def test_hostile_input_is_dead_lettered_or_ignored(
             before = await store.get(finished)
             wave = hostile.first_wave(topology, finished, stack.settings.max_message_bytes)
             await asyncio.sleep(rng.uniform(0.0, 2.0))
-            await hostile.publish(amqp_url, wave)
+            await hostile.publish(amqp_url, wave, Keys.parse(SIGNING_KEYS))
             account.faults.extend("hostile message" for _ in wave)
             placed = await placing
             await settle(stack, placed)
@@ -128,7 +129,7 @@ async def test_hostile_input_is_dead_lettered_or_ignored(
                 state is not None and state.status is SagaStatus.RUNNING and state.step_index == 0
             )
             wave2 = hostile.second_wave(topology, waiting)
-            await hostile.publish(amqp_url, wave2)
+            await hostile.publish(amqp_url, wave2, Keys.parse(SIGNING_KEYS))
             account.faults.extend("hostile message" for _ in wave2)
             letters = await _wait_for_letters(stack, len(expected) + 1)
             forged = [
