@@ -1,8 +1,10 @@
 """``python -m services.order``: the order HTTP API and the order participant, one process.
 
 Configuration comes from the environment: ``SAGAFLOW_*`` (see
-``sagaflow.config.Settings``) plus ``ORDER_HTTP_HOST`` (default ``127.0.0.1``)
-and ``ORDER_HTTP_PORT`` (default ``8000``). SIGTERM or SIGINT stops the API
+``sagaflow.config.Settings``) plus ``ORDER_*`` (see
+``services.order.api.ApiSettings``): ``ORDER_HTTP_HOST`` (default
+``127.0.0.1``), ``ORDER_HTTP_PORT`` (default ``8000``), ``ORDER_API_TOKEN``
+and ``ORDER_MAX_BODY_BYTES``. SIGTERM or SIGINT stops the API
 (in-flight requests finish) and the worker (batches in hand commit, reply and
 are acknowledged), then the process exits 0.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import uvicorn
 from sagaflow import Worker
 from sagaflow.config import Settings
 from sagaflow.telemetry import setup_telemetry
-from services.order.api import create_app
+from services.order.api import ApiSettings, create_app
 from services.order.app import participant
 
 log = logging.getLogger("services.order")
@@ -39,7 +40,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(settings: Settings, host: str, port: int) -> bool:
+async def serve(settings: Settings, api: ApiSettings) -> bool:
     """Run the API and the worker until SIGTERM/SIGINT; False if the API could not start."""
     telemetry = setup_telemetry(settings, "order")  # OTEL_* environment: off when unset
     worker = Worker(
@@ -50,8 +51,12 @@ async def serve(settings: Settings, host: str, port: int) -> bool:
         prefetch=settings.worker_prefetch,
         concurrency=settings.worker_concurrency,
     )
-    app = create_app(settings, hooks=telemetry.hooks)
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
+    app = create_app(settings, api=api, hooks=telemetry.hooks)
+    server = _Server(
+        uvicorn.Config(
+            app, host=api.http_host, port=api.http_port, log_config=None, access_log=False
+        )
+    )
 
     async def http() -> None:
         try:
@@ -91,10 +96,16 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    host = os.environ.get("ORDER_HTTP_HOST", "127.0.0.1")
-    port = int(os.environ.get("ORDER_HTTP_PORT", "8000"))
-    log.info("order service on http://%s:%d, settings %s", host, port, settings.redacted())
-    if not asyncio.run(serve(settings, host, port)):
+    api = ApiSettings()
+    # redacted: the URLs' passwords and the token never reach a log
+    log.info(
+        "order service on http://%s:%d (bearer token %s), settings %s",
+        api.http_host,
+        api.http_port,
+        "required" if api.api_token is not None else "off",
+        settings.redacted(),
+    )
+    if not asyncio.run(serve(settings, api)):
         sys.exit(1)
 
 

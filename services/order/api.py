@@ -4,21 +4,36 @@
 transaction, through :func:`services.order.app.place_order`; the coordinator's
 outbox relay, woken by the commit's notification, sends the first command.
 ``GET /orders/{order_id}`` reads the order and, for a rejected one, why (from
-the saga's recorded failure).
+the saga's recorded failure, shown as a known code: the full text stays in the
+saga's log).
+
+The API faces strangers, so it refuses early and says little (docs/security.md):
+a body larger than ``max_body_bytes`` is answered 413 before it is read, every
+field is bounded and plain printable text, a bad request gets a short 422 that
+never repeats its input, and with ``api_token`` set every request but
+``/health`` needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
-from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
-from pydantic import BaseModel
+import orjson
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sagaflow import Hooks, SagaClient
 from sagaflow.config import Settings
+from sagaflow.examples.shop.contracts import Reason
 from sagaflow.store import migrate_participant
 from sagaflow.tracing_setup import tracing_configured
 from services.order.app import (
@@ -32,7 +47,88 @@ from services.order.app import (
 )
 from services.order.saga import SAGAS
 
-__all__ = ["OrderPlaced", "OrderView", "create_app"]
+__all__ = [
+    "MAX_AMOUNT",
+    "ApiSettings",
+    "OrderPlaced",
+    "OrderRequest",
+    "OrderView",
+    "create_app",
+    "public_reason",
+]
+
+MAX_AMOUNT = 10**10
+"""The largest order in cents (100 million): far inside PostgreSQL's bigint."""
+
+_MIN_TOKEN = 16
+_MAX_ERRORS = 10  # a 422 lists this many problems at most
+_MAX_ECHO = 80  # characters of a location or a message a 422 repeats at most
+_KNOWN_REASONS = frozenset(reason.value for reason in Reason)
+
+
+class ApiSettings(BaseSettings):
+    """The order API's own settings, read from ``ORDER_*`` environment variables.
+
+    Attributes:
+        http_host: The address to listen on (``ORDER_HTTP_HOST``): loopback
+            unless set; a container sets ``0.0.0.0`` to be reachable at all.
+        http_port: The port (``ORDER_HTTP_PORT``).
+        api_token: ``ORDER_API_TOKEN``: when set, every request but ``/health``
+            needs ``Authorization: Bearer <token>``. At least 16 visible ASCII
+            characters.
+        max_body_bytes: ``ORDER_MAX_BODY_BYTES``: a larger request body is
+            answered 413 before it is read.
+    """
+
+    # a rejected setting may be the token itself: keep it out of the error
+    model_config = SettingsConfigDict(
+        env_prefix="ORDER_",
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,
+    )
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    api_token: SecretStr | None = None
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    @field_validator("api_token")
+    @classmethod
+    def _usable_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            value = token.get_secret_value()
+            if len(value) < _MIN_TOKEN or not all("!" <= c <= "~" for c in value):
+                raise ValueError(
+                    f"must be at least {_MIN_TOKEN} visible ASCII characters (no spaces)"
+                )
+        return token
+
+
+def _printable(value: str) -> str:
+    # NUL breaks PostgreSQL's text, control characters break logs and terminals
+    if not value.isprintable():
+        raise ValueError("must be printable text, without control characters")
+    return value
+
+
+class OrderRequest(NewOrder):
+    """The body of ``POST /orders``: a :class:`NewOrder` with every value bounded.
+
+    Strings are plain printable text (PostgreSQL refuses a NUL; a lone
+    surrogate cannot be encoded at all) and the amount fits the database.
+    """
+
+    amount: int = Field(ge=1, le=MAX_AMOUNT, description="in cents")
+
+    @field_validator("order_id", "customer_id", "sku", "destination")
+    @classmethod
+    def _plain_text(cls, value: str | None) -> str | None:
+        return None if value is None else _printable(value)
+
+
+OrderIdPath = Annotated[str, Path(min_length=1, max_length=100), AfterValidator(_printable)]
 
 
 class OrderPlaced(BaseModel):
@@ -46,6 +142,15 @@ class OrderView(Order):
 
     reason: str | None = None
     failed_step: str | None = None
+
+
+def public_reason(reason: str) -> str:
+    """What a client may see of a saga's failure: a business code it knows, else ``failed``.
+
+    Anything else (a participant's exception text, a timeout's details) can
+    hold hosts, queries or secrets; it stays in the saga's log for operators.
+    """
+    return reason if reason in _KNOWN_REASONS else "failed"
 
 
 class _Resources:
@@ -62,7 +167,109 @@ def _resources(request: Request) -> _Resources:
 Resources = Annotated[_Resources, Depends(_resources)]
 
 
-def create_app(settings: Settings, *, hooks: Hooks | None = None) -> FastAPI:
+class _Guard:
+    """Before the app sees a request: its bearer token (when one is set), then its size.
+
+    The body is read here, up to the limit and no further, then handed to the
+    app: a client announcing or streaming more gets 413 and costs the limit.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, token: str | None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.token = token.encode() if token is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])  # the last of a repeated header
+        token = self.token if scope["path"] != "/health" else None
+        if token is not None and not _authorized(headers.get(b"authorization", b""), token):
+            await _refuse(send, 401, "a valid bearer token is required", bearer=True)
+            return
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            await _refuse(send, 413, f"the body is larger than {self.max_body_bytes} bytes")
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await _refuse(send, 413, f"the body is larger than {self.max_body_bytes} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+
+def _authorized(header: bytes, token: bytes) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time whatever was sent."""
+    scheme, _, credentials = header.partition(b" ")
+    # digests of equal length: the comparison tells neither a prefix nor the token's length
+    matches = hmac.compare_digest(_digest(credentials.strip()), _digest(token))
+    return matches and scheme.lower() == b"bearer"
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for the app: the body read already, then the connection's own events."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+async def _refuse(send: Send, status_code: int, detail: str, *, bearer: bool = False) -> None:
+    content = orjson.dumps({"detail": detail})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(content)).encode()),
+        (b"connection", b"close"),  # what the client still sends is not read
+    ]
+    if bearer:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+def _cut(value: Any) -> Any:
+    """A location part or a message as a 422 may repeat it: short, and encodable."""
+    if not isinstance(value, str):
+        return value
+    if len(value) > _MAX_ECHO:
+        value = value[:_MAX_ECHO] + "..."
+    return value.encode("utf-8", "replace").decode()  # a lone surrogate cannot be sent
+
+
+def _short_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's validation errors without the input (or its context): it may be huge."""
+    return [
+        {
+            "loc": [_cut(part) for part in error.get("loc", ())],
+            "msg": _cut(error.get("msg", "")),
+            "type": _cut(error.get("type", "")),
+        }
+        for error in errors[:_MAX_ERRORS]
+    ]
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _short_errors(exc.errors())}, status_code=422)
+
+
+def create_app(
+    settings: Settings, *, api: ApiSettings | None = None, hooks: Hooks | None = None
+) -> FastAPI:
     """The order API, connected to ``settings.database_url`` while it runs.
 
     The coordinator's tables must exist (``sagaflow db migrate``); the order
@@ -70,8 +277,11 @@ def create_app(settings: Settings, *, hooks: Hooks | None = None) -> FastAPI:
 
     Args:
         settings: Where the database is, and the coordinator's schema.
+        api: The token and the body limit; by default ``ApiSettings()`` from
+            the environment.
         hooks: The saga client's hooks (tracing: a saga's trace starts here).
     """
+    api = api if api is not None else ApiSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,7 +301,16 @@ def create_app(settings: Settings, *, hooks: Hooks | None = None) -> FastAPI:
             await store.close()
             await pool.close()
 
-    app = FastAPI(title="sagaflow example: order service", lifespan=lifespan)
+    app = FastAPI(
+        title="sagaflow example: order service",
+        lifespan=lifespan,
+        exception_handlers={RequestValidationError: _invalid},
+    )
+    app.add_middleware(
+        _Guard,
+        max_body_bytes=api.max_body_bytes,
+        token=api.api_token.get_secret_value() if api.api_token is not None else None,
+    )
 
     @app.get("/health")
     async def health(resources: Resources) -> dict[str, str]:
@@ -100,7 +319,7 @@ def create_app(settings: Settings, *, hooks: Hooks | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/orders", status_code=status.HTTP_201_CREATED)
-    async def create(new: NewOrder, resources: Resources, response: Response) -> OrderPlaced:
+    async def create(new: OrderRequest, resources: Resources, response: Response) -> OrderPlaced:
         try:
             async with resources.pool.acquire() as conn, conn.transaction():
                 order, created = await place_order(resources.client, PostgresOrders(conn), new)
@@ -111,7 +330,7 @@ def create_app(settings: Settings, *, hooks: Hooks | None = None) -> FastAPI:
         return OrderPlaced(order_id=order.order_id, saga_id=order.saga_id, status=order.status)
 
     @app.get("/orders/{order_id}")
-    async def show(order_id: str, resources: Resources) -> OrderView:
+    async def show(order_id: OrderIdPath, resources: Resources) -> OrderView:
         async with resources.pool.acquire() as conn:
             order = await PostgresOrders(conn).get(order_id)
         if order is None:
@@ -122,7 +341,7 @@ def create_app(settings: Settings, *, hooks: Hooks | None = None) -> FastAPI:
             failure = saga.failure if saga is not None else None
         return OrderView(
             **order.model_dump(),
-            reason=failure.reason if failure else None,
+            reason=public_reason(failure.reason) if failure else None,
             failed_step=failure.step if failure else None,
         )
 
