@@ -19,55 +19,142 @@ which is redacted too), never the raw URLs.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sagaflow.core.errors import ConfigurationError
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES
 from sagaflow.core.ports import Topology
 from sagaflow.core.signing import Keys
 
 if TYPE_CHECKING:
+    from sagaflow.runtime.retention import Retention
     from sagaflow.store.postgres import PostgresSagaStore
     from sagaflow.store.postgres_participant import PostgresParticipantStore
     from sagaflow.transport.rabbitmq import RabbitMQTransport
 
-__all__ = ["LogFormat", "Settings", "redact_url"]
+__all__ = ["MIN_INBOX_RETENTION", "LogFormat", "Settings", "parse_duration", "redact_url"]
 
 LogFormat = Literal["json", "console"]
 
 MASK = "******"
 _SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "secret", "token", "sslpassword"})
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def _split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``url`` as (``scheme://``, user info or ``None``, the rest).
+
+    The user info ends at the *last* ``@``: a password may hold ``@``, ``/``,
+    ``?`` or ``#`` unencoded, where ``urlsplit`` would cut it and call a piece of
+    it the host. An ``@`` further on (in a query, say) only makes more masked.
+    """
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme else 0
+    at = url.rfind("@", start)
+    if at < 0:
+        return url[:start], None, url[start:]
+    return url[:start], url[start:at], url[at + 1 :]
+
+
+def _redact_query(rest: str) -> str:
+    # everything after the first "?" is the query, "#" included: a secret may hold one
+    before, mark, query = rest.partition("?")
+    if not mark:
+        return rest
+    pairs = []
+    for pair in query.split("&"):
+        key, equals, _value = pair.partition("=")
+        secret = equals and unquote_plus(key).strip().lower() in _SECRET_QUERY_KEYS
+        pairs.append(f"{key}={MASK}" if secret else pair)
+    return f"{before}?{'&'.join(pairs)}"
 
 
 def redact_url(url: str) -> str:
     """``url`` with its password (in the user info or the query string) masked.
 
+    A password is masked whole even when it holds unencoded ``/ ? # @`` (which
+    make the URL misparse elsewhere); whatever else is unclear is masked too.
+
     Example:
         ``redact_url("amqp://guest:guest@host/")`` is ``"amqp://guest:******@host/"``.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK  # unparseable: it may hold anything, show nothing
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
+    head, userinfo, rest = _split_userinfo(url)
+    if userinfo is not None:
         user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:{MASK}@{hostinfo}" if colon else netloc
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):
-            query = urlencode(
-                [(k, MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs],
-                safe="*",
-            )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        head += f"{user}:{MASK}@" if colon else f"{userinfo}@"
+    return head + _redact_query(rest)
+
+
+_PG_TLS_MODES = frozenset({"require", "verify-ca", "verify-full"})
+
+
+def _after_userinfo(url: str) -> str:
+    # what follows the last "@": a password may hold an unencoded "?" or "#"
+    rest = url.partition("://")[2]
+    return rest[rest.rfind("@") + 1 :]
+
+
+def _plaintext(amqp_url: str, database_url: str) -> list[str]:
+    """What would travel unencrypted, or may silently fall back to it, with these URLs."""
+    problems = []
+    if amqp_url.partition("://")[0].lower() != "amqps":
+        problems.append("SAGAFLOW_AMQP_URL is not amqps://")
+    query = dict(parse_qsl(_after_userinfo(database_url).partition("?")[2]))
+    # asyncpg reads PGSSLMODE when the URL has no sslmode; its default, prefer,
+    # falls back to plaintext when the server offers no TLS
+    mode = query.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer"
+    if mode not in _PG_TLS_MODES:
+        problems.append(
+            f"SAGAFLOW_DATABASE_URL has sslmode={mode} "
+            "(use require, verify-ca or, best, verify-full with sslrootcert)"
+        )
+    return problems
+
+
+def _amqp_user(url: str) -> str:
+    """The user an AMQP URL logs in as (aiormq's default is guest)."""
+    rest = url.partition("://")[2]
+    at = rest.rfind("@")
+    return unquote(rest[:at].partition(":")[0]) if at > 0 else "guest"
+
+
+_DAY = 86_400.0
+MIN_INBOX_RETENTION = _DAY
+"""The shortest inbox retention accepted: a command redelivered after its row is gone runs again."""
+_UNITS = {"d": _DAY, "h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_FOREVER = frozenset({"forever", "never", "none", "off"})
+
+
+def parse_duration(text: str) -> float | None:
+    """A duration in seconds: ``"30d"``, ``"12h"``, ``"1d12h"``, ``"90m"``, ``"45s"``,
+    or plain seconds (``"3600"``); ``"forever"`` (or ``never``, ``none``, ``off``)
+    is ``None``.
+
+    Raises:
+        ValueError: the text is none of these.
+    """
+    value = text.strip().lower().replace(" ", "")
+    if value in _FOREVER:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + unit for n, unit in parts) != value:
+        raise ValueError(
+            f"{text!r} is not a duration: write it like 30d, 12h, 1d12h, 90m, 45s or forever"
+        )
+    return sum(float(n) * _UNITS[unit] for n, unit in parts)
 
 
 def _default_log_format() -> LogFormat:
@@ -88,6 +175,15 @@ class Settings(BaseSettings):
         prefix: The broker namespace: exchanges and queues are ``<prefix>.*``.
         delivery_limit: Deliveries of one message before it is dead-lettered.
         max_message_bytes: Larger messages are refused or dead-lettered.
+        declare_topology: Declare the exchanges and queues at start (and repair
+            them on every reconnect). Off, the process only checks that they
+            exist (passive declares need no permission): for least-privilege
+            broker users, once ``sagaflow broker declare`` has made them.
+        amqp_user_id: Stamp the AMQP ``user_id`` property (the URL's user) on
+            every published message; RabbitMQ refuses a publish whose
+            ``user_id`` is not the connection's user.
+        require_tls: Refuse a plaintext ``amqp://`` URL and a PostgreSQL URL
+            without ``sslmode=require``, ``verify-ca`` or ``verify-full``.
         coordinator_max_batch: Replies handled per coordinator transaction at most.
         coordinator_prefetch: Unacknowledged replies a coordinator holds at most.
         coordinator_concurrency: Reply batches a coordinator handles at once.
@@ -104,8 +200,23 @@ class Settings(BaseSettings):
             (with ``-`` turned into ``_``).
         jaeger_url: The Jaeger UI base URL, for links to a saga's trace.
         metrics_port: The port of the Prometheus endpoint (none when unset).
+        metrics_host: The address that endpoint listens on: loopback unless
+            set (``0.0.0.0`` for every interface, in a container say).
         log_format: ``json`` or ``console``; by default console on a terminal.
         log_level: A ``logging`` level name.
+        retention: How long a COMPLETED, COMPENSATED or CANCELLED saga and its
+            log are kept after they finished (``30d`` by default; ``forever``
+            keeps them). Durations read ``30d``, ``12h``, ``90m``, ``45s``.
+        failed_retention: The same for FAILED sagas, which wait for an
+            operator: kept forever unless set.
+        inbox_retention: How long a participant keeps a command's inbox row
+            (``7d`` by default, at least ``1d``; ``forever`` keeps them). It
+            must outlive every redelivery of the command (docs/operations.md).
+        prune_interval: Time between two prune runs of a coordinator or worker.
+        prune_batch: Rows deleted per prune transaction at most.
+        dead_letter_max_messages: The dead-letter queue's length limit (``0``:
+            none); when full, it refuses more (docs/operations.md).
+        dead_letter_max_bytes: Its limit in body bytes (``0``: none).
     """
 
     model_config = SettingsConfigDict(
@@ -122,6 +233,9 @@ class Settings(BaseSettings):
     prefix: str = Field(default="sagaflow", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     delivery_limit: int = Field(default=5, ge=1)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    declare_topology: bool = True
+    amqp_user_id: bool = False
+    require_tls: bool = False
 
     coordinator_max_batch: int = Field(default=200, ge=1)
     coordinator_prefetch: int = Field(default=400, ge=1)
@@ -136,8 +250,34 @@ class Settings(BaseSettings):
     participant_schema: str | None = None
     jaeger_url: str | None = None
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     log_format: LogFormat = Field(default_factory=_default_log_format)
     log_level: str = "INFO"
+
+    retention: float | None = Field(default=30 * _DAY, gt=0)
+    failed_retention: float | None = Field(default=None, gt=0)
+    inbox_retention: float | None = Field(default=7 * _DAY, gt=0)
+    prune_interval: float = Field(default=300.0, gt=0)
+    prune_batch: int = Field(default=1000, ge=1, le=100_000)
+    dead_letter_max_messages: int = Field(default=10_000, ge=0)
+    dead_letter_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+
+    @field_validator(
+        "retention", "failed_retention", "inbox_retention", "prune_interval", mode="before"
+    )
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("inbox_retention")
+    @classmethod
+    def _long_enough(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_INBOX_RETENTION:
+            raise ValueError(
+                "must be at least 1d: a command redelivered after its inbox row is"
+                " gone runs again (docs/operations.md)"
+            )
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -151,6 +291,17 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_format(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tls_when_required(self) -> Settings:
+        if self.require_tls:
+            problems = _plaintext(self.amqp_url, self.database_url)
+            if problems:
+                found = "; ".join(problems)
+                raise ConfigurationError(
+                    f"SAGAFLOW_REQUIRE_TLS is set, but {found} (docs/security.md)"
+                )
+        return self
 
     # ------------------------------------------------------------------ display
 
@@ -166,14 +317,11 @@ class Settings(BaseSettings):
         """The passwords these settings hold, so error messages can be scrubbed of them."""
         found: list[str] = []
         for url in (self.amqp_url, self.database_url, self.jaeger_url or ""):
-            try:
-                parts = urlsplit(url)
-                password = parts.password
-                pairs = parse_qsl(parts.query)
-            except ValueError:
-                continue
+            _head, userinfo, rest = _split_userinfo(url)  # as redact_url reads it
+            password = userinfo.partition(":")[2] if userinfo else ""
             if password:
                 found.extend({password, unquote(password)})
+            pairs = parse_qsl(rest.partition("?")[2])
             found.extend(v for k, v in pairs if k.lower() in _SECRET_QUERY_KEYS and v)
         return found
 
@@ -211,6 +359,22 @@ class Settings(BaseSettings):
             max_message_bytes=self.max_message_bytes,
             connection_name=connection_name,
             keys=self.keys(),
+            declare=self.declare_topology,
+            user_id=_amqp_user(self.amqp_url) if self.amqp_user_id else None,
+            dead_letter_max_messages=self.dead_letter_max_messages,
+            dead_letter_max_bytes=self.dead_letter_max_bytes,
+        )
+
+    def retention_policy(self) -> Retention:
+        """How long sagas and inbox rows are kept, for a coordinator or a worker."""
+        from sagaflow.runtime.retention import Retention
+
+        return Retention(
+            finished=self.retention,
+            failed=self.failed_retention,
+            inbox=self.inbox_retention,
+            interval=self.prune_interval,
+            batch=self.prune_batch,
         )
 
     def saga_store(self) -> PostgresSagaStore:

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sagaflow.cli.common import iso
+from sagaflow.config import redact_url
 from sagaflow.core.messages import MessageKind
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
 
@@ -75,10 +76,14 @@ def trace_id(state: SagaState) -> str | None:
 
 
 def jaeger_link(jaeger_url: str | None, trace: str | None) -> str | None:
-    """``{jaeger_url}/trace/{trace}`` when both are known."""
+    """``{jaeger_url}/trace/{trace}`` when both are known, its password masked.
+
+    The link is printed and pasted into tickets; a browser asks for the
+    password of a protected Jaeger itself.
+    """
     if not jaeger_url or not trace:
         return None
-    return f"{jaeger_url.rstrip('/')}/trace/{trace}"
+    return f"{redact_url(jaeger_url).rstrip('/')}/trace/{trace}"
 
 
 def saga_summary(state: SagaState) -> dict[str, Any]:
