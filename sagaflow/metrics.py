@@ -314,7 +314,7 @@ def metrics_configured(port: int | None, environ: Mapping[str, str] | None = Non
 
 
 def configure_metrics(
-    port: int | None, *, service_name: str = "sagaflow", host: str = "0.0.0.0"
+    port: int | None, *, service_name: str = "sagaflow", host: str = "127.0.0.1"
 ) -> MeterProvider | None:
     """Install the global meter provider: Prometheus on ``port``, OTLP per ``OTEL_*``.
 
@@ -328,7 +328,8 @@ def configure_metrics(
     Args:
         port: The Prometheus port (``SAGAFLOW_METRICS_PORT``); ``None`` for none.
         service_name: ``service.name`` unless ``OTEL_SERVICE_NAME`` names one.
-        host: The address the endpoint binds.
+        host: The address the endpoint binds (``SAGAFLOW_METRICS_HOST``):
+            loopback by default, so only this machine can read it.
 
     Returns:
         The provider, or ``None`` when metrics go nowhere.

@@ -10,8 +10,9 @@ A coordinator, a worker, or an application that starts sagas does::
 
 Tracing is on only when the ``OTEL_*`` environment configures an exporter
 (:func:`sagaflow.tracing_setup.configure_tracing`); metrics when
-``SAGAFLOW_METRICS_PORT`` is set or ``OTEL_*`` configures OTLP; the saga log
-lines of :class:`sagaflow.logs.LoggingHooks` always. Exporting needs the
+``SAGAFLOW_METRICS_PORT`` is set (served on ``SAGAFLOW_METRICS_HOST``,
+127.0.0.1 unless set) or ``OTEL_*`` configures OTLP; the saga log lines of
+:class:`sagaflow.logs.LoggingHooks` always. Exporting needs the
 ``tracing`` or ``metrics`` extra; with neither configured the core suffices.
 """
 
@@ -93,7 +94,8 @@ def setup_telemetry(
     """Configure tracing, metrics and saga logs for a process; returns its hooks.
 
     Args:
-        settings: ``metrics_port`` and the broker ``prefix`` are used.
+        settings: ``metrics_port``, ``metrics_host`` and the broker ``prefix``
+            are used.
         component: ``"coordinator"``, ``"cli"``, or a participant's service name:
             the default ``service.name`` (``OTEL_SERVICE_NAME`` wins).
         database: Trace the handlers' asyncpg queries (workers); coordinators
@@ -110,7 +112,7 @@ def setup_telemetry(
     service_name = default_service_name(component)
     tracer_provider = configure_tracing(service_name, database=database)
     port = settings.metrics_port if prometheus else None
-    meter_provider = configure_metrics(port, service_name=service_name)
+    meter_provider = configure_metrics(port, service_name=service_name, host=settings.metrics_host)
     chain: list[Hooks] = []
     if tracer_provider is not None:
         chain.append(TracingHooks(tracer_provider, topology=settings.topology()))
