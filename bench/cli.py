@@ -28,6 +28,7 @@ from bench.report import (
     console,
     embedded_verdict,
     runs_table,
+    signing_compare,
     tracing_compare,
     tracing_table,
 )
@@ -70,6 +71,13 @@ def _tracing(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values or any(v not in ("none", "off", "on") for v in values):
         raise argparse.ArgumentTypeError(f"expected none, off and/or on (e.g. off,on): {text!r}")
+    return values
+
+
+def _signing(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or any(v not in ("off", "on") for v in values):
+        raise argparse.ArgumentTypeError(f"expected off and/or on (e.g. off,on): {text!r}")
     return values
 
 
@@ -148,6 +156,14 @@ def parser() -> argparse.ArgumentParser:
         help="with --tracing on: traces only (OTEL_METRICS_EXPORTER=none: no metrics "
         "recorded or exported), to tell the cost of tracing from that of metrics",
     )
+    p.add_argument(
+        "--signing",
+        type=_signing,
+        default=[],
+        help="sagaflow only: run each sagaflow workload once per value, interleaved: off = "
+        "unsigned messages (as the plain runs), on = every message signed with a key per "
+        "service (e.g. off,on); prints the on/off ratio",
+    )
     p.add_argument("--profile", type=Path, help="record py-spy profiles of the coordinators here")
     p.add_argument(
         "--out",
@@ -182,14 +198,16 @@ def plan(args: argparse.Namespace) -> list[Params]:
             duration = args.duration if args.duration is not None else 15.0 if args.quick else 60.0
         repeat = args.repeat
         if repeat is None:
-            several = len(systems) > 1 or len(args.tracing) > 1
+            several = len(systems) > 1 or len(args.tracing) > 1 or len(args.signing) > 1
             repeat = 2 if mode == "throughput" and several else 1
         for steps in args.steps:
             for _ in range(repeat):
                 for system in systems:
                     coordinators = args.coordinators if system == "sagaflow" else [1]
                     tracing = args.tracing if system == "sagaflow" and args.tracing else [""]
-                    for count, trace in ((c, t) for c in coordinators for t in tracing):
+                    signing = args.signing if system == "sagaflow" and args.signing else [""]
+                    combos = ((c, t, s) for c in coordinators for t in tracing for s in signing)
+                    for count, trace, sign in combos:
                         runs.append(
                             Params(
                                 system=system,
@@ -205,6 +223,7 @@ def plan(args: argparse.Namespace) -> list[Params]:
                                 tracing=trace,
                                 trace_sample=args.trace_sample,
                                 otel_metrics=args.otel_metrics,
+                                signing=sign,
                             )
                         )
     return runs
@@ -230,6 +249,8 @@ async def _run_all(runs: list[Params], args: argparse.Namespace) -> list[dict[st
         )
         if params.tracing and params.system != "embedded":
             con.print(f"  tracing {params.tracing}")
+        if params.signing and params.system != "embedded":
+            con.print(f"  signing {params.signing}")
         if params.system == "embedded":
             result = await run_in_memory(params)
         else:
@@ -283,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         missed = missed or not all(row["targets_met"].values())
     if rows:
         con.print(comparison_table(rows))
+    for row in signing_compare(results):
+        _emit(row, args.out)
+        con.print(
+            f"signing on/off ({row['mode']}): throughput x{row['throughput_ratio']}, "
+            f"coordinator CPU per saga x{row['coordinator_cpu_ratio']}"
+        )
     traced = tracing_compare(results)
     for row in traced:
         _emit(row, args.out)

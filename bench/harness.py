@@ -83,6 +83,7 @@ class Params:
     tracing: str = ""
     trace_sample: float = 1.0  # with tracing on: the share of sagas traced (parent-based)
     otel_metrics: bool = True  # with tracing on: export metrics over OTLP too
+    signing: str = ""  # sagaflow: "" or "off" = unsigned messages; "on" = every message signed
 
     @property
     def timeout(self) -> float:
@@ -387,6 +388,8 @@ def _processes(
     drive = ["--drive", "--run", run, "--fail-rate", str(params.fail_rate), *load]
     if params.tracing in ("off", "on"):
         common.append("--telemetry")
+    if params.signing == "on":
+        common.append("--sign")
     return [
         Proc(
             s,

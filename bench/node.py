@@ -31,12 +31,14 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bench.raw import emit, stdin_reader
 from bench.workload import SERVICES, Starts, chain_saga, participant, saga_data
 from sagaflow import Coordinator, Hooks, Worker
 from sagaflow.config import Settings
+from sagaflow.core.signing import Key, Keys
 from sagaflow.runtime.hooks import CompositeHooks
 from sagaflow.store import PostgresParticipantStore, PostgresSagaStore
 from sagaflow.transport import RabbitMQTransport
@@ -96,6 +98,13 @@ def _telemetry(args: argparse.Namespace, component: str) -> Telemetry | None:
     return common.telemetry(Settings(amqp_url=args.amqp, database_url=args.dsn), component)
 
 
+def _keys(args: argparse.Namespace, services: Sequence[str]) -> Keys | None:
+    """With ``--sign``: a key per service (the coordinator holds all, a worker its own)."""
+    if not args.sign:
+        return None
+    return Keys(Key(s, f"bench-{s}", f"bench-secret-of-{s}-0123456789".encode()) for s in services)
+
+
 async def coordinator(args: argparse.Namespace) -> None:
     finished = _Finished()
     telemetry = _telemetry(args, "coordinator")
@@ -103,7 +112,11 @@ async def coordinator(args: argparse.Namespace) -> None:
     node = Coordinator(
         [chain_saga(steps) for steps in args.steps],
         store=store,
-        transport=RabbitMQTransport(args.amqp, connection_name=f"bench-coordinator-{os.getpid()}"),
+        transport=RabbitMQTransport(
+            args.amqp,
+            connection_name=f"bench-coordinator-{os.getpid()}",
+            keys=_keys(args, SERVICES),
+        ),
         # tracing first, as the CLI's chain has it; the counter last
         hooks=finished if telemetry is None else CompositeHooks([telemetry.hooks, finished]),
     )
@@ -129,7 +142,9 @@ async def worker(args: argparse.Namespace) -> None:
     telemetry = _telemetry(args, args.service)
     node = Worker(
         participant(args.service),
-        transport=RabbitMQTransport(args.amqp, connection_name=f"bench-{args.service}"),
+        transport=RabbitMQTransport(
+            args.amqp, connection_name=f"bench-{args.service}", keys=_keys(args, [args.service])
+        ),
         store=PostgresParticipantStore(
             args.dsn, schema=args.service, max_size=args.pool, auto_migrate=False
         ),
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=0.0)
     parser.add_argument("--inflight", type=int, default=200)
     parser.add_argument("--fail-rate", type=float, default=0.1)
+    parser.add_argument("--sign", action="store_true", help="sign every message (HMAC per service)")
     parser.add_argument(
         "--telemetry", action="store_true", help="set up telemetry as the sagaflow CLI does"
     )

@@ -180,6 +180,46 @@ def _cpu(group: str) -> Any:
     return lambda run: float(run["cpu_ms_per_saga"].get(group, 0.0))
 
 
+def signing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Signing on over off for sagaflow runs of the same workload (medians over repeats)."""
+    groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
+    for r in results:
+        p = r["params"]
+        if r["system"] != "sagaflow" or not p.get("signing"):
+            continue
+        key = (*_key(r), p["coordinators"], p["starter"], p.get("tracing", ""))
+        groups.setdefault(key, {}).setdefault(p["signing"], []).append(r)
+    rows: list[dict[str, Any]] = []
+    for key, by in groups.items():
+        off, on = by.get("off"), by.get("on")
+        if not off or not on:
+            continue
+
+        def ratio(
+            pick: Any, on: list[dict[str, Any]] = on, off: list[dict[str, Any]] = off
+        ) -> float:
+            b = _median(off, pick)
+            return round(_median(on, pick) / b, 3) if b else 0.0
+
+        rows.append(
+            {
+                "kind": "signing_comparison",
+                "compare": "on/off",
+                "mode": key[0],
+                "steps": key[1],
+                "runs": {"off": len(off), "on": len(on)},
+                "sagas_per_s": {
+                    "off": [r["sagas_per_s"] for r in off],
+                    "on": [r["sagas_per_s"] for r in on],
+                },
+                "throughput_ratio": ratio(lambda r: r["sagas_per_s"]),
+                "coordinator_cpu_ratio": ratio(lambda r: r["cpu_ms_per_saga"]["coordinator"]),
+                "p50_ratio": ratio(lambda r: r["latency_ms"]["p50"]),
+            }
+        )
+    return rows
+
+
 def tracing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Tracing ratios of sagaflow runs of the same workload (medians over repeats).
 

@@ -22,7 +22,7 @@ from bench.harness import (
     verify,
 )
 from bench.infra import Infra
-from bench.report import compare, comparison_table, tracing_compare
+from bench.report import compare, comparison_table, signing_compare, tracing_compare
 from bench.workload import expected, fail_step, failing_count, fails, percentiles
 
 pytestmark = pytest.mark.timeout(30)
@@ -377,3 +377,26 @@ def test_docs_links_resolve_and_benchmark_runs_stay_out_of_the_repository() -> N
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert broken == []
     assert "bench/results/" in (ROOT / ".gitignore").read_text("utf-8").split()
+
+
+def test_signing_runs_interleave_and_compare_on_over_off() -> None:
+    args = parser().parse_args(
+        ["--mode", "throughput", "--system", "sagaflow", "--signing", "off,on"]
+    )
+    assert [r.signing for r in plan(args)] == ["off", "on", "off", "on"]
+
+    def run(signing: str, rate: float, cpu: float) -> dict[str, object]:
+        params = Params("sagaflow", "throughput", 100, 200, signing=signing)
+        return {
+            "system": "sagaflow",
+            "mode": "throughput",
+            "params": dataclasses.asdict(params),
+            "sagas_per_s": rate,
+            "latency_ms": {"p50": 10.0, "p99": 20.0},
+            "cpu_ms_per_saga": {"coordinator": cpu},
+        }
+
+    (row,) = signing_compare([run("off", 200.0, 2.0), run("on", 190.0, 2.2)])
+    assert (row["throughput_ratio"], row["coordinator_cpu_ratio"]) == (0.95, 1.1)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--signing", "maybe"])
