@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from aio_pika.exceptions import (
     PublishError,
 )
 from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import ChannelAccessRefused
 from pamqp.commands import Basic
 from yarl import URL
 
@@ -127,6 +129,11 @@ class RabbitMQTransport:
         connection_name: shown in the RabbitMQ management UI.
         keys: sign what is published, and replay only dead letters signed
             (see :mod:`sagaflow.core.signing`).
+        declare: declare the topology (and repair it on every reconnect); when
+            False only check that it exists, with passive declares, which need
+            no permission: for least-privilege users (docs/security.md).
+        user_id: set as every published message's ``user_id``; the broker
+            refuses it unless it is the connection's user.
     """
 
     def __init__(
@@ -142,9 +149,13 @@ class RabbitMQTransport:
         close_timeout: float = 5.0,
         connection_name: str = "sagaflow",
         keys: Keys | None = None,
+        declare: bool = True,
+        user_id: str | None = None,
     ) -> None:
         self.topology = topology
         self.keys = keys
+        self.declare = declare
+        self.user_id = user_id
         self.max_message_bytes = max_message_bytes
         self.publish_timeout = publish_timeout
         self.start_timeout = start_timeout
@@ -273,6 +284,7 @@ class RabbitMQTransport:
             message_id=short_property(envelope.message_id),
             timestamp=now,
             message_type=envelope.type,
+            user_id=self.user_id,
         )
         return Outgoing(envelope.message_id, exchange, routing_key, body, properties)
 
@@ -290,7 +302,8 @@ class RabbitMQTransport:
                         f"message {item.message_id} is unroutable: no queue bound to "
                         f"{item.exchange!r} with key {item.routing_key!r}"
                     ) from exc
-                if isinstance(exc, DeliveryError):
+                # ACCESS_REFUSED (no write permission) closes the channel: not a link failure
+                if isinstance(exc, DeliveryError | ChannelAccessRefused):
                     raise TransportError(
                         f"message {item.message_id} was refused by the broker: {exc!r}"
                     ) from exc
@@ -586,6 +599,13 @@ class RabbitMQTransport:
 
     async def _declare_topology(self, channel: AbstractChannel) -> None:
         t = self.topology
+        if not self.declare:  # check only: passive declares need no permission
+            for exchange in (t.commands_exchange, t.replies_exchange, t.dead_letter_exchange):
+                await channel.declare_exchange(exchange, passive=True)
+            for name in (t.replies_queue, t.dead_letter_queue):
+                await channel.declare_queue(name, passive=True)
+            await self._declare_services(channel, sorted(self._services))
+            return
         direct, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.FANOUT
         await channel.declare_exchange(t.commands_exchange, direct, durable=True)
         replies = await channel.declare_exchange(t.replies_exchange, direct, durable=True)
@@ -602,6 +622,9 @@ class RabbitMQTransport:
 
     async def _declare_services(self, channel: AbstractChannel, services: Sequence[str]) -> None:
         for service in services:
+            if not self.declare:
+                await channel.declare_queue(self.topology.service_queue(service), passive=True)
+                continue
             queue = await channel.declare_queue(
                 self.topology.service_queue(service), durable=True, arguments=self.queue_arguments()
             )
@@ -632,7 +655,7 @@ class RabbitMQTransport:
                 delay = self.reconnect_delay[0]
             except Exception as exc:
                 self._last_error = exc
-                if self.connections == 0 and isinstance(exc, _FATAL_CONNECT_ERRORS):
+                if self.connections == 0 and _fatal(exc):
                     self._refused.set()
                 log.warning(
                     "cannot connect to RabbitMQ at %s: %r; retrying in %.1fs",
@@ -684,6 +707,15 @@ async def _wait_first(events: Sequence[asyncio.Event], timeout: float) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def _fatal(exc: BaseException) -> bool:
+    """A first connection failing with this will not heal by retrying."""
+    # a certificate the client rejects (unknown CA, wrong host name) is a
+    # setting to fix; aiormq raises AMQPConnectionError from the ssl error
+    return isinstance(exc, _FATAL_CONNECT_ERRORS) or isinstance(
+        exc.__cause__, ssl.SSLCertVerificationError
+    )
 
 
 async def _close_quietly(closable: AbstractChannel | AbstractConnection) -> None:
