@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sagaflow.cli import dlq, run, sagas, tools
+from sagaflow.cli import broker, dlq, run, sagas, tools
 from sagaflow.cli.common import EARLY_SIGNALS, begin_invocation
 
 __all__ = ["app", "main"]
@@ -51,6 +51,7 @@ app.command("worker")(run.worker)
 app.command("start")(sagas.start)
 app.add_typer(sagas.app, name="sagas")
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(broker.app, name="broker")
 app.command("graph")(tools.graph)
 app.command("demo")(tools.demo)
 
