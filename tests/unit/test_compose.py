@@ -8,7 +8,10 @@ processes wait for what they need.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -22,8 +25,10 @@ import yaml
 
 from sagaflow import Participant, Saga
 from sagaflow.cli.app import app as cli_app
+from sagaflow.cli.broker import roles as broker_roles
 from sagaflow.cli.resolve import load_participant, load_sagas
 from sagaflow.config import Settings
+from sagaflow.core.ports import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
@@ -32,7 +37,8 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 INFRA = {"rabbitmq", "postgres", "jaeger"}
 WORKERS = {"inventory", "payment", "shipping"}
 LONG_RUNNING = {"coordinator", "order"} | WORKERS
-APPS = LONG_RUNNING | {"migrate"}
+APPS = LONG_RUNNING | {"migrate", "broker-setup"}
+DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 JAEGER_MIN = (2, 15, 0)
 
 
@@ -181,22 +187,75 @@ def test_settings_load_from_the_environment(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()  # exactly what the process does at start
-    assert settings.amqp_url == env["SAGAFLOW_AMQP_URL"]
+    if name != "migrate":  # the database only
+        assert settings.amqp_url == env["SAGAFLOW_AMQP_URL"]
     assert settings.database_url == env["SAGAFLOW_DATABASE_URL"]
     assert settings.jaeger_url == "http://localhost:16686"
 
 
-def test_app_services_share_urls_that_match_the_servers(services: dict[str, Any]) -> None:
-    rabbit = _env(services["rabbitmq"])
-    pg = _env(services["postgres"])
-    for name in APPS:
+def _broker_users() -> dict[str, dict[str, Any]]:
+    loaded = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
+    permissions = {p["user"]: p for p in loaded["permissions"] if p["vhost"] == "/"}
+    return {u["name"]: {**u, **permissions[u["name"]]} for u in loaded["users"]}
+
+
+def _password_matches(password: str, user: dict[str, Any]) -> bool:
+    # rabbit_password_hashing_sha256: base64(salt[4] + sha256(salt + password))
+    assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    raw = base64.b64decode(user["password_hash"])
+    return hashlib.sha256(raw[:4] + password.encode()).digest() == raw[4:]
+
+
+def _role(name: str) -> str:
+    return {"coordinator": "coordinator", "broker-setup": "admin"}.get(name, f"service:{name}")
+
+
+def test_each_process_has_its_own_least_privilege_broker_user(services: dict[str, Any]) -> None:
+    rabbit = services["rabbitmq"]
+    mounts = {str(v).split(":")[1] for v in rabbit["volumes"] if str(v).startswith("./")}
+    assert {"/etc/rabbitmq/definitions.json", "/etc/rabbitmq/conf.d/20-sagaflow.conf"} <= mounts
+    conf = (ROOT / "deploy" / "rabbitmq" / "20-sagaflow.conf").read_text(encoding="utf-8")
+    assert "load_definitions = /etc/rabbitmq/definitions.json" in conf
+    sagas = load_sagas(_command(services["coordinator"])[2:])
+    needed = set().union(*(saga.services for saga in sagas))
+    expected = {user.role: user for user in broker_roles(Topology(), needed, admin="sagaflow")}
+    users = _broker_users()
+    assert set(users) == {user.user for user in expected.values()}
+    for user in expected.values():  # exactly what `sagaflow broker users` grants
+        found = users[user.user]
+        grants = (found["configure"], found["write"], found["read"], tuple(found["tags"]))
+        assert grants == (user.configure, user.write, user.read, user.tags), user.role
+    seen = set()
+    for name in sorted(APPS - {"migrate"}):
         env = _env(services[name])
         amqp = urlsplit(env["SAGAFLOW_AMQP_URL"])
         assert amqp.scheme == "amqp" and amqp.hostname == "rabbitmq" and amqp.port == 5672
-        assert (amqp.username, amqp.password) == (
-            rabbit["RABBITMQ_DEFAULT_USER"],
-            rabbit["RABBITMQ_DEFAULT_PASS"],
-        ), f"{name}: AMQP credentials differ from the broker's"
+        user = expected[_role(name)]
+        assert amqp.username == user.user, f"{name} should log in as {user.user}"
+        assert _password_matches(amqp.password or "", users[user.user]), name
+        if name != "broker-setup":
+            assert env["SAGAFLOW_DECLARE_TOPOLOGY"] == "false", name
+        seen.add(user.user)
+    assert "SAGAFLOW_AMQP_URL" not in _env(services["migrate"])  # it uses no broker
+    assert len(seen) == len(APPS) - 1, "two processes share a broker user"
+
+
+def test_broker_setup_declares_the_topology_first(services: dict[str, Any]) -> None:
+    setup = services["broker-setup"]
+    argv = _command(setup)
+    assert argv[:3] == ["sagaflow", "broker", "declare"]
+    _cli_command(argv[1:3])
+    assert argv[3:] == ["--saga", *_command(services["coordinator"])[2:]]
+    assert setup["restart"] == "no"
+    assert _depends(setup) == {"rabbitmq": "service_healthy"}
+    for name in LONG_RUNNING:
+        assert _depends(services[name]).get("broker-setup") == "service_completed_successfully"
+
+
+def test_app_services_share_urls_that_match_the_servers(services: dict[str, Any]) -> None:
+    pg = _env(services["postgres"])
+    for name in APPS:
+        env = _env(services[name])
         db = urlsplit(env["SAGAFLOW_DATABASE_URL"])
         assert db.scheme == "postgresql" and db.hostname == "postgres" and db.port == 5432
         assert (db.username, db.password, db.path.lstrip("/")) == (
