@@ -66,14 +66,23 @@ WAIT = 15.0
 
 
 def rabbitmqctl(*args: str, stdin: str | None = None) -> str:
-    done = subprocess.run(
-        ["rabbitmqctl", "-q", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
+    for attempt in range(3):  # a fault test may be restarting the broker: wait for it
+        done = subprocess.run(
+            ["rabbitmqctl", "-q", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        if done.returncode == 0 or attempt == 2:
+            break
+        subprocess.run(
+            ["rabbitmqctl", "-q", "await_startup", "--timeout", "60"],
+            capture_output=True,
+            timeout=90,
+            check=False,
+        )
     assert done.returncode == 0, f"rabbitmqctl {args[0]}: {done.stderr}"
     return done.stdout
 
