@@ -31,6 +31,7 @@ from sagaflow.core.errors import MessageRejected, TransportError
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
 from sagaflow.core.signing import Keys
+from sagaflow.transport.bounds import bounded_body, refuse_cut
 from sagaflow.transport.wire import (
     H_DELIVERY_COUNT,
     H_FIRST_DEATH_EXCHANGE,
@@ -315,6 +316,12 @@ class InMemoryTransport:
                 exchange="",
                 routing_key=delivery.queue,
             )
+        body, cut = bounded_body(message.body, self.max_message_bytes)
+        if cut:  # an oversized body is kept as a prefix, as RabbitMQTransport does
+            headers = {**message.headers, **cut}
+            message = _Message(
+                body, headers, message.message_id, message.exchange, message.routing_key
+            )
         self._dead_letter_message(message, delivery.queue, reason, broker=False)
         await delivery.ack()
 
@@ -345,6 +352,7 @@ class InMemoryTransport:
                 if wanted is not None and letter.id not in wanted:
                     continue
                 try:
+                    refuse_cut(message.headers)
                     exchange, routing_key = replay_route(
                         self.topology, message.body, message.headers, self.keys
                     )

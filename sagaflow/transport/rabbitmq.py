@@ -18,7 +18,11 @@ Topology (all durable; see ``docs/protocol.md``)::
 Service and reply queues carry ``x-delivery-limit`` and dead-letter to the DLX
 with the ``at-least-once`` strategy (which needs ``x-overflow:
 reject-publish``). The dead-letter queue has no delivery limit, so peeking at it
-never loses a message.
+never loses a message; it has a length and a byte limit with ``x-overflow:
+reject-publish``: once full it refuses more, and a message to dead-letter stays
+in its own queue, parked by the broker (not delivered again) until there is
+room, rather than pushing an older dead letter out. A message over
+``max_message_bytes`` is dead-lettered as a prefix (see ``bounds.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from aio_pika.exceptions import (
     AMQPChannelError,
     AuthenticationError,
     ChannelInvalidStateError,
+    ChannelPreconditionFailed,
     DeliveryError,
     InvalidFrameError,
     ProbableAuthenticationError,
@@ -64,6 +69,7 @@ from sagaflow.transport.amqp import (
     confirmed,
     waves,
 )
+from sagaflow.transport.bounds import bounded_body
 from sagaflow.transport.rabbitmq_dlq import copy_message, peek, replay
 from sagaflow.transport.wire import (
     H_ORIGINAL_EXCHANGE,
@@ -96,6 +102,8 @@ _FATAL_CONNECT_ERRORS = (
 
 
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+DEAD_LETTER_MAX_MESSAGES = 10_000
+DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -127,6 +135,10 @@ class RabbitMQTransport:
         reconnect_delay: first and longest pause between reconnection attempts.
         close_timeout: seconds ``close()`` lets running callbacks finish.
         connection_name: shown in the RabbitMQ management UI.
+        dead_letter_max_messages: the dead-letter queue's ``x-max-length``
+            (``0``: none).
+        dead_letter_max_bytes: its ``x-max-length-bytes`` (``0``: none). With
+            both ``0`` it is declared without a limit, for one set by a policy.
         keys: sign what is published, and replay only dead letters signed
             (see :mod:`sagaflow.core.signing`).
         declare: declare the topology (and repair it on every reconnect); when
@@ -151,11 +163,19 @@ class RabbitMQTransport:
         keys: Keys | None = None,
         declare: bool = True,
         user_id: str | None = None,
+        dead_letter_max_messages: int = DEAD_LETTER_MAX_MESSAGES,
+        dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
     ) -> None:
         self.topology = topology
         self.keys = keys
         self.declare = declare
         self.user_id = user_id
+        if dead_letter_max_messages < 0 or dead_letter_max_bytes < 0:
+            raise ValueError("dead-letter limits must be 0 (none) or more")
+        self.dead_letter_max_messages = dead_letter_max_messages
+        self.dead_letter_max_bytes = dead_letter_max_bytes
+        # set when an existing dead-letter queue has other arguments: kept as it is
+        self._dead_letter_queue_as_found = False
         self.max_message_bytes = max_message_bytes
         self.publish_timeout = publish_timeout
         self.start_timeout = start_timeout
@@ -517,12 +537,19 @@ class RabbitMQTransport:
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish a copy to the dead-letter exchange (confirmed), then ack the original.
 
+        A body over ``max_message_bytes`` is copied as a prefix, with its size and
+        SHA-256 in headers. When the dead-letter queue is full and refuses the
+        copy, the original is rejected: the broker dead-letters it itself once
+        there is room, and until then it stays in its queue without being
+        delivered again.
+
         Raises:
             TransportError: the copy was not confirmed; the original is left
                 unsettled for the caller to nack.
         """
         source = delivery.queue
-        extra: HeadersType = {H_REASON: truncate_reason(reason), H_SOURCE_QUEUE: source}
+        body, cut = bounded_body(delivery.body, self.max_message_bytes)
+        extra: HeadersType = {H_REASON: truncate_reason(reason), H_SOURCE_QUEUE: source, **cut}
         if isinstance(delivery, RabbitMQDelivery):
             incoming = delivery.message
             ident = dead_letter_id(incoming.message_id, incoming.body)
@@ -532,14 +559,32 @@ class RabbitMQTransport:
         else:
             ident = dead_letter_id(None, delivery.body)
             message = aio_pika.Message(
-                delivery.body,
+                body,
                 headers={**delivery.headers, **extra},
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=ident,
             )
         dlx = self.topology.dead_letter_exchange
-        await self._send([Outgoing(ident, dlx, source, message.body, message.properties)])
+        try:
+            await self._send([Outgoing(ident, dlx, source, body, message.properties)])
+        except TransportError as exc:
+            refused = isinstance(exc.__cause__, DeliveryError)
+            if not (refused and self._dead_letters_itself(source)):
+                raise
+            log.warning(
+                "the dead-letter queue refused message %s from %s (full?): it stays in %s,"
+                " parked until the dead-letter queue has room (docs/operations.md)",
+                ident,
+                source,
+                source,
+            )
+            await delivery.nack(requeue=False)
+            return
         await delivery.ack()
+
+    def _dead_letters_itself(self, queue: str) -> bool:
+        """Whether the broker dead-letters what ``queue`` rejects (ours do, to the DLX)."""
+        return queue == self.topology.replies_queue or self._service_of(queue) is not None
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Peek at up to ``limit`` dead letters; they stay in the queue, in order."""
@@ -587,6 +632,45 @@ class RabbitMQTransport:
 
     # ----------------------------------------------------------------- topology
 
+    def dead_letter_arguments(self) -> dict[str, Any]:
+        """The arguments of the dead-letter queue (quorum, and its limits if any)."""
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+        if self.dead_letter_max_messages:
+            arguments["x-max-length"] = self.dead_letter_max_messages
+        if self.dead_letter_max_bytes:
+            arguments["x-max-length-bytes"] = self.dead_letter_max_bytes
+        if len(arguments) > 1:
+            # keep the oldest; what does not fit waits in its own queue (nothing lost)
+            arguments["x-overflow"] = "reject-publish"
+        return arguments
+
+    async def _check_dead_letter_queue(self, connection: AbstractConnection) -> None:
+        """Declare the dead-letter queue on a channel of its own: RabbitMQ refuses
+        (closing the channel) to redeclare a queue with other arguments, such as
+        one declared before it had limits. Such a queue is then kept as it is."""
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(
+                self.topology.dead_letter_queue,
+                durable=True,
+                arguments=self.dead_letter_arguments(),
+            )
+            self._dead_letter_queue_as_found = False
+        except ChannelPreconditionFailed as exc:
+            if not self._dead_letter_queue_as_found:
+                log.warning(
+                    "the dead-letter queue %s exists with other arguments than %s, kept as"
+                    " it is: RabbitMQ cannot change a queue's arguments. Bound it with a"
+                    " policy, or empty, delete and let it be declared again"
+                    " (docs/operations.md): %s",
+                    self.topology.dead_letter_queue,
+                    self.dead_letter_arguments(),
+                    exc,
+                )
+            self._dead_letter_queue_as_found = True
+        finally:
+            await _close_quietly(channel)
+
     def queue_arguments(self) -> dict[str, Any]:
         """The arguments of service and reply queues (quorum, delivery limit, DLX)."""
         return {
@@ -610,9 +694,12 @@ class RabbitMQTransport:
         await channel.declare_exchange(t.commands_exchange, direct, durable=True)
         replies = await channel.declare_exchange(t.replies_exchange, direct, durable=True)
         dlx = await channel.declare_exchange(t.dead_letter_exchange, fanout, durable=True)
-        dlq = await channel.declare_queue(
-            t.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        if self._dead_letter_queue_as_found:
+            dlq = await channel.declare_queue(t.dead_letter_queue, passive=True)
+        else:
+            dlq = await channel.declare_queue(
+                t.dead_letter_queue, durable=True, arguments=self.dead_letter_arguments()
+            )
         await dlq.bind(dlx, routing_key="")
         queue = await channel.declare_queue(
             t.replies_queue, durable=True, arguments=self.queue_arguments()
@@ -676,6 +763,8 @@ class RabbitMQTransport:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         try:
+            if self.declare:
+                await self._check_dead_letter_queue(connection)
             channel = await self._open_publisher(connection)
             self._connection, self._channel = connection, channel
             self.connections += 1

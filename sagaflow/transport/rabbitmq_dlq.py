@@ -15,6 +15,7 @@ from sagaflow.core.errors import MessageRejected, TransportError
 from sagaflow.core.ports import DeadLetter, Topology
 from sagaflow.core.signing import Keys
 from sagaflow.transport.amqp import text_headers
+from sagaflow.transport.bounds import refuse_cut
 from sagaflow.transport.wire import as_dead_letter, is_death_header, replay_route
 
 __all__ = ["copy_message", "peek", "replay"]
@@ -68,6 +69,7 @@ async def replay(
         if letter.id in replayed or (wanted is not None and letter.id not in wanted):
             continue
         try:
+            refuse_cut(letter.headers)
             exchange_name, routing_key = replay_route(topology, letter.body, letter.headers, keys)
         except MessageRejected as exc:
             if wanted is not None:
