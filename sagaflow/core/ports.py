@@ -169,6 +169,17 @@ class OutboxItem:
 
 
 @dataclass(frozen=True)
+class Pruned:
+    """What one prune deleted: sagas and their log entries."""
+
+    sagas: int = 0
+    log_entries: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(self.sagas + other.sagas, self.log_entries + other.log_entries)
+
+
+@dataclass(frozen=True)
 class UnitOfWork:
     """Everything one transaction writes for a batch of decisions.
 
@@ -248,6 +259,16 @@ class SagaStore(Protocol):
         """Backlog size and age in seconds of its oldest row."""
         ...
 
+    async def prune(self, statuses: Sequence[SagaStatus], before: float, limit: int) -> Pruned:
+        """Delete up to ``limit`` sagas in ``statuses`` (terminal ones only) whose
+        last change is older than ``before`` (seconds since the epoch), with their
+        log, in one short transaction; sagas locked elsewhere are skipped.
+
+        Raises:
+            ValueError: a status is not terminal (running sagas are never pruned).
+        """
+        ...
+
 
 # --------------------------------------------------------------------------- participant store
 
@@ -309,5 +330,14 @@ class ParticipantStore(Protocol):
         failure that heals: a database error from a handler's own SQL that means
         a lost deadlock or serialization check leaves as ``ConcurrencyConflict``,
         a lost connection as ``StoreError``.
+        """
+        ...
+
+    async def prune_inbox(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` inbox rows written before ``before`` (seconds
+        since the epoch), in one short transaction; returns how many.
+
+        A row must outlive every copy of its command (docs/operations.md,
+        "Retention"): a command redelivered after its row is gone runs again.
         """
         ...

@@ -33,7 +33,7 @@ from typing import Any
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.messages import Envelope
-from sagaflow.core.ports import Clock, OutboxItem, UnitOfWork
+from sagaflow.core.ports import Clock, OutboxItem, Pruned, UnitOfWork
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
 from sagaflow.store.locks import KeyedLocks, staged
 
@@ -260,6 +260,30 @@ class InMemorySagaStore:
         """Rows waiting and the age in seconds of the oldest (0.0 when none)."""
         queued = self._queued_at.values()
         return len(queued), (max(0.0, now - min(queued)) if queued else 0.0)
+
+    async def prune(self, statuses: Sequence[SagaStatus], before: float, limit: int) -> Pruned:
+        """Delete up to ``limit`` sagas in ``statuses`` last changed before ``before``,
+        oldest first, with their log; sagas locked by a transaction are skipped.
+
+        Raises:
+            ValueError: a status is not terminal.
+        """
+        if not statuses or not all(SagaStatus(s).terminal for s in statuses):
+            raise ValueError(f"only terminal sagas are pruned, not {list(statuses)}")
+        wanted = set(statuses)
+        locks = self._locks
+        candidates = (
+            s
+            for s in self._sagas.values()
+            if s.status in wanted and s.updated_at < before and locks.owner(s.saga_id) is None
+        )
+        doomed = heapq.nsmallest(limit, candidates, key=lambda s: (s.updated_at, s.saga_id))
+        entries = 0
+        for state in doomed:
+            del self._sagas[state.saga_id]
+            self._set_wake(state.saga_id, None)
+            entries += len(self._logs.pop(state.saga_id, ()))
+        return Pruned(sagas=len(doomed), log_entries=entries)
 
     # ----------------------------------------------------------------- internals
 

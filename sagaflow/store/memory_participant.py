@@ -9,6 +9,8 @@ undo: a handler that refuses must write nothing before it raises.
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -16,7 +18,7 @@ from typing import NamedTuple
 
 from sagaflow.core.errors import StoreError
 from sagaflow.core.messages import Envelope
-from sagaflow.core.ports import TOMBSTONE, Tombstone
+from sagaflow.core.ports import TOMBSTONE, Clock, Tombstone
 from sagaflow.store.locks import KeyedLocks, staged
 
 __all__ = ["InMemoryParticipantStore", "InMemoryParticipantTransaction"]
@@ -25,6 +27,7 @@ __all__ = ["InMemoryParticipantStore", "InMemoryParticipantTransaction"]
 class _InboxEntry(NamedTuple):
     status: str  # "pending" | "done" | "tombstone"
     reply: Envelope | None
+    created_at: float = 0.0  # set when first committed, like the table's now()
 
 
 def _stored(entry: _InboxEntry) -> Envelope | Tombstone | None:
@@ -57,7 +60,12 @@ class InMemoryParticipantTransaction:
         return _Savepoint(self)
 
     def _commit(self) -> None:
-        self._store._inbox.update(self._writes)
+        inbox = self._store._inbox
+        now = self._store._now()
+        for command_id, entry in self._writes.items():
+            stored = inbox.get(command_id)
+            created_at = now if stored is None else stored.created_at
+            inbox[command_id] = entry._replace(created_at=created_at)
 
     def _release(self) -> None:
         locks = self._store._locks
@@ -134,9 +142,15 @@ class _Savepoint:
 
 
 class InMemoryParticipantStore:
-    """The :class:`~sagaflow.core.ports.ParticipantStore` in memory."""
+    """The :class:`~sagaflow.core.ports.ParticipantStore` in memory.
 
-    def __init__(self) -> None:
+    Args:
+        clock: Stamps inbox rows when they are first committed (for
+            :meth:`prune_inbox`); the system clock by default.
+    """
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._now = time.time if clock is None else clock.now
         self._inbox: dict[str, _InboxEntry] = {}
         self._locks = KeyedLocks()
 
@@ -149,3 +163,17 @@ class InMemoryParticipantStore:
     def transaction(self) -> AbstractAsyncContextManager[InMemoryParticipantTransaction]:
         """A transaction: the inbox records of the commands it handles."""
         return staged(InMemoryParticipantTransaction(self))
+
+    async def prune_inbox(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` inbox rows first committed before ``before``;
+        rows a transaction holds are skipped. Returns how many."""
+        locks = self._locks
+        old = (
+            command_id
+            for command_id, entry in self._inbox.items()
+            if entry.created_at < before and locks.owner(command_id) is None
+        )
+        doomed = list(itertools.islice(old, limit))
+        for command_id in doomed:
+            del self._inbox[command_id]
+        return len(doomed)

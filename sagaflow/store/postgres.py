@@ -28,7 +28,7 @@ idempotence (versions, deterministic ids, the inbox) absorbs the retry.
 
 A PostgreSQL restart costs at most the calls in flight. A pooled connection
 that died while idle is only noticed when used, so ``BEGIN`` and the read-only
-or idempotent calls (``get``, ``list``, ``log``, ``outbox_stats``) are retried on another connection when theirs turns out to
+or idempotent calls (``get``, ``list``, ``log``, ``outbox_stats``, ``prune``) are retried on another connection when theirs turns out to
 be dead (never a failure to connect: that raises at once); asyncpg's pool
 reopens broken connections on the next acquire. ``wait_for_outbox`` listens on a
 dedicated connection outside the pool and reconnects on its next call when that
@@ -51,7 +51,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.messages import MessageKind
-from sagaflow.core.ports import OutboxItem, UnitOfWork
+from sagaflow.core.ports import OutboxItem, Pruned, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
 from sagaflow.store.postgres_common import (
     BROKEN,
@@ -465,6 +465,22 @@ class PostgresSagaStore:
         assert row is not None
         count, oldest = int(row[0]), row[1]
         return count, (0.0 if oldest is None else max(0.0, now - oldest))
+
+    async def prune(self, statuses: Sequence[SagaStatus], before: float, limit: int) -> Pruned:
+        """Delete up to ``limit`` sagas in ``statuses`` last changed before ``before``,
+        oldest first, with their log: one statement, its own short transaction.
+        Sagas locked by a transaction are skipped (a later batch takes them).
+
+        Raises:
+            ValueError: a status is not terminal.
+            StoreError: the database failed.
+        """
+        if not statuses or not all(SagaStatus(s).terminal for s in statuses):
+            raise ValueError(f"only terminal sagas are pruned, not {list(statuses)}")
+        sql = self._sql.prune(statuses)
+        row = await self._run("prune", lambda c: c.fetchrow(sql, before, limit))
+        assert row is not None  # one row, always
+        return Pruned(sagas=int(row[0]), log_entries=int(row[1]))
 
     # ----------------------------------------------------------------- internals
 

@@ -89,6 +89,13 @@ class _InboxSql:
             " ON CONFLICT (command_id) DO UPDATE SET status = 'tombstone'"
             " WHERE i.status = 'pending' RETURNING 1"
         )
+        # By physical row (a TID scan) among rows the BRIN index on created_at
+        # finds; rows locked by a command's transaction are left for a later batch.
+        self.prune = (
+            f"WITH gone AS (DELETE FROM {s}.inbox WHERE ctid = ANY(ARRAY("
+            f"SELECT ctid FROM {s}.inbox WHERE created_at < to_timestamp($1::float8)"
+            " LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING 1) SELECT count(*) FROM gone"
+        )
 
 
 class PostgresParticipantTransaction:
@@ -347,6 +354,20 @@ class PostgresParticipantStore:
     def transaction(self) -> _TransactionContext:
         """One command's transaction: the handler's effect and its inbox record."""
         return _TransactionContext(self)
+
+    async def prune_inbox(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` inbox rows created before ``before`` (epoch
+        seconds): one statement, its own short transaction; returns how many.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        pool = self._pool_or_raise()
+        try:
+            count = await pool.fetchval(self._sql.prune, before, limit)
+        except DB_ERRORS as exc:
+            raise store_error(exc, "prune inbox") from exc
+        return int(count)
 
     def _pool_or_raise(self) -> Pool:
         if self._pool is None:

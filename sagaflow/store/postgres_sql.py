@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from sagaflow.core.ports import UnitOfWork
-from sagaflow.core.state import LogEntry, SagaState
+from sagaflow.core.state import LogEntry, SagaState, SagaStatus
 from sagaflow.store.migrate import quote_schema
 from sagaflow.store.postgres_common import envelope_to_json
 
@@ -58,6 +58,7 @@ class SagaSql:
         )
         self.schema = s
         self._units: dict[tuple[bool, ...], str] = {}
+        self._prunes: dict[tuple[SagaStatus, ...], str] = {}
         # Claimed rows are deleted at once and come back if the transaction rolls
         # back (the publish failed). The delete need not wait for the disk
         # (synchronous_commit off, set for this transaction only): one lost in a
@@ -89,6 +90,33 @@ class SagaSql:
             " AND o.option_name = 'autovacuum_enabled' AND NOT o.option_value::boolean"
             " ORDER BY c.relname)"
         )
+
+    def prune(self, statuses: Sequence[SagaStatus]) -> str:
+        """One batch of retention: lock up to ``$2`` sagas in ``statuses`` last
+        changed before ``$1`` (epoch seconds), oldest first, skipping those locked
+        elsewhere; delete them and their log. Returns (sagas, log entries) deleted.
+
+        The statuses are literals in the text, not a parameter: only then can the
+        planner use the partial index of finished sagas (``sagas_finished_at_idx``)
+        under the pool's generic plans. ``ANY(ARRAY(...))`` keeps each delete an
+        index scan by key whatever the batch size.
+        """
+        key = tuple(sorted(set(statuses)))
+        sql = self._prunes.get(key)
+        if sql is None:
+            s = self.schema
+            listed = ", ".join(f"'{SagaStatus(status).value}'" for status in key)
+            sql = self._prunes[key] = (
+                f"WITH doomed AS (SELECT saga_id FROM {s}.sagas WHERE status IN ({listed})"
+                " AND updated_at < to_timestamp($1::float8) ORDER BY updated_at LIMIT $2"
+                " FOR UPDATE SKIP LOCKED),"
+                f" gone AS (DELETE FROM {s}.sagas"
+                " WHERE saga_id = ANY(ARRAY(SELECT saga_id FROM doomed)) RETURNING saga_id),"
+                f" logged AS (DELETE FROM {s}.saga_log"
+                " WHERE saga_id = ANY(ARRAY(SELECT saga_id FROM gone)) RETURNING 1)"
+                " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM logged)"
+            )
+        return sql
 
     def unit(self, unit: UnitOfWork, *, notify: bool, sender: str = "") -> tuple[str, list[Any]]:
         """One statement writing ``unit``, and its arguments ("" if empty).
