@@ -4,7 +4,8 @@ Every error derives from one root::
 
     SagaflowError
     ├── ConfigurationError        a setting or a definition is wrong
-    │   └── DefinitionError       a saga or participant declaration is invalid
+    │   ├── DefinitionError       a saga or participant declaration is invalid
+    │   └── NotReachable          at start, a server did not answer in time
     ├── TransportError            the broker refused or lost a publish / connection
     ├── StoreError                the database failed
     │   └── ConcurrencyConflict   another process changed the same saga
@@ -32,6 +33,22 @@ class ConfigurationError(SagaflowError):
 
 class DefinitionError(ConfigurationError):
     """A saga or participant declaration is invalid; raised at registration."""
+
+
+class NotReachable(ConfigurationError):
+    """At start, the database or the broker still failed when the start-up
+    deadline passed: a wrong host or port, or a server that is down.
+
+    Retrying what heals has a bound at start: a process that never got going
+    has nothing to keep alive, and its supervisor should hear about it.
+
+    Attributes:
+        seconds: How long start-up tried.
+    """
+
+    def __init__(self, message: str, *, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
 
 
 class TransportError(SagaflowError):

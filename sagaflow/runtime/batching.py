@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from sagaflow.core.errors import StoreError, TransportError
+from sagaflow.core.errors import NotReachable, StoreError, TransportError
 from sagaflow.core.ports import Delivery, Transport
 from sagaflow.runtime.hooks import Hooks
 
@@ -178,6 +180,23 @@ class GroupCommit(Generic[Item]):
                 done.set_result(None)
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When start-up stops retrying: ``seconds`` after it began.
+
+    Attributes:
+        seconds: The time start-up may take.
+        began: When it began (``time.monotonic()``).
+    """
+
+    seconds: float
+    began: float = field(default_factory=time.monotonic)
+
+    def left(self) -> float:
+        """Seconds until the deadline (negative once it passed)."""
+        return self.began + self.seconds - time.monotonic()
+
+
 async def retry_healing(
     operation: Callable[[], Awaitable[T]],
     *,
@@ -186,6 +205,7 @@ async def retry_healing(
     initial: float = 0.1,
     maximum: float = 5.0,
     unless: Callable[[Exception], bool] = lambda exc: False,
+    deadline: Deadline | None = None,
 ) -> T:
     """Run ``operation`` until it succeeds while it fails in a way that heals.
 
@@ -194,6 +214,10 @@ async def retry_healing(
     ``unless(exc)`` says the caller handles that one; any other exception is
     raised at once: a bug retried forever is a stall. Cancellation is never
     swallowed.
+
+    Raises:
+        NotReachable: it still failed in a way that heals once ``deadline``
+            passed (start-up bounds its retries with one).
     """
     delay = initial
     while True:
@@ -202,8 +226,16 @@ async def retry_healing(
         except HEALING as exc:
             if unless(exc):
                 raise
-            log.warning("%s failed, retrying in %.1fs: %r", what, delay, exc)
-            await sleep(delay)
+            wait = delay
+            if deadline is not None:
+                left = deadline.left()
+                if left <= 0:
+                    raise NotReachable(
+                        f"{exc}; gave up after {deadline.seconds:g}s", seconds=deadline.seconds
+                    ) from exc
+                wait = min(delay, left)
+            log.warning("%s failed, retrying in %.1fs: %r", what, wait, exc)
+            await sleep(wait)
             delay = min(maximum, delay * 2)
 
 

@@ -39,7 +39,7 @@ from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageK
 from sagaflow.core.ports import Clock, Delivery, IdFactory, SagaStore, Transport
 from sagaflow.core.state import SagaState
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import Batcher, dead_letter, give_back, retry_healing
+from sagaflow.runtime.batching import Batcher, Deadline, dead_letter, give_back, retry_healing
 from sagaflow.runtime.client import SagaClient, SagaHandle
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.relay import OutboxRelay
@@ -63,6 +63,9 @@ class Coordinator:
         timer_interval: Seconds between scans for due timers.
         relay_interval: Seconds between outbox polls when no commit wakes the relay.
         max_message_bytes: Larger replies are dead-lettered.
+        start_timeout: Seconds :meth:`start` keeps retrying a database or broker
+            it cannot reach before it raises ``NotReachable``; ``None``: until
+            they answer.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Coordinator:
         timer_interval: float = 0.25,
         relay_interval: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        start_timeout: float | None = None,
     ) -> None:
         self.client = SagaClient(sagas, store=store, clock=clock, ids=ids, hooks=hooks)
         self.registry = self.client.registry
@@ -91,6 +95,7 @@ class Coordinator:
         self.prefetch = prefetch
         self.timer_interval = timer_interval
         self.max_message_bytes = max_message_bytes
+        self.start_timeout = start_timeout
         self.relay = OutboxRelay(
             store, transport, self.hooks, interval=relay_interval, sleep=self.clock.sleep
         )
@@ -147,15 +152,22 @@ class Coordinator:
         """Connect, declare, and start consumer, relay and timers (all eagerly).
 
         Raises:
-            ConfigurationError: messages are signed but a service has no key.
+            ConfigurationError: messages are signed but a service has no key;
+                the database or the broker refused this process (credentials, a
+                missing database or vhost, an unmigrated schema); or
+                ``NotReachable``: they did not answer within ``start_timeout``.
         """
         if self.transport.keys:
             self.transport.keys.require(self.registry.services, "the coordinator")
-        await retry_healing(self.store.start, what="store start", sleep=self.clock.sleep)
+        deadline = None if self.start_timeout is None else Deadline(self.start_timeout)
+        await retry_healing(
+            self.store.start, what="store start", sleep=self.clock.sleep, deadline=deadline
+        )
         await retry_healing(
             lambda: self.transport.start(self.registry.services),
             what="transport start",
             sleep=self.clock.sleep,
+            deadline=deadline,
         )
         self._batcher.start()
         await self.transport.consume(

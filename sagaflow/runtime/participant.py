@@ -61,7 +61,7 @@ from sagaflow.core.messages import (
 )
 from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
 from sagaflow.logs import saga_fields
-from sagaflow.runtime.batching import HEALING, dead_letter, give_back, retry_healing
+from sagaflow.runtime.batching import HEALING, Deadline, dead_letter, give_back, retry_healing
 from sagaflow.runtime.hooks import Hooks, carrying
 
 log = logging.getLogger("sagaflow.worker")
@@ -206,6 +206,9 @@ class Worker:
             connection and in its own transaction.
         max_batch: Commands one lane handles in one transaction at most.
         max_message_bytes: Larger commands are dead-lettered.
+        start_timeout: Seconds :meth:`start` keeps retrying a database or broker
+            it cannot reach before it raises ``NotReachable``; ``None``: until
+            they answer.
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class Worker:
         concurrency: int = DEFAULT_CONCURRENCY,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        start_timeout: float | None = None,
     ) -> None:
         if concurrency < 1 or max_batch < 1:
             raise ValueError("concurrency and max_batch must be at least 1")
@@ -230,6 +234,7 @@ class Worker:
         self.concurrency = concurrency
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
+        self.start_timeout = start_timeout
         self._waiting: asyncio.Queue[Delivery] = asyncio.Queue()
         self._loops: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()  # lanes handling commands
@@ -243,16 +248,24 @@ class Worker:
         """Connect, run the participant's setup, declare, and start the lanes.
 
         Raises:
-            ConfigurationError: messages are signed but not with this service's key.
+            ConfigurationError: messages are signed but not with this service's key;
+                the database or the broker refused this process (credentials, a
+                missing database or vhost, a schema it may not create); or
+                ``NotReachable``: they did not answer within ``start_timeout``.
         """
         if self.transport.keys:
             service = self.participant.service
             self.transport.keys.require([service], f"the {service} worker")
-        await retry_healing(self.store.start, what="store start")
+        deadline = None if self.start_timeout is None else Deadline(self.start_timeout)
+        await retry_healing(self.store.start, what="store start", deadline=deadline)
         if self.participant.setup is not None:
-            await retry_healing(self._setup, what=f"{self.participant.service} setup")
+            await retry_healing(
+                self._setup, what=f"{self.participant.service} setup", deadline=deadline
+            )
         await retry_healing(
-            lambda: self.transport.start([self.participant.service]), what="transport start"
+            lambda: self.transport.start([self.participant.service]),
+            what="transport start",
+            deadline=deadline,
         )
         self._stopping = False
         self._loops = [
