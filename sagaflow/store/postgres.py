@@ -55,9 +55,12 @@ from sagaflow.core.ports import OutboxItem, Pruned, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
 from sagaflow.store.postgres_common import (
     BROKEN,
+    CONNECT_ERRORS,
     CONNECT_TIMEOUT,
     DB_ERRORS,
     begin,
+    check_migrated,
+    connect_error,
     envelope_from_json,
     keep_session,
     release,
@@ -303,15 +306,18 @@ class PostgresSagaStore:
         return self._schema
 
     async def start(self) -> None:
-        """Open the connection pool.
+        """Open the connection pool and check that the schema is migrated.
 
         Raises:
+            ConfigurationError: the database refused the connection (an unknown
+                role, a wrong password, no such database, a malformed URL) or the
+                schema is not migrated: waiting will not help.
             StoreError: the database cannot be reached.
         """
         if self._pool is not None:
             return
         try:
-            self._pool = await asyncpg.create_pool(
+            pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
@@ -328,8 +334,17 @@ class PostgresSagaStore:
                 # values: plan once per connection. (PostgreSQL 12 or later.)
                 server_settings={"plan_cache_mode": "force_generic_plan"},
             )
-        except DB_ERRORS as exc:
-            raise store_error(exc, "connect") from exc
+        except CONNECT_ERRORS as exc:
+            raise connect_error(exc, self._dsn) from exc
+        try:
+            async with pool.acquire() as conn:
+                await check_migrated(conn, self._schema, participant=False)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, DB_ERRORS):
+                raise connect_error(exc, self._dsn, "read the schema") from exc
+            raise
+        self._pool = pool
         await self._warn_if_unvacuumed()
 
     async def unvacuumed(self) -> list[str]:

@@ -13,8 +13,10 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from sagaflow.core.errors import ConcurrencyConflict, StoreError
+from sagaflow.config import redact_url
+from sagaflow.core.errors import ConcurrencyConflict, ConfigurationError, StoreError
 from sagaflow.core.messages import Envelope
+from sagaflow.store.migrate import load_migrations, quote_schema
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -25,9 +27,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BROKEN",
+    "CONNECT_ERRORS",
     "CONNECT_TIMEOUT",
     "DB_ERRORS",
+    "REFUSED",
     "begin",
+    "check_migrated",
+    "connect_error",
     "envelope_from_json",
     "envelope_to_json",
     "release",
@@ -56,6 +62,20 @@ BROKEN: tuple[type[Exception], ...] = (
 
 CONNECT_TIMEOUT = 10.0
 
+REFUSED: tuple[type[Exception], ...] = (
+    asyncpg.InvalidAuthorizationSpecificationError,  # no such role, a wrong password (28P01)
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.InsufficientPrivilegeError,  # no CONNECT on the database, no CREATE for a schema
+    ValueError,  # a malformed URL (ClientConfigurationError is one), a certificate refused
+    OverflowError,  # a port out of range
+)
+"""Failures at start that waiting does not heal: :func:`connect_error` makes them
+a ``ConfigurationError``. Refused connections, a server starting up or shutting
+down (``CannotConnectNowError``), too many connections: those heal."""
+
+CONNECT_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError, OverflowError)
+"""What opening a pool raises: the database failures and a malformed URL."""
+
 
 def store_error(exc: BaseException, action: str) -> StoreError:
     """Wrap a database failure into the sagaflow error the runtime retries.
@@ -78,6 +98,58 @@ def store_error(exc: BaseException, action: str) -> StoreError:
     )
     error.__cause__ = exc
     return error
+
+
+def connect_error(exc: BaseException, dsn: str, action: str | None = None) -> Exception:
+    """A failure to start a store, for the runtime's start-up retry to judge.
+
+    Args:
+        exc: What asyncpg (or the migration) raised.
+        dsn: The URL, shown with its password masked.
+        action: What was being done after connecting, for the message.
+
+    Returns:
+        A ``ConfigurationError`` for the failures in :data:`REFUSED` (raised at
+        once, not retried), else a ``StoreError`` (the database is away: retried);
+        its ``__cause__`` is ``exc``.
+    """
+    reason = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
+    where = f"PostgreSQL at {redact_url(dsn)}"
+    doing = f"connect to {where}" if action is None else f"{action} in {where}"
+    error: Exception
+    if isinstance(reason, REFUSED):
+        error = ConfigurationError(f"cannot {doing}: {reason}")
+    else:
+        error = StoreError(f"cannot {doing}: {type(reason).__name__}: {reason}")
+    error.__cause__ = exc
+    return error
+
+
+async def check_migrated(
+    conn: asyncpg.Connection | PoolConnectionProxy[Any], schema: str, *, participant: bool
+) -> None:
+    """Refuse a schema whose packaged migrations are not all recorded.
+
+    A process that started on one would log "started" and then fail every
+    statement (or worse, a newer statement on older tables) without end.
+
+    Raises:
+        ConfigurationError: ``schema_migrations`` is missing or lacks versions.
+        asyncpg.PostgresError: the query failed (the caller translates it).
+    """
+    table = f"{quote_schema(schema)}.schema_migrations"
+    wanted = [m.version for m in load_migrations(participant=participant)]
+    how = f"run `sagaflow db migrate --schema {schema}`"
+    if participant:
+        how = f"run `sagaflow db migrate --participant SERVICE --schema {schema}`"
+    if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+        raise ConfigurationError(f"schema {schema} is not migrated: {how}")
+    done = {row[0] for row in await conn.fetch(f"SELECT version FROM {table}")}
+    missing = [version for version in wanted if version not in done]
+    if missing:
+        raise ConfigurationError(
+            f"schema {schema} is not migrated up to date (missing {', '.join(missing)}): {how}"
+        )
 
 
 def envelope_to_json(envelope: Envelope) -> str:

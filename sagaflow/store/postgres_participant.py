@@ -43,9 +43,12 @@ from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import TOMBSTONE, Tombstone
 from sagaflow.store.migrate import migrate_participant, quote_schema
 from sagaflow.store.postgres_common import (
+    CONNECT_ERRORS,
     CONNECT_TIMEOUT,
     DB_ERRORS,
     begin,
+    check_migrated,
+    connect_error,
     envelope_from_json,
     envelope_to_json,
     log,
@@ -315,9 +318,14 @@ class PostgresParticipantStore:
         return self._schema
 
     async def start(self) -> None:
-        """Open the pool (and migrate the inbox unless ``auto_migrate=False``).
+        """Open the pool and migrate the inbox (with ``auto_migrate=False``,
+        check that it is migrated).
 
         Raises:
+            ConfigurationError: the database refused the connection (an unknown
+                role, a wrong password, no such database, a malformed URL), the
+                role may not create the schema, or it is not migrated: waiting
+                will not help.
             StoreError: the database cannot be reached or the migration failed.
         """
         if self._pool is not None:
@@ -331,18 +339,19 @@ class PostgresParticipantStore:
                 # asyncpg's own reset on release stays: handlers are users' code,
                 # and what they leave on a session must not reach the next command
             )
-        except DB_ERRORS as exc:
-            raise store_error(exc, "connect") from exc
-        if self._auto_migrate:
-            try:
-                async with pool.acquire() as conn:
+        except CONNECT_ERRORS as exc:
+            raise connect_error(exc, self._dsn) from exc
+        try:
+            async with pool.acquire() as conn:
+                if self._auto_migrate:
                     await migrate_participant(conn, self._schema)
-            except DB_ERRORS as exc:
-                pool.terminate()
-                raise store_error(exc, "migrate inbox") from exc
-            except BaseException:
-                pool.terminate()
-                raise
+                else:
+                    await check_migrated(conn, self._schema, participant=True)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, (*DB_ERRORS, StoreError)):
+                raise connect_error(exc, self._dsn, f"set up schema {self._schema}") from exc
+            raise
         self._pool = pool
 
     async def close(self) -> None:
