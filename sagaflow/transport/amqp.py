@@ -22,7 +22,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-__all__ = ["Acks", "Outgoing", "RabbitMQDelivery", "confirmed", "text_headers", "waves"]
+__all__ = [
+    "Acks",
+    "Outgoing",
+    "RabbitMQDelivery",
+    "confirmed",
+    "refusal",
+    "text_headers",
+    "waves",
+]
 
 log = logging.getLogger("sagaflow.transport.rabbitmq")
 
@@ -217,6 +225,32 @@ async def confirmed(underlay: aiormq.abc.AbstractChannel, wave: list[Outgoing]) 
         return [exc]
     except Exception as exc:
         return [exc]
+
+
+def refusal(exc: BaseException, *, where: str, vhost: str) -> str:
+    """Why the broker turned a first connection down, in one line for an operator.
+
+    Args:
+        exc: What aio-pika raised: a login refused, a ``Connection.Close`` in
+            answer to ``Connection.Open`` (the vhost), a channel error while
+            declaring the topology.
+        where: The broker, its password masked (the user shows there).
+        vhost: The vhost asked for.
+    """
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        text = exc.args[0] if exc.args else "ACCESS_REFUSED"
+        return f"RabbitMQ at {where} refused the login (check the user and password): {text}"
+    if isinstance(exc, aiormq.exceptions.AuthenticationError):
+        return f"RabbitMQ at {where} refused the login: {exc!r}"
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # aiormq drops the reply text; RabbitMQ's is "vhost not found" or "access refused"
+        return (
+            f"RabbitMQ at {where} refused to open vhost {vhost!r}:"
+            " it does not exist, or the user has no permissions on it"
+        )
+    if isinstance(exc, aiormq.exceptions.AMQPChannelError):
+        return f"RabbitMQ at {where} refused the topology: {exc!r}"
+    return f"cannot connect to RabbitMQ at {where}: {exc.__cause__ or repr(exc)}"
 
 
 def text_headers(headers: Mapping[str, Any]) -> dict[str, str]:

@@ -58,7 +58,8 @@ from aiormq.exceptions import ChannelAccessRefused
 from pamqp.commands import Basic
 from yarl import URL
 
-from sagaflow.core.errors import TransportError
+from sagaflow.config import redact_url
+from sagaflow.core.errors import ConfigurationError, TransportError
 from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
 from sagaflow.core.signing import Keys
@@ -67,6 +68,7 @@ from sagaflow.transport.amqp import (
     Outgoing,
     RabbitMQDelivery,
     confirmed,
+    refusal,
     waves,
 )
 from sagaflow.transport.bounds import bounded_body
@@ -98,6 +100,7 @@ _FATAL_CONNECT_ERRORS = (
     ProbableAuthenticationError,
     InvalidFrameError,
     AMQPChannelError,
+    ValueError,  # a URL option aio-pika cannot read
 )
 
 
@@ -166,16 +169,20 @@ class RabbitMQTransport:
         dead_letter_max_messages: int = DEAD_LETTER_MAX_MESSAGES,
         dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
     ) -> None:
-        self.topology = topology
-        self.keys = keys
-        self.declare = declare
-        self.user_id = user_id
+        try:
+            URL(url)
+        except ValueError as exc:  # a port that is no number, say: it would never connect
+            raise ConfigurationError(f"invalid AMQP URL {redact_url(url)}: {exc}") from exc
         if dead_letter_max_messages < 0 or dead_letter_max_bytes < 0:
             raise ValueError("dead-letter limits must be 0 (none) or more")
+        self.topology = topology
         self.dead_letter_max_messages = dead_letter_max_messages
         self.dead_letter_max_bytes = dead_letter_max_bytes
         # set when an existing dead-letter queue has other arguments: kept as it is
         self._dead_letter_queue_as_found = False
+        self.keys = keys
+        self.declare = declare
+        self.user_id = user_id
         self.max_message_bytes = max_message_bytes
         self.publish_timeout = publish_timeout
         self.start_timeout = start_timeout
@@ -213,8 +220,9 @@ class RabbitMQTransport:
         background for as long as the transport is open.
 
         Raises:
-            TransportError: no connection within ``start_timeout``, bad
-                credentials, or the broker refused the topology.
+            ConfigurationError: the broker refused the first connection: the
+                login, the vhost, or the topology (waiting will not help).
+            TransportError: no connection within ``start_timeout``.
         """
         if self._closing:
             raise TransportError("the transport is closed")
@@ -230,6 +238,8 @@ class RabbitMQTransport:
         if not self._ready.is_set():
             if first:  # leave no background task behind a failed start
                 await self._stop_supervisor()
+            if self._refused.is_set():
+                raise ConfigurationError(self._refusal()) from self._last_error
             raise TransportError(
                 f"cannot connect to RabbitMQ at {self.safe_url}: {self._last_error!r}"
             ) from self._last_error
@@ -260,6 +270,12 @@ class RabbitMQTransport:
         self._consumers.clear()
         self._stopping.set()  # only now: the callbacks above may still publish
         await self._stop_supervisor()
+
+    def _refusal(self) -> str:
+        url = URL(self._url)
+        vhost = "/" if url.path in ("", "/") else url.path[1:]  # as aiormq reads it
+        error = self._last_error or TransportError("refused")
+        return refusal(error, where=self.safe_url, vhost=vhost)
 
     @property
     def safe_url(self) -> str:
@@ -743,7 +759,10 @@ class RabbitMQTransport:
             except Exception as exc:
                 self._last_error = exc
                 if self.connections == 0 and _fatal(exc):
-                    self._refused.set()
+                    self._refused.set()  # start() raises it: no retry to announce
+                    log.debug("RabbitMQ at %s refused the connection: %r", self.safe_url, exc)
+                    await asyncio.sleep(delay)
+                    continue
                 log.warning(
                     "cannot connect to RabbitMQ at %s: %r; retrying in %.1fs",
                     self.safe_url,

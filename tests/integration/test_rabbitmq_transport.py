@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import pytest
 
-from sagaflow.core.errors import TransportError
+from sagaflow.core.errors import ConfigurationError, TransportError
 from sagaflow.core.messages import Envelope, MessageKind, decode
 from sagaflow.core.ports import Delivery, Topology
 from sagaflow.transport import RabbitMQTransport
@@ -321,7 +321,8 @@ async def test_start_fails_on_bad_credentials(amqp_url: str) -> None:
     url = amqp_url.replace("guest:guest@", "guest:wrong@")
     transport = RabbitMQTransport(url, TOPOLOGY, start_timeout=20)
 
-    with pytest.raises(TransportError) as caught:
+    # a refusal, not a failure that heals: start-up must not retry it
+    with pytest.raises(ConfigurationError, match="refused the login") as caught:
         await asyncio.wait_for(transport.start(["inventory"]), 15)
     assert "wrong" not in str(caught.value)
     await transport.close()
