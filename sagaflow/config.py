@@ -157,6 +157,27 @@ def parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNITS[unit] for n, unit in parts)
 
 
+MAX_PREFETCH = 65535
+"""AMQP's ``basic.qos`` carries the prefetch count in 16 bits: more is refused."""
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+"""RabbitMQ refuses larger messages whatever its ``max_message_size``."""
+
+
+def _usable_url(url: str, schemes: tuple[str, ...]) -> str:
+    """``url`` if its scheme and ports can work, else a ``ValueError`` that
+    quotes no part of it but a port (the rest may hold a password)."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in schemes:
+        raise ValueError(f"must start with {' or '.join(f'{s}://' for s in schemes)}")
+    hosts = re.split(r"[/?#]", _split_userinfo(url)[2], maxsplit=1)[0]
+    for host in hosts.split(","):  # asyncpg takes several, host1:5432,host2:5433
+        port = host.rpartition("]")[2] if host.startswith("[") else host  # [::1]:5432
+        _, colon, number = port.rpartition(":")
+        if colon and not (number.isdigit() and 1 <= int(number) <= 65535):
+            raise ValueError(f"port {number[:10]!r} is not a number from 1 to 65535")
+    return url
+
+
 def _default_log_format() -> LogFormat:
     # people read a terminal; machines (log shippers) read everything else
     return "console" if sys.stdout.isatty() else "json"
@@ -174,7 +195,12 @@ class Settings(BaseSettings):
         db_schema: The coordinator's schema (env ``SAGAFLOW_SCHEMA``).
         prefix: The broker namespace: exchanges and queues are ``<prefix>.*``.
         delivery_limit: Deliveries of one message before it is dead-lettered.
-        max_message_bytes: Larger messages are refused or dead-lettered.
+        max_message_bytes: Larger messages are refused or dead-lettered (at most
+            512 MiB, RabbitMQ's limit).
+        connect_timeout: Seconds a coordinator or worker keeps trying, at
+            start, to reach a database or broker that does not answer, before
+            it exits (code 2). A refusal (credentials, a missing database or
+            vhost, an unmigrated schema) ends it at once.
         declare_topology: Declare the exchanges and queues at start (and repair
             them on every reconnect). Off, the process only checks that they
             exist (passive declares need no permission): for least-privilege
@@ -185,10 +211,12 @@ class Settings(BaseSettings):
         require_tls: Refuse a plaintext ``amqp://`` URL and a PostgreSQL URL
             without ``sslmode=require``, ``verify-ca`` or ``verify-full``.
         coordinator_max_batch: Replies handled per coordinator transaction at most.
-        coordinator_prefetch: Unacknowledged replies a coordinator holds at most.
+        coordinator_prefetch: Unacknowledged replies a coordinator holds at most
+            (AMQP's limit: 65535).
         coordinator_concurrency: Reply batches a coordinator handles at once.
         coordinator_timer_interval: Seconds between scans for due timers.
-        worker_prefetch: Unacknowledged commands a worker holds at most.
+        worker_prefetch: Unacknowledged commands a worker holds at most (AMQP's
+            limit: 65535).
         worker_concurrency: A worker's lanes: handlers running at once, each lane
             in its own transaction on its own connection (the participant pool's
             size).
@@ -232,18 +260,20 @@ class Settings(BaseSettings):
     db_schema: str = Field(default="sagaflow", validation_alias="SAGAFLOW_SCHEMA")
     prefix: str = Field(default="sagaflow", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     delivery_limit: int = Field(default=5, ge=1)
-    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=MAX_MESSAGE_BYTES)
+    connect_timeout: float = Field(default=60.0, ge=1, allow_inf_nan=False)
     declare_topology: bool = True
     amqp_user_id: bool = False
     require_tls: bool = False
 
     coordinator_max_batch: int = Field(default=200, ge=1)
-    coordinator_prefetch: int = Field(default=400, ge=1)
+    coordinator_prefetch: int = Field(default=400, ge=1, le=MAX_PREFETCH)
     coordinator_concurrency: int = Field(default=2, ge=1)
-    coordinator_timer_interval: float = Field(default=0.25, gt=0)
+    coordinator_timer_interval: float = Field(default=0.25, gt=0, allow_inf_nan=False)
 
-    worker_prefetch: int = Field(default=200, ge=1)
-    worker_concurrency: int = Field(default=8, ge=1)
+    worker_prefetch: int = Field(default=200, ge=1, le=MAX_PREFETCH)
+    # a worker prefetches at least one command per lane
+    worker_concurrency: int = Field(default=8, ge=1, le=MAX_PREFETCH)
     worker_max_batch: int = Field(default=16, ge=1, le=64)
 
     signing_keys: SecretStr | None = None
@@ -278,6 +308,16 @@ class Settings(BaseSettings):
                 " gone runs again (docs/operations.md)"
             )
         return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        return _usable_url(value, ("amqp", "amqps"))
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return _usable_url(value, ("postgresql", "postgres"))
 
     @field_validator("log_level")
     @classmethod
@@ -357,6 +397,7 @@ class Settings(BaseSettings):
             self.amqp_url,
             self.topology(),
             max_message_bytes=self.max_message_bytes,
+            start_timeout=self.connect_timeout,
             connection_name=connection_name,
             keys=self.keys(),
             declare=self.declare_topology,

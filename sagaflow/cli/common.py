@@ -2,8 +2,10 @@
 
 Exit codes: ``0`` ok, ``1`` an operational failure (the database is down, no
 such saga...), ``2`` a usage error (bad arguments, bad settings, a
-``MODULE:ATTR`` that does not resolve). An error is one line on stderr; the
-traceback only with ``sagaflow --debug``.
+``MODULE:ATTR`` that does not resolve) or a process that cannot start: the
+database or the broker refused it (credentials, a missing database or vhost,
+an unmigrated schema) or did not answer within ``SAGAFLOW_CONNECT_TIMEOUT``.
+An error is one line on stderr; the traceback only with ``sagaflow --debug``.
 
 Tests swap the adapters by monkeypatching the public functions
 :func:`load_settings`, :func:`saga_store` and :func:`transport` of this module:
@@ -32,7 +34,7 @@ from rich.console import Console
 
 from sagaflow.cli.logs import configure_logging
 from sagaflow.config import Settings
-from sagaflow.core.errors import ConfigurationError, SagaflowError
+from sagaflow.core.errors import ConfigurationError, NotReachable, SagaflowError
 from sagaflow.core.ports import ParticipantStore, SagaStore, Transport
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.telemetry import Telemetry, setup_telemetry
@@ -222,6 +224,8 @@ def summarize_validation(exc: ValidationError, *, env: bool = False) -> str:
 def _describe(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, CliError):
         return exc.exit_code, exc.message
+    if isinstance(exc, NotReachable):
+        return EXIT_USAGE, f"{exc} (SAGAFLOW_CONNECT_TIMEOUT)"
     if isinstance(exc, ConfigurationError):
         return EXIT_USAGE, str(exc)
     if isinstance(exc, SagaflowError):

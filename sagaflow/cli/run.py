@@ -54,7 +54,8 @@ async def serve(
 
     Args:
         name: For log lines.
-        start: Connects and starts the component (may retry for a long time).
+        start: Connects and starts the component (retrying what heals for
+            ``SAGAFLOW_CONNECT_TIMEOUT`` at most).
         stop: The graceful stop.
         abort: Releases what a cancelled ``start`` may have opened.
         ready: Called once ``start`` returned (logs the "started" line).
@@ -148,6 +149,7 @@ def run_coordinator(
             concurrency=settings.coordinator_concurrency,
             timer_interval=settings.coordinator_timer_interval,
             max_message_bytes=settings.max_message_bytes,
+            start_timeout=settings.connect_timeout,
         )
         redacted = settings.redacted()
 
@@ -165,9 +167,14 @@ def run_coordinator(
                 },
             )
 
-        # stop() also releases a half-started coordinator: it closes transport and store
+        async def abort() -> None:
+            # start() failed or was stopped before anything was consumed: nothing to
+            # drain (stop() would try, and wait on a store that never opened)
+            await runner.transport.close()
+            await saga_store.close()
+
         try:
-            await serve("coordinator", runner.start, runner.stop, abort=runner.stop, ready=ready)
+            await serve("coordinator", runner.start, runner.stop, abort=abort, ready=ready)
         finally:
             await telemetry.aclose()  # flush the last spans and metrics
         log.info("coordinator exited")
@@ -213,6 +220,7 @@ def run_worker(
             concurrency=settings.worker_concurrency,
             max_batch=settings.worker_max_batch,
             max_message_bytes=settings.max_message_bytes,
+            start_timeout=settings.connect_timeout,
         )
 
         async def abort() -> None:
