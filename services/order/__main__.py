@@ -50,6 +50,7 @@ async def serve(settings: Settings, api: ApiSettings) -> bool:
         store=settings.participant_store("order"),
         prefetch=settings.worker_prefetch,
         concurrency=settings.worker_concurrency,
+        start_timeout=settings.connect_timeout,
     )
     app = create_app(settings, api=api, hooks=telemetry.hooks)
     server = _Server(
@@ -65,6 +66,8 @@ async def serve(settings: Settings, api: ApiSettings) -> bool:
             log.error("the HTTP API did not start")
         finally:  # the API stopped, or never started (port taken...): stop the worker too
             worker.request_stop()
+            if not server.started:  # a worker still connecting would not see the request
+                working.cancel()
 
     async def work() -> None:
         try:
