@@ -1,14 +1,17 @@
-"""``sagaflow db migrate``, ``sagaflow graph`` and ``sagaflow demo``."""
+"""``sagaflow db migrate``, ``sagaflow db prune``, ``sagaflow graph`` and ``sagaflow demo``."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 import os
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 
+from sagaflow.cli import common
 from sagaflow.cli.common import (
     CliError,
     UsageProblem,
@@ -18,13 +21,17 @@ from sagaflow.cli.common import (
     run_async,
 )
 from sagaflow.cli.resolve import import_module, load_sagas
+from sagaflow.config import MIN_INBOX_RETENTION, Settings, parse_duration
 from sagaflow.core.definition import to_mermaid
+from sagaflow.core.ports import Pruned
 
-__all__ = ["db_app", "demo", "graph", "migrate"]
+__all__ = ["db_app", "demo", "graph", "migrate", "prune"]
 
 log = logging.getLogger("sagaflow.cli")
 
-db_app = typer.Typer(name="db", help="Manage the database schema.", no_args_is_help=True)
+db_app = typer.Typer(
+    name="db", help="Manage the database: schema and retention.", no_args_is_help=True
+)
 
 
 @db_app.command("migrate")
@@ -63,6 +70,155 @@ def migrate(
             typer.echo(f"applied {version}")
     else:
         typer.echo(f"schema {target!r} is up to date")
+
+
+@db_app.command("prune")
+@guarded
+def prune(
+    participant: Annotated[
+        str | None,
+        typer.Option(
+            "--participant",
+            metavar="SERVICE",
+            help="Prune this participant's inbox instead (its workers also do it on their own).",
+        ),
+    ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            metavar="DURATION",
+            help="Keep what is younger (30d, 12h...); default: SAGAFLOW_RETENTION, or "
+            "SAGAFLOW_INBOX_RETENTION with --participant.",
+        ),
+    ] = None,
+    failed_older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--failed-older-than",
+            metavar="DURATION",
+            help="Also delete FAILED sagas this old; default: SAGAFLOW_FAILED_RETENTION "
+            "(unset: FAILED sagas are kept).",
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch", min=1, max=100_000, help="Rows per transaction (SAGAFLOW_PRUNE_BATCH)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Delete finished sagas (and their log) past their retention, or a participant's
+    old inbox rows, in short batches; safe while coordinators and workers run.
+
+    COMPLETED, COMPENSATED and CANCELLED sagas are deleted once their last change
+    is older than the retention; FAILED ones only with --failed-older-than (or
+    SAGAFLOW_FAILED_RETENTION). The coordinator runs the same prune every
+    SAGAFLOW_PRUNE_INTERVAL.
+    """
+    settings = current_settings()
+    size = batch or settings.prune_batch
+    started = time.monotonic()
+    if participant is not None:
+        keep = _duration(older_than, "--older-than") if older_than else settings.inbox_retention
+        report = _prune_inbox(settings, participant, keep, size)
+    else:
+        finished = _duration(older_than, "--older-than") if older_than else settings.retention
+        failed = (
+            _duration(failed_older_than, "--failed-older-than")
+            if failed_older_than
+            else settings.failed_retention
+        )
+        report = _prune_sagas(settings, finished, failed, size)
+    if report is None:
+        return
+    said = report.pop("said")
+    report["seconds"] = round(time.monotonic() - started, 3)
+    log.info("pruned", extra=report)
+    if as_json:
+        echo_json(report)
+    else:
+        typer.echo(f"{said} in {report['seconds']:.1f}s")
+
+
+def _prune_inbox(
+    settings: Settings, service: str, keep: float | None, batch: int
+) -> dict[str, Any] | None:
+    from sagaflow.runtime.retention import prune_inbox
+
+    if keep is None:
+        typer.echo("inbox rows are kept forever (SAGAFLOW_INBOX_RETENTION): nothing to do")
+        return None
+    if keep < MIN_INBOX_RETENTION:
+        raise UsageProblem(
+            "--older-than must be at least 1d for an inbox: a command redelivered after"
+            " its row is gone runs again (docs/operations.md)"
+        )
+    now = time.time()
+
+    async def go() -> int:
+        store = common.participant_store(settings, service)
+        await store.start()
+        try:
+            return await prune_inbox(store, keep, now, batch=batch)
+        finally:
+            await store.close()
+
+    deleted = run_async(go())
+    before = _iso(now - keep)
+    return {
+        "participant": service,
+        "schema": settings.participant_schema_for(service),
+        "before": before,
+        "inbox_rows": deleted,
+        "said": f"deleted {deleted} inbox rows of {service} written before {before}",
+    }
+
+
+def _prune_sagas(
+    settings: Settings, finished: float | None, failed: float | None, batch: int
+) -> dict[str, Any] | None:
+    from sagaflow.runtime.retention import Retention, prune_sagas
+
+    retention = Retention(finished=finished, failed=failed, batch=batch)
+    if not retention.prunes_sagas:
+        typer.echo("sagas are kept forever (SAGAFLOW_RETENTION): nothing to do")
+        return None
+    now = time.time()
+
+    async def go() -> Pruned:
+        async with common.opened_store(settings) as store:
+            return await prune_sagas(store, retention, now)
+
+    pruned = run_async(go())
+    before = None if finished is None else _iso(now - finished)
+    failed_before = None if failed is None else _iso(now - failed)
+    cutoffs = [f"finished before {before}"] if before else []
+    cutoffs += [f"FAILED before {failed_before}"] if failed_before else []
+    return {
+        "schema": settings.db_schema,
+        "before": before,
+        "failed_before": failed_before,
+        "sagas": pruned.sagas,
+        "log_entries": pruned.log_entries,
+        "said": f"deleted {pruned.sagas} sagas and {pruned.log_entries} log entries"
+        f" ({', '.join(cutoffs)})",
+    }
+
+
+def _duration(text: str, option: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise UsageProblem(f"{option}: {exc}") from None
+    if seconds is None or seconds <= 0:
+        raise UsageProblem(f"{option} needs a positive duration (30d, 12h...), not {text!r}")
+    return seconds
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 @guarded

@@ -43,6 +43,7 @@ from sagaflow.runtime.batching import Batcher, Deadline, dead_letter, give_back,
 from sagaflow.runtime.client import SagaClient, SagaHandle
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.relay import OutboxRelay
+from sagaflow.runtime.retention import Retention, prune_sagas, repeat
 from sagaflow.runtime.writer import Decided, SagaRegistry
 
 log = logging.getLogger("sagaflow.coordinator")
@@ -63,6 +64,8 @@ class Coordinator:
         timer_interval: Seconds between scans for due timers.
         relay_interval: Seconds between outbox polls when no commit wakes the relay.
         max_message_bytes: Larger replies are dead-lettered.
+        retention: Finished sagas past it are deleted with their log every
+            ``retention.interval`` seconds; ``None`` keeps them all.
         start_timeout: Seconds :meth:`start` keeps retrying a database or broker
             it cannot reach before it raises ``NotReachable``; ``None``: until
             they answer.
@@ -84,6 +87,7 @@ class Coordinator:
         relay_interval: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         start_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.client = SagaClient(sagas, store=store, clock=clock, ids=ids, hooks=hooks)
         self.registry = self.client.registry
@@ -95,6 +99,7 @@ class Coordinator:
         self.prefetch = prefetch
         self.timer_interval = timer_interval
         self.max_message_bytes = max_message_bytes
+        self.retention = retention
         self.start_timeout = start_timeout
         self.relay = OutboxRelay(
             store, transport, self.hooks, interval=relay_interval, sleep=self.clock.sleep
@@ -177,6 +182,8 @@ class Coordinator:
             asyncio.create_task(self.relay.run(), name="outbox-relay"),
             asyncio.create_task(self._timer_loop(), name="timers"),
         ]
+        if self.retention is not None and self.retention.prunes_sagas:
+            self._tasks.append(asyncio.create_task(self._prune_loop(), name="retention"))
         log.info("coordinator started: sagas=%s", [f"{s.name}@{s.version}" for s in self.registry])
 
     async def stop(self) -> None:
@@ -305,6 +312,16 @@ class Coordinator:
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         await dead_letter(
             delivery, reason, transport=self.transport, hooks=self.hooks, what="message"
+        )
+
+    async def _prune_loop(self) -> None:
+        retention = self.retention
+        assert retention is not None
+        await repeat(
+            lambda: prune_sagas(self.store, retention, self.clock.now()),
+            interval=retention.interval,
+            what="saga retention",
+            sleep=self.clock.sleep,
         )
 
     # ------------------------------------------------------------------ timers

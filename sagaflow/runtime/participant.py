@@ -63,6 +63,7 @@ from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransacti
 from sagaflow.logs import saga_fields
 from sagaflow.runtime.batching import HEALING, Deadline, dead_letter, give_back, retry_healing
 from sagaflow.runtime.hooks import Hooks, carrying
+from sagaflow.runtime.retention import Retention, prune_inbox, repeat
 
 log = logging.getLogger("sagaflow.worker")
 
@@ -206,6 +207,8 @@ class Worker:
             connection and in its own transaction.
         max_batch: Commands one lane handles in one transaction at most.
         max_message_bytes: Larger commands are dead-lettered.
+        retention: Inbox rows older than ``retention.inbox`` are deleted every
+            ``retention.interval`` seconds; ``None`` keeps them all.
         start_timeout: Seconds :meth:`start` keeps retrying a database or broker
             it cannot reach before it raises ``NotReachable``; ``None``: until
             they answer.
@@ -223,6 +226,7 @@ class Worker:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         start_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> None:
         if concurrency < 1 or max_batch < 1:
             raise ValueError("concurrency and max_batch must be at least 1")
@@ -235,6 +239,7 @@ class Worker:
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
         self.start_timeout = start_timeout
+        self.retention = retention
         self._waiting: asyncio.Queue[Delivery] = asyncio.Queue()
         self._loops: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()  # lanes handling commands
@@ -273,9 +278,22 @@ class Worker:
             for i in range(self.concurrency)
         ]
         await self.transport.consume(self._queue, self._waiting.put_nowait, prefetch=self.prefetch)
+        if self.retention is not None and self.retention.inbox is not None:
+            # with the lanes: stop() cancels it (it is never busy) and waits for it
+            self._loops.append(asyncio.create_task(self._prune_loop(), name="retention"))
         self._started = True
         log.info(
             "worker %s started: actions=%s", self.participant.service, self.participant.actions
+        )
+
+    async def _prune_loop(self) -> None:
+        retention = self.retention
+        assert retention is not None and retention.inbox is not None
+        keep = retention.inbox
+        await repeat(
+            lambda: prune_inbox(self.store, keep, time.time(), batch=retention.batch),
+            interval=retention.interval,
+            what=f"{self.participant.service} inbox retention",
         )
 
     async def _setup(self) -> None:
