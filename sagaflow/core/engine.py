@@ -558,6 +558,15 @@ def _seed(state: SagaState) -> str:
     return f"{state.saga_id}:{state.step_index}:{state.kind.value}:{state.attempt}"
 
 
+def postpone(state: SagaState, until: float) -> Decision:
+    """Move the saga's timer to ``until`` and change nothing else: what a
+    coordinator does with a due saga it could not decide (its definition raised),
+    so that it does not come back every scan and crowd out the others."""
+    if state.timer is None:
+        return Decision(state=state)
+    return Decision(state=_with(state, timer=state.timer.model_copy(update={"due_at": until})))
+
+
 def _with(state: SagaState, **changes: Any) -> SagaState:
     return state.model_copy(update=changes)
 

@@ -137,6 +137,8 @@ class Transport(Protocol):
 
         Raises:
             TransportError: a message was nacked, unroutable or the link failed.
+            MessageRejected: a message can never be sent (``too_large``); none
+                of the batch was.
         """
         ...
 
@@ -206,8 +208,13 @@ class SagaTransaction(Protocol):
         unknown ids are absent from the result."""
         ...
 
-    async def lock_due(self, now: float, limit: int) -> list[SagaState]:
-        """Lock up to ``limit`` sagas whose timer is due, skipping ones locked elsewhere."""
+    async def lock_due(
+        self, now: float, limit: int, kinds: Sequence[tuple[str, int]]
+    ) -> list[SagaState]:
+        """Lock up to ``limit`` sagas whose timer is due, earliest first, skipping
+        ones locked elsewhere and ones whose ``(saga_name, saga_version)`` is not
+        in ``kinds`` (a coordinator takes only what it can decide: sagas of a
+        definition it does not know must not fill its batches for ever)."""
         ...
 
     async def write(self, unit: UnitOfWork) -> None:

@@ -64,11 +64,11 @@ class Coordinator:
         timer_interval: Seconds between scans for due timers.
         relay_interval: Seconds between outbox polls when no commit wakes the relay.
         max_message_bytes: Larger replies are dead-lettered.
-        retention: Finished sagas past it are deleted with their log every
-            ``retention.interval`` seconds; ``None`` keeps them all.
         start_timeout: Seconds :meth:`start` keeps retrying a database or broker
             it cannot reach before it raises ``NotReachable``; ``None``: until
             they answer.
+        retention: Finished sagas past it are deleted with their log every
+            ``retention.interval`` seconds; ``None`` keeps them all.
     """
 
     def __init__(
@@ -99,8 +99,8 @@ class Coordinator:
         self.prefetch = prefetch
         self.timer_interval = timer_interval
         self.max_message_bytes = max_message_bytes
-        self.retention = retention
         self.start_timeout = start_timeout
+        self.retention = retention
         self.relay = OutboxRelay(
             store, transport, self.hooks, interval=relay_interval, sleep=self.clock.sleep
         )
@@ -338,36 +338,36 @@ class Coordinator:
             await self.clock.sleep(self.timer_interval)
 
     async def fire_timers(self, limit: int = 200) -> int:
-        """Apply every due timer once; returns how many fired."""
+        """Apply every due timer of the sagas this coordinator knows once; returns
+        how many fired. A saga whose definition raises is logged and postponed by
+        ``UNDECIDABLE_RETRY`` seconds, so one bad saga cannot hold the others up."""
         now = self.clock.now()
 
         def decide(states: Mapping[str, SagaState]) -> list[Decided]:
             decided: list[Decided] = []
             for state in states.values():
                 saga = self.registry.of(state)
-                if saga is None:
-                    log.error(
-                        "saga %s: definition %s v%s not registered here",
-                        state.saga_id,
-                        state.saga_name,
-                        state.saga_version,
-                        extra=saga_fields(state),
-                    )
-                    continue
+                assert saga is not None  # lock_due took only kinds it knows
                 try:
                     decision = engine.decide(saga, state, engine.TimerFired(), now)
                 except Exception:  # one saga's bug must not hold up every other timer
                     log.exception(
-                        "saga %s: deciding its due timer raised; left as it is",
+                        "saga %s: deciding its due timer raised; retrying in %.0fs",
                         state.saga_id,
+                        UNDECIDABLE_RETRY,
                         extra=saga_fields(state),
                     )
-                    continue
+                    decision = engine.postpone(state, now + UNDECIDABLE_RETRY)
                 if decision.changed:
                     decided.append(Decided(saga, state, decision))
             return decided
 
-        return len(await self.writer.commit(decide, due=(now, limit)))
+        kinds = [(saga.name, saga.version) for saga in self.registry]
+        return len(await self.writer.commit(decide, due=(now, limit, kinds)))
+
+
+UNDECIDABLE_RETRY = 60.0
+"""Seconds before the timer of a saga whose definition raised is tried again."""
 
 
 __all__ = ["Coordinator"]

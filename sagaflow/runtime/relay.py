@@ -16,6 +16,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from sagaflow.core.errors import MessageRejected
+from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import SagaStore, Transport
 from sagaflow.runtime.hooks import Hooks
 
@@ -77,9 +79,29 @@ class OutboxRelay:
                 return sent
 
     async def relay_once(self) -> int:
-        """Claim, publish and delete one batch of rows; returns how many."""
+        """Claim, publish and delete one batch of rows; returns how many.
+
+        A message the broker can never take (``MessageRejected``: larger than
+        the limit) must not hold up every message behind it: the batch is
+        published one message at a time and the refused one is dropped with an
+        error in the log and a ``dead_lettered`` count (queue ``outbox``). Its
+        saga's step then times out, as if the message were lost, and the step's
+        retries and compensation take over.
+        """
         async with self.store.claim_outbox(self.batch) as items:
-            if items:
-                with self.hooks.publishing([item.envelope for item in items]) as outgoing:
-                    await self.transport.publish(outgoing)
+            envelopes = [item.envelope for item in items]
+            try:
+                await self._publish(envelopes)
+            except MessageRejected:
+                for envelope in envelopes:
+                    try:
+                        await self._publish([envelope])
+                    except MessageRejected as exc:
+                        log.error("dropping outbox message %s: %s", envelope.message_id, exc)
+                        self.hooks.dead_lettered("outbox", str(exc))
             return len(items)
+
+    async def _publish(self, envelopes: list[Envelope]) -> None:
+        if envelopes:
+            with self.hooks.publishing(envelopes) as outgoing:
+                await self.transport.publish(outgoing)

@@ -89,7 +89,7 @@ class SagaWriter:
         decide: Decide,
         *,
         lock: Sequence[str] = (),
-        due: tuple[float, int] | None = None,
+        due: tuple[float, int, Sequence[tuple[str, int]]] | None = None,
         connection: Any = None,
     ) -> Sequence[Decided]:
         """Lock, decide, write and commit in one transaction; then tell the hooks
@@ -99,8 +99,9 @@ class SagaWriter:
             decide: Gets the locked states and returns the decisions; those that
                 change their saga are written (``before is None``: a new saga).
             lock: The ids of the sagas to lock and decide on (none for starts).
-            due: ``(now, limit)``: lock up to ``limit`` sagas whose timer is due
-                instead, skipping those another transaction holds.
+            due: ``(now, limit, kinds)``: lock up to ``limit`` sagas of ``kinds``
+                (name, version) whose timer is due instead, skipping those
+                another transaction holds.
             connection: The caller's connection, inside its open transaction: the
                 work commits with it.
 

@@ -82,10 +82,14 @@ class InMemorySagaTransaction:
                 found[saga_id] = state
         return found
 
-    async def lock_due(self, now: float, limit: int) -> list[SagaState]:
-        """Lock up to ``limit`` due sagas, earliest first, skipping ones locked elsewhere."""
+    async def lock_due(
+        self, now: float, limit: int, kinds: Sequence[tuple[str, int]]
+    ) -> list[SagaState]:
+        """Lock up to ``limit`` due sagas of ``kinds``, earliest first, skipping ones
+        locked elsewhere."""
         store = self._store
-        candidates = store._due(now, limit, self)
+        wanted = set(kinds)
+        candidates = store._due(now, limit, self, wanted)
         for saga_id, state in self._states.items():
             if state.wake_at is not None and state.wake_at <= now:
                 candidates.add(saga_id)
@@ -93,7 +97,9 @@ class InMemorySagaTransaction:
         for saga_id in candidates:
             current = self._current(saga_id)
             wake_at = None if current is None else current.wake_at
-            if current is not None and wake_at is not None and wake_at <= now:
+            if current is None or (current.saga_name, current.saga_version) not in wanted:
+                continue
+            if wake_at is not None and wake_at <= now:
                 due.append(current)
         due.sort(key=lambda s: (s.wake_at, s.saga_id))
         locked: list[SagaState] = []
@@ -299,8 +305,9 @@ class InMemorySagaStore:
             self._timers = [(w, s) for s, w in self._wake.items()]
             heapq.heapify(self._timers)
 
-    def _due(self, now: float, limit: int, txn: object) -> set[str]:
-        """Ids of committed sagas due at ``now``: at least ``limit`` not locked by others."""
+    def _due(self, now: float, limit: int, txn: object, kinds: set[tuple[str, int]]) -> set[str]:
+        """Ids of committed sagas due at ``now``: at least ``limit`` of ``kinds``
+        not locked by others."""
         timers, wake, locks = self._timers, self._wake, self._locks
         found: set[str] = set()
         free = 0
@@ -309,6 +316,9 @@ class InMemorySagaStore:
             if wake.get(saga_id) != wake_at or saga_id in found:
                 continue  # stale or duplicate
             found.add(saga_id)
+            saga = self._sagas.get(saga_id)
+            if saga is None or (saga.saga_name, saga.saga_version) not in kinds:
+                continue
             owner = locks.owner(saga_id)
             if owner is None or owner is txn:
                 free += 1

@@ -113,10 +113,15 @@ class PostgresSagaTransaction:
         states = [SagaState.model_validate_json(row[0]) for row in rows]
         return {state.saga_id: state for state in states}
 
-    async def lock_due(self, now: float, limit: int) -> list[SagaState]:
-        """Lock up to ``limit`` due sagas, earliest first, skipping rows locked elsewhere."""
+    async def lock_due(
+        self, now: float, limit: int, kinds: Sequence[tuple[str, int]]
+    ) -> list[SagaState]:
+        """Lock up to ``limit`` due sagas of ``kinds``, earliest first, skipping rows
+        locked elsewhere."""
+        names = [name for name, _ in kinds]
+        versions = [version for _, version in kinds]
         try:
-            rows = await self._conn.fetch(self._sql.lock_due, now, limit)
+            rows = await self._conn.fetch(self._sql.lock_due, now, limit, names, versions)
         except DB_ERRORS as exc:
             raise store_error(exc, "lock_due") from exc
         return [SagaState.model_validate_json(row[0]) for row in rows]

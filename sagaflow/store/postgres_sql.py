@@ -54,6 +54,8 @@ class SagaSql:
         )
         self.lock_due = (
             f"SELECT state::text FROM {s}.sagas WHERE wake_at <= to_timestamp($1::float8)"
+            " AND (saga_name, saga_version) IN"
+            " (SELECT * FROM unnest($3::text[], $4::integer[]))"
             " ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
         )
         self.schema = s

@@ -179,7 +179,8 @@ class InMemoryTransport:
 
     Args:
         topology: names of the exchanges and queues (and the delivery limit).
-        max_message_bytes: publishing a larger body raises ``TransportError``.
+        max_message_bytes: publishing a larger body raises ``MessageRejected``
+            (``too_large``): no retry can send it.
         keys: sign what is published, and replay only dead letters signed.
         close_timeout: seconds ``close()`` lets running callbacks finish.
     """
@@ -256,8 +257,8 @@ class InMemoryTransport:
         for envelope in envelopes:
             body = encode(envelope)
             if len(body) > self.max_message_bytes:
-                raise TransportError(
-                    f"message {envelope.message_id} is {len(body)} bytes, "
+                raise MessageRejected(
+                    f"too_large: message {envelope.message_id} is {len(body)} bytes, "
                     f"over the limit of {self.max_message_bytes}"
                 )
             exchange, routing_key = route(self.topology, envelope)

@@ -59,7 +59,7 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from sagaflow.config import redact_url
-from sagaflow.core.errors import ConfigurationError, TransportError
+from sagaflow.core.errors import ConfigurationError, MessageRejected, TransportError
 from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
 from sagaflow.core.signing import Keys
@@ -130,7 +130,8 @@ class RabbitMQTransport:
         url: ``amqp://user:password@host:port/vhost`` (query parameters such as
             ``heartbeat`` are passed to aio-pika).
         topology: names of the broker objects and the delivery limit.
-        max_message_bytes: publishing a larger body raises ``TransportError``.
+        max_message_bytes: publishing a larger body raises ``MessageRejected``
+            (``too_large``): no retry can send it.
         publish_timeout: seconds a publish (or ``consume``) waits for the broker,
             including a reconnection, before raising ``TransportError``.
         start_timeout: seconds ``start()`` waits for the first connection.
@@ -305,8 +306,8 @@ class RabbitMQTransport:
     def _outgoing(self, envelope: Envelope, now: datetime) -> Outgoing:
         body = encode(envelope)
         if len(body) > self.max_message_bytes:
-            raise TransportError(
-                f"message {envelope.message_id} is {len(body)} bytes, "
+            raise MessageRejected(
+                f"too_large: message {envelope.message_id} is {len(body)} bytes, "
                 f"over the limit of {self.max_message_bytes}"
             )
         exchange, routing_key = route(self.topology, envelope)

@@ -441,6 +441,20 @@ async def test_rollback_leaves_nothing(store: SagaStore) -> None:
 
 # --------------------------------------------------------------------------- timers
 
+KNOWN = [("create-order", 1)]
+"""The definitions the timer queries below ask for (what ``saga()`` makes)."""
+
+
+async def test_lock_due_takes_only_the_kinds_asked_for(store: SagaStore) -> None:
+    """Sagas of a definition the coordinator does not know never fill its batch:
+    205 of them, due earlier, stopped every other timeout (issue 11, item 4)."""
+    ghosts = [saga(f"ghost-{n:03}", name="ghost", wake_at=10.0 + n) for n in range(205)]
+    await insert(store, *ghosts, saga("known", wake_at=500.0))
+    async with store.transaction() as tx:
+        assert [s.saga_id for s in await tx.lock_due(1000.0, 200, KNOWN)] == ["known"]
+    async with store.transaction() as tx:
+        assert len(await tx.lock_due(1000.0, 300, [("ghost", 1)])) == 205
+
 
 async def test_lock_due_returns_due_sagas_earliest_first(store: SagaStore) -> None:
     await insert(
@@ -451,11 +465,11 @@ async def test_lock_due_returns_due_sagas_earliest_first(store: SagaStore) -> No
         saga("idle"),
     )
     async with store.transaction() as tx:
-        assert [s.saga_id for s in await tx.lock_due(1_000_025.0, 10)] == ["first", "second"]
+        assert [s.saga_id for s in await tx.lock_due(1_000_025.0, 10, KNOWN)] == ["first", "second"]
     async with store.transaction() as tx:
-        assert [s.saga_id for s in await tx.lock_due(1_000_100.0, 2)] == ["first", "second"]
+        assert [s.saga_id for s in await tx.lock_due(1_000_100.0, 2, KNOWN)] == ["first", "second"]
     async with store.transaction() as tx:
-        assert await tx.lock_due(1_000_000.0, 10) == []
+        assert await tx.lock_due(1_000_000.0, 10, KNOWN) == []
 
 
 async def test_lock_due_skips_sagas_locked_elsewhere(store: SagaStore) -> None:
@@ -473,12 +487,12 @@ async def test_lock_due_skips_sagas_locked_elsewhere(store: SagaStore) -> None:
     await locked.wait()
     try:
         async with store.transaction() as tx:
-            due = await asyncio.wait_for(tx.lock_due(100.0, 2), WAIT)
+            due = await asyncio.wait_for(tx.lock_due(100.0, 2, KNOWN), WAIT)
             assert [s.saga_id for s in due] == ["b", "c"]
 
             async def other() -> list[str]:
                 async with store.transaction() as tx2:
-                    return [s.saga_id for s in await tx2.lock_due(100.0, 10)]
+                    return [s.saga_id for s in await tx2.lock_due(100.0, 10, KNOWN)]
 
             assert await asyncio.wait_for(other(), WAIT) == []  # a held by holder, b/c by us
     finally:
@@ -489,16 +503,16 @@ async def test_lock_due_skips_sagas_locked_elsewhere(store: SagaStore) -> None:
 async def test_saving_a_new_timer_moves_the_saga(store: SagaStore) -> None:
     await insert(store, saga("s-1", wake_at=10.0))
     async with store.transaction() as tx:
-        [state] = await tx.lock_due(15.0, 10)
+        [state] = await tx.lock_due(15.0, 10, KNOWN)
         await tx.write(UnitOfWork(states=[state.model_copy(update={"timer": None})]))
     async with store.transaction() as tx:
-        assert await tx.lock_due(1e12, 10) == []
+        assert await tx.lock_due(1e12, 10, KNOWN) == []
         state = (await tx.lock(["s-1"]))["s-1"]
         timer = Timer(purpose="retry", step_index=0, kind=MessageKind.COMMAND, attempt=2, due_at=50)
         await tx.write(UnitOfWork(states=[state.model_copy(update={"timer": timer})]))
     async with store.transaction() as tx:
-        assert await tx.lock_due(40.0, 10) == []
-        assert [s.saga_id for s in await tx.lock_due(50.0, 10)] == ["s-1"]
+        assert await tx.lock_due(40.0, 10, KNOWN) == []
+        assert [s.saga_id for s in await tx.lock_due(50.0, 10, KNOWN)] == ["s-1"]
 
 
 # --------------------------------------------------------------------------- log and queries

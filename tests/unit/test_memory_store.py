@@ -15,6 +15,8 @@ from sagaflow.core.ports import UnitOfWork
 from sagaflow.core.state import SagaState, SagaStatus, Timer
 from sagaflow.store import InMemoryParticipantStore, InMemorySagaStore
 
+KINDS = [("create-order", 1)]
+
 
 def saga(saga_id: str, wake_at: float | None = None) -> SagaState:
     timer = None
@@ -61,7 +63,7 @@ async def test_a_cancelled_waiter_does_not_keep_the_lock() -> None:
     await hold
     await asyncio.gather(waiting, return_exceptions=True)
     async with store.transaction() as tx:
-        assert [s.saga_id for s in await tx.lock_due(10.0, 10)] == []
+        assert [s.saga_id for s in await tx.lock_due(10.0, 10, [("create-order", 1)])] == []
         assert await asyncio.wait_for(tx.lock(["s-1"]), 1) == {"s-1": saga("s-1")}
 
 
@@ -125,10 +127,10 @@ def test_lock_due_matches_a_full_scan(
             (s.wake_at, s.saga_id) for s in states if s.wake_at is not None and s.wake_at <= now
         )
         async with store.transaction() as tx:
-            got = [(s.wake_at, s.saga_id) for s in await tx.lock_due(float(now), limit)]
+            got = [(s.wake_at, s.saga_id) for s in await tx.lock_due(float(now), limit, KINDS)]
         assert got == expected[:limit]
         async with store.transaction() as tx:  # nothing was lost from the heap
-            again = [(s.wake_at, s.saga_id) for s in await tx.lock_due(float(now), 1000)]
+            again = [(s.wake_at, s.saga_id) for s in await tx.lock_due(float(now), 1000, KINDS)]
         assert again == expected
 
     asyncio.run(run())
