@@ -298,4 +298,3 @@ async def wait_for_letters(transport: Transport, count: int) -> list[DeadLetter]
             return list(letters)
         await asyncio.sleep(0.1)
     raise AssertionError(f"expected {count} dead letters")
-
