@@ -7,7 +7,7 @@ language-neutral description of it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -149,6 +149,10 @@ def decode(
         raise MessageRejected(f"not_json: {exc}") from None
     if not isinstance(raw, dict):
         raise MessageRejected("invalid: body must be a JSON object")
+    if "trace" in raw:  # it would go out unchecked as the headers of the replies
+        raise MessageRejected("invalid: trace context travels in headers, not in the body")
+    if _depth(raw) > MAX_DEPTH:
+        raise MessageRejected(f"invalid: the body nests deeper than {MAX_DEPTH} levels")
     if keys:
         action = raw.get("type")
         if not isinstance(action, str):
@@ -168,6 +172,34 @@ def decode(
     if not envelope.is_reply and envelope.outcome is not None:
         raise MessageRejected("invalid: only replies carry an 'outcome'")
     return envelope
+
+
+MAX_DEPTH = 64
+"""The deepest nesting of objects and arrays a body may have, the envelope
+itself being one level (orjson reads up to 1,024 levels but writes only 254,
+and validating a deeper one can exhaust the stack: a receiver must not accept
+what it cannot send on or store)."""
+
+
+def _depth(value: object) -> int:
+    """How deeply ``value`` nests objects and arrays (a scalar is 0)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children: Iterable[object]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > deepest:
+            deepest = level
+            if deepest > MAX_DEPTH:
+                return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 MAX_TRACE_HEADER = 512

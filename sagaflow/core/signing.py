@@ -157,7 +157,7 @@ class Keys:
             raise MessageRejected(
                 f"bad_signature: key {key_id!r} is {key.service}'s, the message is {service}'s"
             )
-        if not hmac.compare_digest(mac, _mac(key, body, headers)):
+        if not mac.isascii() or not hmac.compare_digest(mac, _mac(key, body, headers)):
             raise MessageRejected("bad_signature: the signature does not match the message")
 
 

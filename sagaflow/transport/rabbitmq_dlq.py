@@ -7,6 +7,7 @@ while it is looked at, so no message is seen twice and none is lost.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
@@ -99,7 +100,7 @@ def copy_message(
     the broker checks it against the connection's user)."""
     return aio_pika.Message(
         incoming.body,
-        headers=headers,
+        headers=_sendable(headers),
         content_type=incoming.content_type,
         content_encoding=incoming.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -114,3 +115,16 @@ def copy_message(
 
 def _as_dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     return as_dead_letter(message.message_id, message.body, text_headers(message.headers))
+
+
+def _sendable(value: Any) -> Any:
+    """Header values as AMQP can send them again: a long string that was not UTF-8
+    arrives as ``bytes``, which pamqp cannot encode (the copy would never go out
+    and the message would stay unsettled for good); it goes out as text."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {key: _sendable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_sendable(item) for item in value]
+    return value
