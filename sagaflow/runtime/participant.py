@@ -363,6 +363,10 @@ class Worker:
             except MessageRejected as exc:
                 await self._reject(delivery, exc.reason)
                 continue
+            except Exception as exc:  # a bug in reading it: the lane lives on
+                log.exception("%s: a command could not be read", self.participant.service)
+                await self._give_back(delivery, exc)
+                continue
             run = _Run(delivery.redelivered)
             commands.append(_Command(delivery, envelope, registration, command, run))
         if not commands:

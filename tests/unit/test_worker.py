@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -14,6 +15,7 @@ from sagaflow import Action, BusinessFailure, HandlerContext, Participant, Worke
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, decode
 from sagaflow.core.ports import Delivery, ParticipantTransaction, Topology
+from sagaflow.runtime import participant as participant_module
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.store import InMemoryParticipantStore
 from sagaflow.transport import InMemoryTransport
@@ -296,3 +298,41 @@ async def test_a_command_whose_handling_raises_outside_the_handler_is_dead_lette
     assert sorted(r.saga_id for r in got) == [f"saga-{n}" for n in range(10, 20) if n != 13]
     assert [d.reason for d in letters] == ["unhandled: RuntimeError: bug in a hook"]
     assert calls.count(13) == 1  # the handler's effect committed once; later tries found it
+
+
+async def test_a_command_that_cannot_be_read_does_not_end_its_lane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The header fuzzer found ``decode`` raising something other than
+    ``MessageRejected``: the exception ended the lane silently, the delivery
+    left unacknowledged, and ``concurrency`` such messages stopped the worker.
+    Whatever reading a command raises, it is given back (dead-lettered on its
+    last delivery) and the lane goes on."""
+    real = participant_module.decode
+
+    def flawed(body: bytes, *args: Any) -> Envelope:
+        if b"saga-13" in body:
+            raise TypeError("a bug in reading it")
+        return real(body, *args)
+
+    monkeypatch.setattr(participant_module, "decode", flawed)
+    bank = Participant("bank")
+
+    @bank.handler(charge)
+    async def pay(cmd: Charge, ctx: HandlerContext) -> Charged:
+        return Charged(n=cmd.n)
+
+    transport = InMemoryTransport(Topology(delivery_limit=2))
+    worker = Worker(bank, transport=transport, store=InMemoryParticipantStore(), concurrency=1)
+    async with running(worker) as bench:
+        await transport.publish([command(n) for n in range(10, 20)])
+        got = [await asyncio.wait_for(bench.replies.get(), 5) for _ in range(9)]
+        for _ in range(100):
+            if await transport.dead_letters():
+                break
+            await asyncio.sleep(0.01)
+        letters = await transport.dead_letters()
+        (later,) = await bench.send(command(30))  # the one lane still works
+    assert sorted(r.saga_id for r in got) == [f"saga-{n}" for n in range(10, 20) if n != 13]
+    assert [d.reason for d in letters] == ["unhandled: TypeError: a bug in reading it"]
+    assert later.outcome is Outcome.SUCCESS
