@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from typing import Any
 
 from rich.console import Console
@@ -180,6 +181,12 @@ def _cpu(group: str) -> Any:
     return lambda run: float(run["cpu_ms_per_saga"].get(group, 0.0))
 
 
+def _ratio(runs: list[dict[str, Any]], base: list[dict[str, Any]], pick: Any) -> float:
+    """The median of ``pick`` over ``runs`` divided by its median over ``base``."""
+    b = _median(base, pick)
+    return round(_median(runs, pick) / b, 3) if b else 0.0
+
+
 def signing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Signing on over off for sagaflow runs of the same workload (medians over repeats)."""
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
@@ -194,13 +201,7 @@ def signing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         off, on = by.get("off"), by.get("on")
         if not off or not on:
             continue
-
-        def ratio(
-            pick: Any, on: list[dict[str, Any]] = on, off: list[dict[str, Any]] = off
-        ) -> float:
-            b = _median(off, pick)
-            return round(_median(on, pick) / b, 3) if b else 0.0
-
+        ratio = partial(_ratio, on, off)
         rows.append(
             {
                 "kind": "signing_comparison",
@@ -240,12 +241,7 @@ def tracing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not base or not runs:
                 continue
 
-            def ratio(
-                pick: Any, runs: list[dict[str, Any]] = runs, base: list[dict[str, Any]] = base
-            ) -> float:
-                b = _median(base, pick)
-                return round(_median(runs, pick) / b, 3) if b else 0.0
-
+            ratio = partial(_ratio, runs, base)
             row: dict[str, Any] = {
                 "kind": "tracing_comparison",
                 "compare": f"{name}/{base_name}",
