@@ -82,6 +82,8 @@ class _Process:
     queue: str | None  # the queue it consumes, to tell when it is ready
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
+    # who it is (its broker user, say): under ``env``, and kept by restart(env=...)
+    identity: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
 
     @property
@@ -238,7 +240,7 @@ class Stack:
             proc.process = await asyncio.create_subprocess_exec(
                 *proc.argv,
                 cwd=ROOT,
-                env={**self.env, **proc.env},
+                env={**self.env, **proc.identity, **proc.env},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
@@ -309,6 +311,11 @@ class Stack:
         except StackError:
             return await self.kill(name, signal.SIGKILL)
 
+    def set_identity(self, name: str, env: Mapping[str, str]) -> None:
+        """Environment that says who process ``name`` is (its broker user, say):
+        applied under its own extra environment, and kept across restarts."""
+        self._get(name).identity = dict(env)
+
     async def restart(
         self, name: str, *, wait: bool = True, env: Mapping[str, str] | None = None
     ) -> None:
@@ -317,7 +324,8 @@ class Stack:
         Args:
             name: The process.
             wait: Wait until every process is ready again.
-            env: Replaces the process's own extra environment (see ``process_env``).
+            env: Replaces the process's own extra environment (see
+                ``process_env``); its identity (see :meth:`set_identity`) stays.
         """
         proc = self._get(name)
         if proc.alive:
