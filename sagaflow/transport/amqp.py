@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ __all__ = [
     "RabbitMQDelivery",
     "confirmed",
     "refusal",
+    "refused_for_good",
     "text_headers",
     "waves",
 ]
@@ -225,6 +227,26 @@ async def confirmed(underlay: aiormq.abc.AbstractChannel, wave: list[Outgoing]) 
         return [exc]
     except Exception as exc:
         return [exc]
+
+
+# Errors that mean "the broker said no" rather than "the link broke". (A vhost
+# the user may not open surfaces as InvalidFrameError: Connection.Close instead
+# of OpenOk.)
+_REFUSALS = (
+    aiormq.exceptions.AuthenticationError,
+    aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.InvalidFrameError,
+    aiormq.exceptions.AMQPChannelError,
+    ValueError,  # a URL option aio-pika cannot read
+)
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether a first connection that failed with ``exc`` will not heal by
+    retrying: the broker refused it (see :func:`refusal`), or the client refused
+    the broker's certificate (unknown CA, wrong host name: aiormq raises
+    AMQPConnectionError from the ssl error)."""
+    return isinstance(exc, _REFUSALS) or isinstance(exc.__cause__, ssl.SSLCertVerificationError)
 
 
 def refusal(exc: BaseException, *, where: str, vhost: str) -> str:

@@ -9,27 +9,15 @@ channel closes, the connection drops, or the broker cancels the consumer (the
 queue was deleted). Reconnection retries with back-off, forever, until
 ``close()``.
 
-Topology (all durable; see ``docs/protocol.md``)::
-
-    <prefix>.commands  direct --service--> <prefix>.service.<service>  (quorum)
-    <prefix>.replies   direct --"reply"--> <prefix>.replies            (quorum)
-    <prefix>.dlx       fanout -----------> <prefix>.dead-letter        (quorum)
-
-Service and reply queues carry ``x-delivery-limit`` and dead-letter to the DLX
-with the ``at-least-once`` strategy (which needs ``x-overflow:
-reject-publish``). The dead-letter queue has no delivery limit, so peeking at it
-never loses a message; it has a length and a byte limit with ``x-overflow:
-reject-publish``: once full it refuses more, and a message to dead-letter stays
-in its own queue, parked by the broker (not delivered again) until there is
-room, rather than pushing an older dead letter out. A message over
-``max_message_bytes`` is dead-lettered as a prefix (see ``bounds.py``).
+The broker objects it declares, and their arguments (quorum queues, delivery
+limits, a bounded dead-letter queue), are in ``rabbitmq_topology.py``; peeking,
+replaying and the copies it dead-letters, in ``rabbitmq_dlq.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,17 +28,11 @@ import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractQueue,
-    HeadersType,
 )
 from aio_pika.exceptions import (
     AMQPChannelError,
-    AuthenticationError,
     ChannelInvalidStateError,
-    ChannelPreconditionFailed,
     DeliveryError,
-    InvalidFrameError,
-    ProbableAuthenticationError,
     PublishError,
 )
 from aiormq.abc import DeliveredMessage
@@ -69,22 +51,21 @@ from sagaflow.transport.amqp import (
     RabbitMQDelivery,
     confirmed,
     refusal,
+    refused_for_good,
     waves,
 )
-from sagaflow.transport.bounds import bounded_body
-from sagaflow.transport.rabbitmq_dlq import copy_message, peek, replay
+from sagaflow.transport.rabbitmq_dlq import dead_letter_copy, peek, replay
+from sagaflow.transport.rabbitmq_topology import (
+    DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_MAX_MESSAGES,
+    Declarations,
+    close_quietly,
+)
 from sagaflow.transport.wire import (
-    H_ORIGINAL_EXCHANGE,
-    H_ORIGINAL_ROUTING_KEY,
-    H_REASON,
-    H_SOURCE_QUEUE,
-    REPLY_ROUTING_KEY,
-    dead_letter_id,
     deliver,
     message_headers,
     route,
     short_property,
-    truncate_reason,
 )
 
 __all__ = ["RabbitMQDelivery", "RabbitMQTransport"]
@@ -92,21 +73,8 @@ __all__ = ["RabbitMQDelivery", "RabbitMQTransport"]
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Errors that mean "the broker said no" rather than "the link broke": a first
-# connection failing with one fails start() at once. (A vhost the user may not
-# open surfaces as InvalidFrameError: Connection.Close instead of OpenOk.)
-_FATAL_CONNECT_ERRORS = (
-    AuthenticationError,
-    ProbableAuthenticationError,
-    InvalidFrameError,
-    AMQPChannelError,
-    ValueError,  # a URL option aio-pika cannot read
-)
-
 
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
-DEAD_LETTER_MAX_MESSAGES = 10_000
-DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -177,12 +145,13 @@ class RabbitMQTransport:
         if dead_letter_max_messages < 0 or dead_letter_max_bytes < 0:
             raise ValueError("dead-letter limits must be 0 (none) or more")
         self.topology = topology
-        self.dead_letter_max_messages = dead_letter_max_messages
-        self.dead_letter_max_bytes = dead_letter_max_bytes
-        # set when an existing dead-letter queue has other arguments: kept as it is
-        self._dead_letter_queue_as_found = False
+        self._broker = Declarations(
+            topology,
+            declare=declare,
+            dead_letter_max_messages=dead_letter_max_messages,
+            dead_letter_max_bytes=dead_letter_max_bytes,
+        )
         self.keys = keys
-        self.declare = declare
         self.user_id = user_id
         self.max_message_bytes = max_message_bytes
         self.publish_timeout = publish_timeout
@@ -234,7 +203,7 @@ class RabbitMQTransport:
             self._refused.clear()
             self._supervisor = asyncio.create_task(self._supervise(), name="sagaflow-amqp")
         elif added and self._ready.is_set():
-            await self._with_channel(partial(self._declare_services, services=sorted(added)))
+            await self._with_channel(partial(self._broker.declare_services, services=sorted(added)))
         await _wait_first((self._ready, self._refused), self.start_timeout)
         if not self._ready.is_set():
             if first:  # leave no background task behind a failed start
@@ -411,9 +380,9 @@ class RabbitMQTransport:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
             # Re-declaring is cheap and repairs a topology deleted behind our back.
-            await self._declare_topology(channel)
+            await self._broker.declare(channel, self._services)
         except BaseException:
-            await _close_quietly(channel)
+            await close_quietly(channel)
             raise
         return channel
 
@@ -437,7 +406,7 @@ class RabbitMQTransport:
         if self._closing or self._supervisor is None:
             raise TransportError("the transport is not started or is closed")
         consumer = _Consumer(queue=queue, callback=callback, prefetch=prefetch)
-        service = self._service_of(queue)
+        service = self._broker.service_of(queue)
         if service is not None:
             self._services.add(service)
         self._consumers.append(consumer)
@@ -481,7 +450,7 @@ class RabbitMQTransport:
                 return
             log.warning("consumer of %s stopped (%s); subscribing again", consumer.queue, why)
             if channel is not None:
-                await _close_quietly(channel)
+                await close_quietly(channel)
 
     async def _subscribe(
         self, connection: AbstractConnection, consumer: _Consumer
@@ -504,14 +473,14 @@ class RabbitMQTransport:
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             await channel.set_qos(prefetch_count=consumer.prefetch)
-            queue = await self._declare_for_consume(channel, consumer.queue)
+            queue = await self._broker.declare_for_consume(channel, consumer.queue, self._services)
             consumer.channel = channel
             consumer.acks = Acks(self._track)
             ok = await underlay.basic_consume(queue.name, partial(self._on_message, consumer))
             consumer.tag = ok.consumer_tag
         except BaseException:
             consumer.channel = None
-            await _close_quietly(channel)
+            await close_quietly(channel)
             raise
         return stopped
 
@@ -565,25 +534,12 @@ class RabbitMQTransport:
                 unsettled for the caller to nack.
         """
         source = delivery.queue
-        body, cut = bounded_body(delivery.body, self.max_message_bytes)
-        extra: HeadersType = {H_REASON: truncate_reason(reason), H_SOURCE_QUEUE: source, **cut}
-        if isinstance(delivery, RabbitMQDelivery):
-            incoming = delivery.message
-            ident = dead_letter_id(incoming.message_id, incoming.body)
-            extra[H_ORIGINAL_EXCHANGE] = incoming.exchange or ""
-            extra[H_ORIGINAL_ROUTING_KEY] = incoming.routing_key or ""
-            message = copy_message(incoming, {**incoming.headers, **extra}, message_id=ident)
-        else:
-            ident = dead_letter_id(None, delivery.body)
-            message = aio_pika.Message(
-                body,
-                headers={**delivery.headers, **extra},
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=ident,
-            )
-        dlx = self.topology.dead_letter_exchange
+        copy = dead_letter_copy(
+            delivery, reason, self.topology.dead_letter_exchange, self.max_message_bytes
+        )
+        ident = copy.message_id
         try:
-            await self._send([Outgoing(ident, dlx, source, body, message.properties)])
+            await self._send([copy])
         except TransportError as exc:
             refused = isinstance(exc.__cause__, DeliveryError)
             if not (refused and self._dead_letters_itself(source)):
@@ -601,7 +557,7 @@ class RabbitMQTransport:
 
     def _dead_letters_itself(self, queue: str) -> bool:
         """Whether the broker dead-letters what ``queue`` rejects (ours do, to the DLX)."""
-        return queue == self.topology.replies_queue or self._service_of(queue) is not None
+        return queue == self.topology.replies_queue or self._broker.service_of(queue) is not None
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Peek at up to ``limit`` dead letters; they stay in the queue, in order."""
@@ -645,108 +601,17 @@ class RabbitMQTransport:
         except Exception as exc:
             raise TransportError(f"RabbitMQ refused the operation: {exc!r}") from exc
         finally:
-            await _close_quietly(channel)
+            await close_quietly(channel)
 
     # ----------------------------------------------------------------- topology
 
     def dead_letter_arguments(self) -> dict[str, Any]:
         """The arguments of the dead-letter queue (quorum, and its limits if any)."""
-        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
-        if self.dead_letter_max_messages:
-            arguments["x-max-length"] = self.dead_letter_max_messages
-        if self.dead_letter_max_bytes:
-            arguments["x-max-length-bytes"] = self.dead_letter_max_bytes
-        if len(arguments) > 1:
-            # keep the oldest; what does not fit waits in its own queue (nothing lost)
-            arguments["x-overflow"] = "reject-publish"
-        return arguments
-
-    async def _check_dead_letter_queue(self, connection: AbstractConnection) -> None:
-        """Declare the dead-letter queue on a channel of its own: RabbitMQ refuses
-        (closing the channel) to redeclare a queue with other arguments, such as
-        one declared before it had limits. Such a queue is then kept as it is."""
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            await channel.declare_queue(
-                self.topology.dead_letter_queue,
-                durable=True,
-                arguments=self.dead_letter_arguments(),
-            )
-            self._dead_letter_queue_as_found = False
-        except ChannelPreconditionFailed as exc:
-            if not self._dead_letter_queue_as_found:
-                log.warning(
-                    "the dead-letter queue %s exists with other arguments than %s, kept as"
-                    " it is: RabbitMQ cannot change a queue's arguments. Bound it with a"
-                    " policy, or empty, delete and let it be declared again"
-                    " (docs/operations.md): %s",
-                    self.topology.dead_letter_queue,
-                    self.dead_letter_arguments(),
-                    exc,
-                )
-            self._dead_letter_queue_as_found = True
-        finally:
-            await _close_quietly(channel)
+        return self._broker.dead_letter_arguments()
 
     def queue_arguments(self) -> dict[str, Any]:
         """The arguments of service and reply queues (quorum, delivery limit, DLX)."""
-        return {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": self.topology.delivery_limit,
-            "x-dead-letter-exchange": self.topology.dead_letter_exchange,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        }
-
-    async def _declare_topology(self, channel: AbstractChannel) -> None:
-        t = self.topology
-        if not self.declare:  # check only: passive declares need no permission
-            for exchange in (t.commands_exchange, t.replies_exchange, t.dead_letter_exchange):
-                await channel.declare_exchange(exchange, passive=True)
-            for name in (t.replies_queue, t.dead_letter_queue):
-                await channel.declare_queue(name, passive=True)
-            await self._declare_services(channel, sorted(self._services))
-            return
-        direct, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.FANOUT
-        await channel.declare_exchange(t.commands_exchange, direct, durable=True)
-        replies = await channel.declare_exchange(t.replies_exchange, direct, durable=True)
-        dlx = await channel.declare_exchange(t.dead_letter_exchange, fanout, durable=True)
-        if self._dead_letter_queue_as_found:
-            dlq = await channel.declare_queue(t.dead_letter_queue, passive=True)
-        else:
-            dlq = await channel.declare_queue(
-                t.dead_letter_queue, durable=True, arguments=self.dead_letter_arguments()
-            )
-        await dlq.bind(dlx, routing_key="")
-        queue = await channel.declare_queue(
-            t.replies_queue, durable=True, arguments=self.queue_arguments()
-        )
-        await queue.bind(replies, routing_key=REPLY_ROUTING_KEY)
-        await self._declare_services(channel, sorted(self._services))
-
-    async def _declare_services(self, channel: AbstractChannel, services: Sequence[str]) -> None:
-        for service in services:
-            if not self.declare:
-                await channel.declare_queue(self.topology.service_queue(service), passive=True)
-                continue
-            queue = await channel.declare_queue(
-                self.topology.service_queue(service), durable=True, arguments=self.queue_arguments()
-            )
-            await queue.bind(self.topology.commands_exchange, routing_key=service)
-
-    async def _declare_for_consume(self, channel: AbstractChannel, name: str) -> AbstractQueue:
-        t = self.topology
-        if self._service_of(name) is not None or name in (t.replies_queue, t.dead_letter_queue):
-            # Ours to (re)create: it may have been deleted (that is why a consumer
-            # gets cancelled), and its bindings with it.
-            await self._declare_topology(channel)
-        return await channel.declare_queue(name, passive=True)
-
-    def _service_of(self, queue: str) -> str | None:
-        prefix = self.topology.service_queue("")
-        if queue.startswith(prefix) and len(queue) > len(prefix):
-            return queue[len(prefix) :]
-        return None
+        return self._broker.queue_arguments()
 
     # ----------------------------------------------------------------- connection
 
@@ -759,7 +624,7 @@ class RabbitMQTransport:
                 delay = self.reconnect_delay[0]
             except Exception as exc:
                 self._last_error = exc
-                if self.connections == 0 and _fatal(exc):
+                if self.connections == 0 and refused_for_good(exc):
                     self._refused.set()  # start() raises it: no retry to announce
                     log.debug("RabbitMQ at %s refused the connection: %r", self.safe_url, exc)
                     await asyncio.sleep(delay)
@@ -783,8 +648,7 @@ class RabbitMQTransport:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         try:
-            if self.declare:
-                await self._check_dead_letter_queue(connection)
+            await self._broker.check_dead_letter_queue(connection)
             channel = await self._open_publisher(connection)
             self._connection, self._channel = connection, channel
             self.connections += 1
@@ -796,7 +660,7 @@ class RabbitMQTransport:
         finally:
             self._ready.clear()
             self._connection = self._channel = None
-            await _close_quietly(connection)
+            await close_quietly(connection)
 
     async def _stop_supervisor(self) -> None:
         task, self._supervisor = self._supervisor, None
@@ -816,19 +680,3 @@ async def _wait_first(events: Sequence[asyncio.Event], timeout: float) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-def _fatal(exc: BaseException) -> bool:
-    """A first connection failing with this will not heal by retrying."""
-    # a certificate the client rejects (unknown CA, wrong host name) is a
-    # setting to fix; aiormq raises AMQPConnectionError from the ssl error
-    return isinstance(exc, _FATAL_CONNECT_ERRORS) or isinstance(
-        exc.__cause__, ssl.SSLCertVerificationError
-    )
-
-
-async def _close_quietly(closable: AbstractChannel | AbstractConnection) -> None:
-    try:
-        await closable.close()
-    except Exception as exc:
-        log.debug("closing %r failed: %r", closable, exc)

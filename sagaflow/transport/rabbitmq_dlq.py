@@ -1,7 +1,9 @@
-"""The dead-letter queue of the RabbitMQ transport: peeking and replaying.
+"""The dead-letter queue of the RabbitMQ transport: the copies it dead-letters,
+peeking and replaying.
 
-Both work on a short-lived channel of their own; a message stays unacked on it
-while it is looked at, so no message is seen twice and none is lost.
+Peeking and replaying work on a short-lived channel of their own; a message
+stays unacked on it while it is looked at, so no message is seen twice and none
+is lost.
 """
 
 from __future__ import annotations
@@ -13,15 +15,49 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
 from sagaflow.core.errors import MessageRejected, TransportError
-from sagaflow.core.ports import DeadLetter, Topology
+from sagaflow.core.ports import DeadLetter, Delivery, Topology
 from sagaflow.core.signing import Keys
-from sagaflow.transport.amqp import text_headers
-from sagaflow.transport.bounds import refuse_cut
-from sagaflow.transport.wire import as_dead_letter, is_death_header, replay_route
+from sagaflow.transport.amqp import Outgoing, RabbitMQDelivery, text_headers
+from sagaflow.transport.bounds import bounded_body, refuse_cut
+from sagaflow.transport.wire import (
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_REASON,
+    H_SOURCE_QUEUE,
+    as_dead_letter,
+    dead_letter_id,
+    is_death_header,
+    replay_route,
+    truncate_reason,
+)
 
-__all__ = ["copy_message", "peek", "replay"]
+__all__ = ["copy_message", "dead_letter_copy", "peek", "replay"]
 
 log = logging.getLogger("sagaflow.transport")
+
+
+def dead_letter_copy(delivery: Delivery, reason: str, exchange: str, max_bytes: int) -> Outgoing:
+    """The copy of ``delivery`` to publish to the dead-letter ``exchange``, with
+    ``reason`` and where it came from in its headers; a body over ``max_bytes``
+    is cut to a prefix, with its size and SHA-256 in headers."""
+    source = delivery.queue
+    body, cut = bounded_body(delivery.body, max_bytes)
+    extra: HeadersType = {H_REASON: truncate_reason(reason), H_SOURCE_QUEUE: source, **cut}
+    if isinstance(delivery, RabbitMQDelivery):
+        incoming = delivery.message
+        ident = dead_letter_id(incoming.message_id, incoming.body)
+        extra[H_ORIGINAL_EXCHANGE] = incoming.exchange or ""
+        extra[H_ORIGINAL_ROUTING_KEY] = incoming.routing_key or ""
+        message = copy_message(incoming, {**incoming.headers, **extra}, message_id=ident)
+    else:
+        ident = dead_letter_id(None, delivery.body)
+        message = aio_pika.Message(
+            body,
+            headers={**delivery.headers, **extra},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=ident,
+        )
+    return Outgoing(ident, exchange, source, body, message.properties)
 
 
 async def peek(channel: AbstractChannel, topology: Topology, limit: int) -> list[DeadLetter]:
