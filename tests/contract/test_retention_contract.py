@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -19,50 +18,9 @@ from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.ports import ParticipantStore, Pruned, SagaStore, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
 from sagaflow.runtime.retention import FINISHED, Retention, prune_inbox, prune_sagas
-from sagaflow.store import (
-    InMemoryParticipantStore,
-    InMemorySagaStore,
-    PostgresParticipantStore,
-    PostgresSagaStore,
-    migrate,
-)
 
-BACKENDS = ["memory", pytest.param("postgres", marks=pytest.mark.integration)]
 T0 = 1_700_000_000.0
 HOUR = 3600.0
-
-
-@pytest.fixture(params=BACKENDS)
-def database(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-async def store(database: str | None) -> AsyncIterator[SagaStore]:
-    saga_store: SagaStore
-    if database is None:
-        saga_store = InMemorySagaStore()
-    else:
-        await migrate(database)
-        saga_store = PostgresSagaStore(database)
-    await saga_store.start()
-    yield saga_store
-    await saga_store.close()
-
-
-@pytest.fixture
-async def participant(database: str | None) -> AsyncIterator[ParticipantStore]:
-    inbox: ParticipantStore
-    if database is None:
-        inbox = InMemoryParticipantStore()
-    else:
-        inbox = PostgresParticipantStore(database, schema="inventory")
-    await inbox.start()
-    yield inbox
-    await inbox.close()
 
 
 def saga(saga_id: str, status: SagaStatus, updated_at: float) -> SagaState:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,55 +17,13 @@ from sagaflow.core.errors import ConcurrencyConflict, StoreError
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.ports import TOMBSTONE, OutboxItem, ParticipantStore, SagaStore, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus, Timer
-from sagaflow.store import (
-    InMemoryParticipantStore,
-    InMemorySagaStore,
-    PostgresParticipantStore,
-    PostgresSagaStore,
-    migrate,
-)
 
 WAIT = 10.0  # the longest any single wait may take before the test fails
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-BACKENDS = ["memory", pytest.param("postgres", marks=pytest.mark.integration)]
 
 
 class Boom(Exception):
     """Raised by a test to abort a transaction."""
-
-
-@pytest.fixture(params=BACKENDS)
-def database(request: pytest.FixtureRequest) -> str | None:
-    """``None`` for the in-memory stores, else the URL of a fresh PostgreSQL database."""
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-async def store(database: str | None) -> AsyncIterator[SagaStore]:
-    saga_store: SagaStore
-    if database is None:
-        saga_store = InMemorySagaStore()
-    else:
-        await migrate(database)
-        saga_store = PostgresSagaStore(database)
-    await saga_store.start()
-    yield saga_store
-    await saga_store.close()
-
-
-@pytest.fixture
-async def participant(database: str | None) -> AsyncIterator[ParticipantStore]:
-    inbox: ParticipantStore
-    if database is None:
-        inbox = InMemoryParticipantStore()
-    else:
-        inbox = PostgresParticipantStore(database, schema="inventory")
-    await inbox.start()
-    yield inbox
-    await inbox.close()
 
 
 def saga(
