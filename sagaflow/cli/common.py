@@ -303,13 +303,26 @@ async def opened_transport(settings: Settings, *, name: str) -> AsyncIterator[Tr
 
 
 def stdout_console() -> Console:
-    """A rich console on the current stdout (created per call: tests swap stdout)."""
+    """A rich console on the current stdout (created per call: tests swap stdout).
+
+    Markup and emoji codes are off: every string printed is user data (ids such
+    as ``vb-1:hotel:command:1:reply``, reasons, step names) and must come out
+    exactly as stored, never with ``:hotel:`` turned into an emoji or
+    ``[red]`` into a style. Styles are given as :class:`rich.text.Text` instead.
+    """
     width = None
     if not sys.stdout.isatty():
         # piped output is grepped and parsed: never cut ids at 80 columns
         columns = os.environ.get("COLUMNS", "")
         width = int(columns) if columns.isdigit() else 200
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width)
+    return Console(
+        file=sys.stdout,
+        highlight=False,
+        markup=False,
+        emoji=False,
+        soft_wrap=False,
+        width=width,
+    )
 
 
 def echo_json(value: Any) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "render_show",
     "saga_document",
     "saga_summary",
+    "step_name",
     "steps",
     "trace_id",
 ]
@@ -86,13 +87,33 @@ def jaeger_link(jaeger_url: str | None, trace: str | None) -> str | None:
     return f"{redact_url(jaeger_url).rstrip('/')}/trace/{trace}"
 
 
-def saga_summary(state: SagaState) -> dict[str, Any]:
-    """One saga as ``sagas list --json`` prints it."""
+def step_name(state: SagaState, log: Sequence[LogEntry]) -> str | None:
+    """The name of the step the saga is at (or failed at), from its log.
+
+    The state keeps only the step's index; the log names each step it sent a
+    command or compensation for. A failure names its step itself.
+    """
+    for entry in reversed(log):
+        if entry.step is not None and entry.step_index == state.step_index:
+            return entry.step
+    if state.failure is not None and state.failure.step is not None:
+        return state.failure.step
+    return None
+
+
+def saga_summary(state: SagaState, *, step: str | None = None) -> dict[str, Any]:
+    """One saga as ``sagas list --json`` prints it.
+
+    Args:
+        state: The saga.
+        step: The name of its current step (:func:`step_name`), when known.
+    """
     return {
         "saga_id": state.saga_id,
         "saga_name": state.saga_name,
         "saga_version": state.saga_version,
         "status": state.status.value,
+        "step": step,
         "step_index": state.step_index,
         "kind": state.kind.value,
         "attempt": state.attempt,
@@ -237,7 +258,7 @@ def saga_document(
 ) -> dict[str, Any]:
     """One saga as ``sagas show --json`` prints it: state, steps and the raw log."""
     trace = trace_id(state)
-    document = saga_summary(state)
+    document = saga_summary(state, step=step_name(state, log))
     document.update(
         {
             "data": state.data,
@@ -278,18 +299,27 @@ def render_list(console: Console, summaries: Sequence[dict[str, Any]]) -> None:
     table.add_column("STATUS", no_wrap=True, min_width=widest("status"))
     table.add_column("STEP", overflow="fold")
     table.add_column("TRY", no_wrap=True)
-    table.add_column("UPDATED", overflow="fold")
+    table.add_column("UPDATED", no_wrap=True)
+    table.add_column("REASON", overflow="fold")
     for row in summaries:
+        failure = row["failure"]
         table.add_row(
             row["saga_id"],
             row["saga_name"],
             str(row["saga_version"]),
             _status(row["status"]),
-            f"#{row['step_index']} {row['kind']}",
+            _step_cell(row),
             str(row["attempt"]),
             row["updated_at"].replace("T", " ")[:19],
+            "" if failure is None else failure["reason"],
         )
     console.print(table)
+
+
+def _step_cell(row: dict[str, Any]) -> str:
+    """``reserve_hotel``, or ``reserve_hotel (compensation)`` while undoing it."""
+    name = row["step"] if row["step"] is not None else f"#{row['step_index']}"
+    return name if row["kind"] == MessageKind.COMMAND.value else f"{name} ({row['kind']})"
 
 
 def _offset(start: str | None, at: str | None) -> str:
@@ -308,7 +338,7 @@ def render_show(console: Console, doc: dict[str, Any]) -> None:
     console.print(head)
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="dim")
-    facts.add_column()
+    facts.add_column(overflow="fold")
     facts.add_row("saga id", doc["saga_id"])
     facts.add_row("created", doc["created_at"])
     facts.add_row("updated", doc["updated_at"])
@@ -320,13 +350,19 @@ def render_show(console: Console, doc: dict[str, Any]) -> None:
         facts.add_row("trace id", doc["trace_id"])
     if doc["jaeger_url"]:
         facts.add_row("jaeger", doc["jaeger_url"])
-    facts.add_row("data", Text(orjson.dumps(doc["data"]).decode()))
     console.print(facts)
+    # the data whole, one field a line, never wrapped into or cut by a table cell:
+    # operators copy values out of it
+    console.print("data", style="dim")
+    data = orjson.dumps(doc["data"], option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    for line in data.decode().splitlines():
+        console.print(Text(line), soft_wrap=True)
 
     console.print()
     table = Table(title="steps", title_justify="left", header_style="bold", show_lines=False)
     for column in ("#", "STEP", "KIND", "ACTION", "ATTEMPT", "SENT", "TOOK", "OUTCOME", "REASON"):
-        table.add_column(column, no_wrap=column not in ("REASON", "ACTION"))
+        # long values fold onto the next line; nothing is cut to "…"
+        table.add_column(column, overflow="fold")
     for step in doc["steps"]:
         for attempt in step["attempts"]:
             took = "" if attempt["duration"] is None else f"{attempt['duration']:.3f}s"
@@ -350,7 +386,7 @@ def render_show(console: Console, doc: dict[str, Any]) -> None:
     if notable:
         events = Table(title="events", title_justify="left", header_style="bold")
         for column in ("AT", "EVENT", "STEP", "DETAIL"):
-            events.add_column(column, no_wrap=column != "DETAIL")
+            events.add_column(column, overflow="fold")
         for entry in notable:
             detail = {k: v for k, v in entry["detail"].items() if k != "data"}
             events.add_row(

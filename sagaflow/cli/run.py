@@ -168,6 +168,14 @@ def run_coordinator(
                 },
             )
 
+        async def start() -> None:
+            await runner.start()
+            from sagaflow.store.postgres import PostgresSagaStore
+
+            if isinstance(saga_store, PostgresSagaStore):
+                # said once, where it matters: the process that writes the tables all day
+                await saga_store.warn_if_unvacuumed()
+
         async def abort() -> None:
             # start() failed or was stopped before anything was consumed: nothing to
             # drain (stop() would try, and wait on a store that never opened)
@@ -175,7 +183,7 @@ def run_coordinator(
             await saga_store.close()
 
         try:
-            await serve("coordinator", runner.start, runner.stop, abort=abort, ready=ready)
+            await serve("coordinator", start, runner.stop, abort=abort, ready=ready)
         finally:
             await telemetry.aclose()  # flush the last spans and metrics
         log.info("coordinator exited")

@@ -28,7 +28,13 @@ from sagaflow.cli.common import (
     stdout_console,
     summarize_validation,
 )
-from sagaflow.cli.render import render_list, render_show, saga_document, saga_summary
+from sagaflow.cli.render import (
+    render_list,
+    render_show,
+    saga_document,
+    saga_summary,
+    step_name,
+)
 from sagaflow.cli.resolve import load_sagas, split_specs
 from sagaflow.core.definition import Saga
 from sagaflow.core.state import SagaState, SagaStatus
@@ -158,11 +164,13 @@ def list_sagas(
     """List sagas, most recently updated first."""
     settings = current_settings()
 
-    async def go() -> list[SagaState]:
+    async def go() -> list[dict[str, Any]]:
         async with common.opened_store(settings) as store:
-            return await store.list(status=state, name=name, limit=limit)
+            found = await store.list(status=state, name=name, limit=limit)
+            # the state knows its step by index; the log names it
+            return [saga_summary(s, step=step_name(s, await store.log(s.saga_id))) for s in found]
 
-    summaries = [saga_summary(s) for s in run_async(go())]
+    summaries = run_async(go())
     if as_json:
         echo_json(summaries)
     elif not summaries:

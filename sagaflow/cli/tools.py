@@ -62,6 +62,7 @@ def migrate(
     else:
         target = schema or settings.db_schema
         applied = run_async(migrate_coordinator(settings.database_url, target))
+        run_async(_advise_on_vacuum(settings.database_url, target))
     log.info("migrated", extra={"schema": target, "applied": applied})
     if as_json:
         echo_json({"schema": target, "applied": applied})
@@ -70,6 +71,18 @@ def migrate(
             typer.echo(f"applied {version}")
     else:
         typer.echo(f"schema {target!r} is up to date")
+
+
+async def _advise_on_vacuum(dsn: str, schema: str) -> None:
+    """The autovacuum warning, once, where the tables are set up (not on every read)."""
+    from sagaflow.store.postgres import PostgresSagaStore
+
+    store = PostgresSagaStore(dsn, schema=schema, min_size=1, max_size=1)
+    await store.start()
+    try:
+        await store.warn_if_unvacuumed()
+    finally:
+        await store.close()
 
 
 @db_app.command("prune")

@@ -350,7 +350,6 @@ class PostgresSagaStore:
                 raise connect_error(exc, self._dsn, "read the schema") from exc
             raise
         self._pool = pool
-        await self._warn_if_unvacuumed()
 
     async def unvacuumed(self) -> list[str]:
         """What keeps autovacuum from the tables that churn: ``["server"]`` when the
@@ -368,12 +367,17 @@ class PostgresSagaStore:
         server_on, tables_off = row
         return ([] if server_on else ["server"]) + list(tables_off)
 
-    async def _warn_if_unvacuumed(self) -> None:
+    async def warn_if_unvacuumed(self) -> list[str]:
+        """Log a warning when :meth:`unvacuumed` finds anything; returns what it found.
+
+        Said where it matters, once: a coordinator at start and ``sagaflow db
+        migrate`` call it; reads (``sagas list``, the dashboard) do not.
+        """
         try:
             found = await self.unvacuumed()
         except DB_ERRORS as exc:  # advice only: never a reason not to start
             log.debug("could not read the autovacuum settings: %r", exc)
-            return
+            return []
         if found:
             where = [
                 "the server runs with autovacuum = off" if f == "server" else f"table {f}"
@@ -385,6 +389,7 @@ class PostgresSagaStore:
                 " VACUUM them regularly (docs/operations.md)",
                 "; ".join(where),
             )
+        return found
 
     async def close(self) -> None:
         """Close the pool and the listening connection."""

@@ -11,6 +11,7 @@ are acknowledged), then the process exits 0.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -94,7 +95,19 @@ async def serve(settings: Settings, api: ApiSettings) -> bool:
     return server.started
 
 
-def main() -> None:
+def _arguments(argv: list[str] | None = None) -> None:
+    """``--help`` prints what configures the service and exits; it takes no arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.order",
+        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
+        epilog="Configured by the environment: " + (__doc__ or "").split("\n\n", 1)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _arguments(argv)
     settings = Settings()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

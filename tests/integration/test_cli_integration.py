@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -66,6 +67,24 @@ async def test_db_migrate_is_idempotent(pg_url: str) -> None:
     again = await sagaflow("db", "migrate", "--json", env=env)
     assert again.code == 0, again.stderr
     assert again.json() == {"schema": "sagaflow", "applied": []}
+
+
+async def test_the_autovacuum_advice_comes_from_db_migrate_not_from_reads(pg_url: str) -> None:
+    env = _env(SAGAFLOW_DATABASE_URL=pg_url)
+    assert (await sagaflow("db", "migrate", env=env)).code == 0
+    conn = await asyncpg.connect(pg_url)
+    try:  # whatever the server's setting, this table will not be vacuumed
+        await conn.execute("ALTER TABLE sagaflow.outbox SET (autovacuum_enabled = off)")
+    finally:
+        await conn.close()
+    again = await sagaflow("db", "migrate", env=env)
+    assert again.code == 0, again.stderr
+    assert again.stderr.count("will not vacuum the saga tables") == 1
+    assert "table outbox" in again.stderr
+    for read in (("sagas", "list"), ("sagas", "list", "--json")):
+        run = await sagaflow(*read, env=env)
+        assert run.code == 0, run.stderr
+        assert "vacuum" not in run.stderr
 
 
 async def test_db_migrate_three_at_once(pg_url: str) -> None:
@@ -126,6 +145,11 @@ async def test_start_list_show_cancel(pg_url: str) -> None:
 async def test_coordinator_starts_and_stops_on_sigterm(pg_url: str, amqp_url: str) -> None:
     env = _env(SAGAFLOW_DATABASE_URL=pg_url, SAGAFLOW_AMQP_URL=amqp_url)
     assert (await sagaflow("db", "migrate", env=env)).code == 0
+    conn = await asyncpg.connect(pg_url)
+    try:  # the coordinator, the tables' writer, gives the advice at start
+        await conn.execute("ALTER TABLE sagaflow.sagas SET (autovacuum_enabled = off)")
+    finally:
+        await conn.close()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -149,6 +173,8 @@ async def test_coordinator_starts_and_stops_on_sigterm(pg_url: str, amqp_url: st
                     break
         ready = lines[-1]
         assert ready["sagas"] == ["sample@1"]
+        advice = [line for line in lines if "will not vacuum" in str(line["message"])]
+        assert len(advice) == 1 and "table sagas" in str(advice[0]["message"])
         assert "guest:guest" not in str(ready["amqp_url"])  # the password is masked
 
         process.send_signal(signal.SIGTERM)

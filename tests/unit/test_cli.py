@@ -392,6 +392,7 @@ def test_sagas_list_filters_and_prints_stable_json(
         "saga_name",
         "saga_version",
         "status",
+        "step",
         "step_index",
         "kind",
         "attempt",

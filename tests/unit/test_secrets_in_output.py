@@ -192,7 +192,7 @@ def test_the_order_service_logs_only_redacted_urls(
     monkeypatch.setenv("SAGAFLOW_DATABASE_URL", "postgresql://app:pg?p@ss@db/shop")
     monkeypatch.setenv("ORDER_API_TOKEN", "t0ken-that-is-long-enough")
     with caplog.at_level(logging.INFO, logger="services.order"):
-        order_main.main()
+        order_main.main([])
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert "order service on http://127.0.0.1:8000" in text
     for secret in ("mq/pa#ss", "pa#ss", "pg?p@ss", "p@ss", "t0ken-that-is-long-enough"):
