@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sagaflow.core.errors import ConfigurationError
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES
 from sagaflow.core.ports import Topology
+from sagaflow.core.schema import DEFAULT_STRICT
 from sagaflow.core.signing import Keys
 
 if TYPE_CHECKING:
@@ -210,6 +211,9 @@ class Settings(BaseSettings):
             ``user_id`` is not the connection's user.
         require_tls: Refuse a plaintext ``amqp://`` URL and a PostgreSQL URL
             without ``sslmode=require``, ``verify-ca`` or ``verify-full``.
+        strict_payloads: Validate payloads strictly: exact JSON types, no
+            undeclared fields (see :mod:`sagaflow.core.schema`); the same
+            default in every language.
         coordinator_max_batch: Replies handled per coordinator transaction at most.
         coordinator_prefetch: Unacknowledged replies a coordinator holds at most
             (AMQP's limit: 65535).
@@ -265,6 +269,7 @@ class Settings(BaseSettings):
     declare_topology: bool = True
     amqp_user_id: bool = False
     require_tls: bool = False
+    strict_payloads: bool = DEFAULT_STRICT
 
     coordinator_max_batch: int = Field(default=200, ge=1)
     coordinator_prefetch: int = Field(default=400, ge=1, le=MAX_PREFETCH)

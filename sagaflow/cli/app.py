@@ -53,6 +53,7 @@ app.add_typer(sagas.app, name="sagas")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(broker.app, name="broker")
 app.command("graph")(tools.graph)
+app.command("schema")(tools.schema)
 app.command("demo")(tools.demo)
 
 

@@ -149,6 +149,7 @@ def run_coordinator(
             concurrency=settings.coordinator_concurrency,
             timer_interval=settings.coordinator_timer_interval,
             max_message_bytes=settings.max_message_bytes,
+            strict_payloads=settings.strict_payloads,
             retention=settings.retention_policy(),
             start_timeout=settings.connect_timeout,
         )
@@ -229,6 +230,7 @@ def run_worker(
             concurrency=settings.worker_concurrency,
             max_batch=settings.worker_max_batch,
             max_message_bytes=settings.max_message_bytes,
+            strict_payloads=settings.strict_payloads,
             retention=settings.retention_policy(),
             start_timeout=settings.connect_timeout,
         )

@@ -1,4 +1,4 @@
-"""``sagaflow db migrate``, ``sagaflow db prune``, ``sagaflow graph`` and ``sagaflow demo``."""
+"""``sagaflow db migrate``, ``db prune``, ``graph``, ``schema`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from sagaflow.config import MIN_INBOX_RETENTION, Settings, parse_duration
 from sagaflow.core.definition import to_mermaid
 from sagaflow.core.ports import Pruned
 
-__all__ = ["db_app", "demo", "graph", "migrate", "prune"]
+__all__ = ["db_app", "demo", "graph", "migrate", "prune", "schema"]
 
 log = logging.getLogger("sagaflow.cli")
 
@@ -241,6 +241,40 @@ def graph(
     """Print a saga definition as a Mermaid flowchart."""
     sagas = load_sagas([spec])
     typer.echo("\n".join(to_mermaid(saga) for saga in sagas), nl=False)
+
+
+@guarded
+def schema(
+    specs: Annotated[
+        list[str],
+        typer.Argument(metavar="MODULE:ATTR...", help="Sagas (or lists of them) whose actions."),
+    ],
+    service: Annotated[
+        str | None, typer.Option("--service", help="Only this service's actions.")
+    ] = None,
+    strict: Annotated[
+        bool | None,
+        typer.Option(
+            "--strict/--lax",
+            help="Schemas for strict or lax payload validation (default: "
+            "SAGAFLOW_STRICT_PAYLOADS, true).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print the JSON Schema of every action's command and reply, as JSON.
+
+    For participants in other languages: the schemas are draft 2020-12, like
+    the envelope's in docs/protocol.md, and each action lists the steps that
+    send it with their timeout and retry policy.
+    """
+    from sagaflow.core.schema import action_schemas
+
+    chosen = current_settings().strict_payloads if strict is None else strict
+    exported = action_schemas(load_sagas(specs), strict=chosen, service=service)
+    if service is not None and not exported["actions"]:
+        raise UsageProblem(f"no action of service {service!r} in {' '.join(specs)}")
+    echo_json(exported)
 
 
 @guarded

@@ -30,12 +30,14 @@ from pydantic import BaseModel, ValidationError
 
 from sagaflow.core.definition import Saga, Step, StepKind
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, command_id
+from sagaflow.core.schema import DEFAULT_STRICT, validate_payload
 from sagaflow.core.state import Failure, LogEntry, LogEvent, SagaState, SagaStatus, Timer
 
 
 @dataclass(frozen=True)
 class ReplyReceived:
     envelope: Envelope
+    strict: bool = DEFAULT_STRICT  # how a success payload is validated (core/schema.py)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def start(
 def decide(saga: Saga[Any], state: SagaState, event: Event, now: float) -> Decision:
     """Apply one event to a saga instance."""
     if isinstance(event, ReplyReceived):
-        return _on_reply(saga, state, event.envelope, now)
+        return _on_reply(saga, state, event.envelope, now, event.strict)
     if isinstance(event, TimerFired):
         return _on_timer(saga, state, now)
     if isinstance(event, CancelRequested):
@@ -140,7 +142,9 @@ def decide(saga: Saga[Any], state: SagaState, event: Event, now: float) -> Decis
 # --------------------------------------------------------------------------- events
 
 
-def _on_reply(saga: Saga[Any], state: SagaState, env: Envelope, now: float) -> Decision:
+def _on_reply(
+    saga: Saga[Any], state: SagaState, env: Envelope, now: float, strict: bool
+) -> Decision:
     if env.saga_name != state.saga_name:
         return Decision(
             state, rejected=f"reply names saga {env.saga_name!r}, not {state.saga_name!r}"
@@ -178,7 +182,7 @@ def _on_reply(saga: Saga[Any], state: SagaState, env: Envelope, now: float) -> D
 
     if env.outcome is Outcome.SUCCESS:
         try:
-            reply = step.action.reply.model_validate(env.payload)
+            reply = validate_payload(step.action.reply, env.payload, strict=strict)
         except ValidationError as exc:
             return Decision(state, rejected=f"reply payload invalid for {step.action.type}: {exc}")
         return _step_succeeded(saga, state, step, reply, env.trace, now, log)

@@ -149,6 +149,8 @@ def decode(
         raise MessageRejected(f"not_json: {exc}") from None
     if not isinstance(raw, dict):
         raise MessageRejected("invalid: body must be a JSON object")
+    # null means absent, for every field: senders omit what would be null
+    raw = {name: value for name, value in raw.items() if value is not None}
     if "trace" in raw:  # it would go out unchecked as the headers of the replies
         raise MessageRejected("invalid: trace context travels in headers, not in the body")
     if _depth(raw) > MAX_DEPTH:

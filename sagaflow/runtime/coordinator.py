@@ -37,6 +37,7 @@ from sagaflow.core.definition import Saga
 from sagaflow.core.errors import MessageRejected
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, decode
 from sagaflow.core.ports import Clock, Delivery, IdFactory, SagaStore, Transport
+from sagaflow.core.schema import DEFAULT_STRICT
 from sagaflow.core.state import SagaState
 from sagaflow.logs import saga_fields
 from sagaflow.runtime.batching import Batcher, Deadline, dead_letter, give_back, retry_healing
@@ -63,6 +64,7 @@ class Coordinator:
         concurrency: Batches of replies in progress at once.
         timer_interval: Seconds between scans for due timers.
         relay_interval: Seconds between outbox polls when no commit wakes the relay.
+        strict_payloads: Validate success replies strictly (see :mod:`sagaflow.core.schema`).
         max_message_bytes: Larger replies are dead-lettered.
         start_timeout: Seconds :meth:`start` keeps retrying a database or broker
             it cannot reach before it raises ``NotReachable``; ``None``: until
@@ -86,6 +88,7 @@ class Coordinator:
         timer_interval: float = 0.25,
         relay_interval: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        strict_payloads: bool = DEFAULT_STRICT,
         start_timeout: float | None = None,
         retention: Retention | None = None,
     ) -> None:
@@ -99,6 +102,7 @@ class Coordinator:
         self.prefetch = prefetch
         self.timer_interval = timer_interval
         self.max_message_bytes = max_message_bytes
+        self.strict_payloads = strict_payloads
         self.start_timeout = start_timeout
         self.retention = retention
         self.relay = OutboxRelay(
@@ -277,7 +281,9 @@ class Coordinator:
                 verdicts[index] = f"unknown_saga_id: {envelope.saga_id!r}"
                 continue
             with self.hooks.processing(envelope, delivery.queue):
-                decision = engine.decide(saga, state, engine.ReplyReceived(envelope), now)
+                decision = engine.decide(
+                    saga, state, engine.ReplyReceived(envelope, self.strict_payloads), now
+                )
             if decision.rejected:
                 verdicts[index] = f"rejected: {decision.rejected}"
                 continue

@@ -60,6 +60,7 @@ from sagaflow.core.messages import (
     decode,
 )
 from sagaflow.core.ports import Delivery, ParticipantStore, ParticipantTransaction, Transport
+from sagaflow.core.schema import DEFAULT_STRICT, validate_payload
 from sagaflow.logs import saga_fields
 from sagaflow.runtime.batching import HEALING, Deadline, dead_letter, give_back, retry_healing
 from sagaflow.runtime.hooks import Hooks, carrying
@@ -207,6 +208,7 @@ class Worker:
             connection and in its own transaction.
         max_batch: Commands one lane handles in one transaction at most.
         max_message_bytes: Larger commands are dead-lettered.
+        strict_payloads: Validate commands strictly (see :mod:`sagaflow.core.schema`).
         retention: Inbox rows older than ``retention.inbox`` are deleted every
             ``retention.interval`` seconds; ``None`` keeps them all.
         start_timeout: Seconds :meth:`start` keeps retrying a database or broker
@@ -225,6 +227,7 @@ class Worker:
         concurrency: int = DEFAULT_CONCURRENCY,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        strict_payloads: bool = DEFAULT_STRICT,
         start_timeout: float | None = None,
         retention: Retention | None = None,
     ) -> None:
@@ -238,6 +241,7 @@ class Worker:
         self.concurrency = concurrency
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
+        self.strict_payloads = strict_payloads
         self.start_timeout = start_timeout
         self.retention = retention
         self._waiting: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -425,7 +429,9 @@ class Worker:
         if registration is None:
             raise MessageRejected(f"unknown_action: {envelope.type}")
         try:
-            command = registration.action.command.model_validate(envelope.payload)
+            command = validate_payload(
+                registration.action.command, envelope.payload, strict=self.strict_payloads
+            )
         except ValidationError as exc:
             raise MessageRejected(f"invalid_command: {envelope.type}: {exc.errors()[:3]}") from None
         return envelope, registration, command
