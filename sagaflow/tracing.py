@@ -401,6 +401,7 @@ class TracingHooks(Hooks):
 _TRANSITIONS: dict[LogEvent, tuple[str, bool]] = {
     LogEvent.RETRY_SCHEDULED: ("retry", True),
     LogEvent.TIMED_OUT: ("timeout", True),
+    LogEvent.STEP_SKIPPED: ("skip", True),
     LogEvent.COMPENSATION_STARTED: ("rollback", True),
     LogEvent.COMPENSATION_SENT: ("compensate", True),
     LogEvent.CANCEL_REQUESTED: ("cancel", False),

@@ -6,7 +6,9 @@ disagree.
 
 A saga's *steps* are the phases of its log in order: each forward command and
 each compensation that was sent, with every attempt (when it was sent, when and
-how it was answered, whether it timed out, the back-off before the next one).
+how it was answered, whether it timed out, the back-off before the next one),
+and each step skipped because its ``when=`` condition was false (outcome
+``skipped``, no attempts).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _ATTEMPT_EVENTS = frozenset(
     {
+        LogEvent.STEP_SKIPPED,
         LogEvent.COMMAND_SENT,
         LogEvent.COMPENSATION_SENT,
         LogEvent.REPLY_RECEIVED,
@@ -59,6 +62,7 @@ _OUTCOME_STYLE = {
     "success": "green",
     "failure": "red",
     "error": "yellow",
+    "skipped": "dim",
     "timeout": "yellow",
     "pending": "cyan",
     "no_reply": "dim",
@@ -140,6 +144,7 @@ class _Phase:
         self.kind = entry.kind
         self.type: str | None = None
         self.attempts: dict[int, dict[str, Any]] = {}
+        self.skipped_at: float | None = None  # its when= condition was false
 
     def attempt(self, number: int) -> dict[str, Any]:
         if number not in self.attempts:
@@ -157,7 +162,9 @@ class _Phase:
     def add(self, entry: LogEntry) -> None:
         number = entry.attempt or 1
         detail = entry.detail
-        if entry.event in (LogEvent.COMMAND_SENT, LogEvent.COMPENSATION_SENT):
+        if entry.event is LogEvent.STEP_SKIPPED:
+            self.skipped_at = entry.at
+        elif entry.event in (LogEvent.COMMAND_SENT, LogEvent.COMPENSATION_SENT):
             self.type = detail.get("type") or self.type
             record = self.attempt(number)
             record["sent"] = record["sent"] if record["sent"] is not None else entry.at
@@ -204,6 +211,18 @@ class _Phase:
                     "retry_delay": record["retry_delay"],
                 }
             )
+        if self.skipped_at is not None:
+            return {
+                "step": self.step,
+                "step_index": self.index,
+                "kind": self.kind.value if self.kind is not None else None,
+                "type": None,
+                "outcome": "skipped",
+                "attempts": [],
+                "started_at": None,
+                "finished_at": iso(self.skipped_at),
+                "duration": None,
+            }
         sent = [r["sent"] for r in self.attempts.values() if r["sent"] is not None]
         last = self.attempts[max(self.attempts)] if self.attempts else None
         finished = last["answered"] if last is not None else None
@@ -263,6 +282,8 @@ def saga_document(
         {
             "data": state.data,
             "completed_steps": list(state.completed),
+            "skipped_steps": list(state.skipped),
+            "fingerprint": state.fingerprint,
             "to_compensate": list(state.to_compensate),
             "cancelled": state.cancelled,
             "timer": _timer(state),
@@ -364,6 +385,18 @@ def render_show(console: Console, doc: dict[str, Any]) -> None:
         # long values fold onto the next line; nothing is cut to "…"
         table.add_column(column, overflow="fold")
     for step in doc["steps"]:
+        if step["outcome"] == "skipped":
+            table.add_row(
+                str(step["step_index"]),
+                step["step"] or "",
+                step["kind"] or "",
+                "",
+                "",
+                _offset(doc["created_at"], step["finished_at"]),
+                "",
+                Text("skipped", style="dim"),
+                "condition (when=) was false",
+            )
         for attempt in step["attempts"]:
             took = "" if attempt["duration"] is None else f"{attempt['duration']:.3f}s"
             reason = attempt["reason"] or ""

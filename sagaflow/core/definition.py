@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from sagaflow.core.errors import DefinitionError
+from sagaflow.core.fingerprint import record_of
 
 D = TypeVar("D", bound=BaseModel)
 C = TypeVar("C", bound=BaseModel)
@@ -112,6 +113,10 @@ class Step(Generic[D]):
             saga ends FAILED and needs an operator.
         timeout: Seconds to wait for a reply before the attempt counts as failed.
         retriable: Marks a step after the pivot: it cannot fail for good.
+        when: A pure predicate over the saga data, evaluated when the saga reaches
+            the step: when it returns false the step is skipped (logged as
+            skipped, never sent, never compensated). Not allowed on the pivot,
+            whose outcome decides whether the saga can still be undone.
     """
 
     name: str
@@ -126,6 +131,7 @@ class Step(Generic[D]):
     )
     timeout: float = 30.0
     retriable: bool = False
+    when: Callable[[D], bool] | None = None
 
     @property
     def kind(self) -> StepKind:
@@ -163,6 +169,9 @@ class Saga(Generic[D]):
         self.data_model: type[D] = data
         self.steps: tuple[Step[D], ...] = tuple(steps)
         self._validate()
+        self.fingerprint: str = record_of(self).fingerprint
+        """A hash of the definition's shape (steps, actions, kinds, order): see
+        :mod:`sagaflow.core.fingerprint`."""
 
     def _validate(self) -> None:
         seen: set[str] = set()
@@ -193,6 +202,14 @@ class Saga(Generic[D]):
                     f"{where}: comes after the point of no return ({past_pivot!r}); "
                     "it must be retriable (retriable=True, no compensation)"
                 )
+            if step.when is not None and not callable(step.when):
+                raise DefinitionError(f"{where}: when must be a function of the saga data")
+            if step.when is not None and step.kind is StepKind.PIVOT:
+                raise DefinitionError(
+                    f"{where}: the pivot cannot be conditional (when=): whether the saga "
+                    "can still be undone must not depend on the data; make the steps "
+                    "around it conditional instead"
+                )
             if step.kind is not StepKind.COMPENSATABLE:
                 past_pivot = step.name
 
@@ -217,7 +234,8 @@ def to_mermaid(saga: Saga[Any]) -> str:
     previous = "start"
     for index, step in enumerate(saga.steps):
         node = f"s{index}"
-        label = f"{step.name}<br/>{step.action.type}<br/><i>{step.kind.value}</i>"
+        kind = step.kind.value if step.when is None else f"{step.kind.value}, when"
+        label = f"{step.name}<br/>{step.action.type}<br/><i>{kind}</i>"
         lines.append(f'    {node}["{label}"]')
         lines.append(f"    {previous} --> {node}")
         if step.compensation is not None:
@@ -225,6 +243,11 @@ def to_mermaid(saga: Saga[Any]) -> str:
         previous = node
     lines.append('    done(["COMPLETED"])')
     lines.append(f"    {previous} --> done")
+    for index, step in enumerate(saga.steps):
+        if step.when is not None:  # a condition that is false goes straight on
+            came = "start" if index == 0 else f"s{index - 1}"
+            goes = "done" if index == len(saga.steps) - 1 else f"s{index + 1}"
+            lines.append(f"    {came} -. skipped .-> {goes}")
     comps = [i for i, s in enumerate(saga.steps) if s.compensation is not None]
     if comps:
         lines.append('    compensated(["COMPENSATED"])')

@@ -17,6 +17,8 @@ Rules worth knowing (docs/concepts.md explains them):
   compensation handler runs only when the command did take effect.
 * A business failure is definitive (participants record it), so the failing
   step itself is not compensated.
+* A step whose ``when=`` condition is false when the saga reaches it is
+  skipped: logged (``step_skipped``), never sent, never compensated.
 * A pivot that times out is retried until it answers: its outcome decides
   whether the saga can still be undone. Retriable steps are retried forever.
 """
@@ -123,9 +125,10 @@ def start(
         created_at=now,
         updated_at=now,
         trace=dict(trace or {}),
+        fingerprint=saga.fingerprint,
     )
     entry = _entry(saga, state, now, LogEvent.STARTED, detail={"data": state.data})
-    return _dispatch(saga, state, 0, MessageKind.COMMAND, 1, now, [entry], new_round=True)
+    return _enter(saga, state, 0, now, [entry])
 
 
 def decide(saga: Saga[Any], state: SagaState, event: Event, now: float) -> Decision:
@@ -299,10 +302,43 @@ def _step_succeeded(
         timer=None,
         updated_at=now,
     )
-    following = state.step_index + 1
-    if following < len(saga.steps):
-        return _dispatch(saga, done, following, MessageKind.COMMAND, 1, now, log, new_round=True)
-    final = _with(done, status=SagaStatus.COMPLETED)
+    return _enter(saga, done, state.step_index + 1, now, log)
+
+
+def _enter(
+    saga: Saga[Any], state: SagaState, index: int, now: float, log: list[LogEntry]
+) -> Decision:
+    """Reach step ``index``: skip it (and the next) while its condition is false, send
+    the first one whose condition holds, or complete the saga past the last."""
+    while index < len(saga.steps):
+        step = saga.steps[index]
+        if step.when is None:
+            break
+        try:
+            holds = bool(step.when(saga.data_model.model_validate(state.data)))
+        except Exception as exc:  # user code: a bug here fails the step, never the engine
+            moved = _with(state, step_index=index, kind=MessageKind.COMMAND, attempt=1)
+            failure = Failure(step=step.name, reason=f"when raised {exc!r}", cause="failure")
+            if step.kind is StepKind.RETRIABLE:
+                return _fail(saga, moved, failure, now, log)
+            return _begin_compensation(saga, moved, failure, now, log, abandon_current=False)
+        if holds:
+            break
+        state = _with(
+            state,
+            step_index=index,
+            kind=MessageKind.COMMAND,
+            attempt=1,
+            round_start=1,
+            uncertain=False,
+            skipped=(*state.skipped, index),
+            updated_at=now,
+        )
+        log.append(_entry(saga, state, now, LogEvent.STEP_SKIPPED, detail={"reason": "when"}))
+        index += 1
+    if index < len(saga.steps):
+        return _dispatch(saga, state, index, MessageKind.COMMAND, 1, now, log, new_round=True)
+    final = _with(state, status=SagaStatus.COMPLETED, awaiting=False, timer=None, updated_at=now)
     log.append(_entry(saga, final, now, LogEvent.COMPLETED))
     return Decision(final, log=tuple(log))
 

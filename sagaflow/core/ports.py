@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from sagaflow.core.fingerprint import DefinitionRecord
 from sagaflow.core.messages import Envelope
 from sagaflow.core.signing import Keys
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
@@ -264,6 +265,14 @@ class SagaStore(Protocol):
 
     async def outbox_stats(self, now: float) -> tuple[int, float]:
         """Backlog size and age in seconds of its oldest row."""
+        ...
+
+    async def record_definitions(
+        self, records: Sequence[DefinitionRecord]
+    ) -> builtins.list[DefinitionRecord]:
+        """Record each definition's fingerprint unless its name and version are
+        recorded already (the first record wins, even when two processes race),
+        and return the records the store holds for those names and versions."""
         ...
 
     async def prune(self, statuses: Sequence[SagaStatus], before: float, limit: int) -> Pruned:

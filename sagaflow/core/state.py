@@ -65,6 +65,9 @@ class SagaState(BaseModel):
     ``uncertain`` says an attempt of the current round timed out (it may still
     take effect). ``generation`` counts operator retries after a business
     failure: it renews the command ids, since the participant stored the refusal.
+    ``skipped`` lists the steps whose ``when=`` condition was false (never sent,
+    never compensated). ``fingerprint`` is the fingerprint of the definition the
+    saga started on (empty for sagas started before sagaflow recorded it).
     ``trace`` is the W3C context of the saga's start span; ``step_traces`` keeps,
     per completed step, the ``traceparent`` its reply came with, so the
     compensation that undoes the step can link to it.
@@ -85,6 +88,7 @@ class SagaState(BaseModel):
     generation: int = 0
     awaiting: bool = False
     completed: tuple[int, ...] = ()
+    skipped: tuple[int, ...] = ()
     to_compensate: tuple[int, ...] = ()
     failure: Failure | None = None
     cancelled: bool = False
@@ -94,6 +98,7 @@ class SagaState(BaseModel):
     created_at: float
     updated_at: float
     version: int = 0
+    fingerprint: str = ""
 
     @property
     def wake_at(self) -> float | None:
@@ -105,6 +110,7 @@ class LogEvent(StrEnum):
 
     STARTED = "saga_started"
     COMMAND_SENT = "command_sent"
+    STEP_SKIPPED = "step_skipped"  # its when= condition was false
     COMPENSATION_SENT = "compensation_sent"
     REPLY_RECEIVED = "reply_received"
     RETRY_SCHEDULED = "retry_scheduled"

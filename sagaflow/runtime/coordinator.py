@@ -34,7 +34,8 @@ from pydantic import BaseModel
 
 from sagaflow.core import engine
 from sagaflow.core.definition import Saga
-from sagaflow.core.errors import MessageRejected
+from sagaflow.core.errors import ConfigurationError, MessageRejected
+from sagaflow.core.fingerprint import drift, record_of
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES, Envelope, MessageKind, decode
 from sagaflow.core.ports import Clock, Delivery, IdFactory, SagaStore, Transport
 from sagaflow.core.schema import DEFAULT_STRICT
@@ -161,7 +162,9 @@ class Coordinator:
         """Connect, declare, and start consumer, relay and timers (all eagerly).
 
         Raises:
-            ConfigurationError: messages are signed but a service has no key;
+            ConfigurationError: a definition differs from the one recorded under
+                its name and version (edited in place: bump its version);
+                messages are signed but a service has no key;
                 the database or the broker refused this process (credentials, a
                 missing database or vhost, an unmigrated schema); or
                 ``NotReachable``: they did not answer within ``start_timeout``.
@@ -171,6 +174,12 @@ class Coordinator:
         deadline = None if self.start_timeout is None else Deadline(self.start_timeout)
         await retry_healing(
             self.store.start, what="store start", sleep=self.clock.sleep, deadline=deadline
+        )
+        await retry_healing(
+            self._check_definitions,
+            what="definition check",
+            sleep=self.clock.sleep,
+            deadline=deadline,
         )
         await retry_healing(
             lambda: self.transport.start(self.registry.services),
@@ -189,6 +198,21 @@ class Coordinator:
         if self.retention is not None and self.retention.prunes_sagas:
             self._tasks.append(asyncio.create_task(self._prune_loop(), name="retention"))
         log.info("coordinator started: sagas=%s", [f"{s.name}@{s.version}" for s in self.registry])
+
+    async def _check_definitions(self) -> None:
+        """Refuse definitions edited in place: a name and version the store knows
+        with another fingerprint would run its sagas on steps they did not start on.
+
+        Raises:
+            ConfigurationError: one line per the first drifted definition, naming
+                the difference and saying to bump the version.
+        """
+        loaded = [record_of(saga) for saga in self.registry]
+        recorded = await self.store.record_definitions(loaded)
+        for held, mine in zip(recorded, loaded, strict=True):
+            difference = drift(held, mine)
+            if difference is not None:
+                raise ConfigurationError(difference)
 
     async def stop(self) -> None:
         """Stop consuming, finish the batches in hand, publish what they committed, close."""

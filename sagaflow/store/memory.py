@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
+from sagaflow.core.fingerprint import DefinitionRecord
 from sagaflow.core.messages import Envelope
 from sagaflow.core.ports import Clock, OutboxItem, Pruned, UnitOfWork
 from sagaflow.core.state import LogEntry, SagaState, SagaStatus
@@ -212,6 +213,7 @@ class InMemorySagaStore:
         self._wake: dict[str, float] = {}
         self._timers: list[tuple[float, str]] = []  # a heap; entries not in _wake are stale
         self._outbox_event = asyncio.Event()
+        self._definitions: dict[tuple[str, int], DefinitionRecord] = {}
 
     async def start(self) -> None:
         """Nothing to open."""
@@ -266,6 +268,15 @@ class InMemorySagaStore:
         """Rows waiting and the age in seconds of the oldest (0.0 when none)."""
         queued = self._queued_at.values()
         return len(queued), (max(0.0, now - min(queued)) if queued else 0.0)
+
+    async def record_definitions(
+        self, records: Sequence[DefinitionRecord]
+    ) -> builtins.list[DefinitionRecord]:
+        """Record each definition unless its name and version are recorded; return
+        the records held for them."""
+        for record in records:
+            self._definitions.setdefault((record.name, record.version), record)
+        return [self._definitions[(r.name, r.version)] for r in records]
 
     async def prune(self, statuses: Sequence[SagaStatus], before: float, limit: int) -> Pruned:
         """Delete up to ``limit`` sagas in ``statuses`` last changed before ``before``,

@@ -50,6 +50,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from sagaflow.core.errors import ConcurrencyConflict, StoreError
+from sagaflow.core.fingerprint import DefinitionRecord
 from sagaflow.core.messages import MessageKind
 from sagaflow.core.ports import OutboxItem, Pruned, UnitOfWork
 from sagaflow.core.state import LogEntry, LogEvent, SagaState, SagaStatus
@@ -490,6 +491,34 @@ class PostgresSagaStore:
         assert row is not None
         count, oldest = int(row[0]), row[1]
         return count, (0.0 if oldest is None else max(0.0, now - oldest))
+
+    async def record_definitions(
+        self, records: Sequence[DefinitionRecord]
+    ) -> builtins.list[DefinitionRecord]:
+        """Record each definition unless its name and version are recorded (one
+        statement: the first record wins a race); return the records held for them.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        if not records:
+            return []
+        names = [r.name for r in records]
+        versions = [r.version for r in records]
+        prints = [r.fingerprint for r in records]
+        shapes = [orjson.dumps(r.shape).decode() for r in records]
+
+        async def work(c: PoolConnectionProxy[Any]) -> builtins.list[Any]:
+            async with c.transaction():
+                await c.execute(self._sql.record_definitions, names, versions, prints, shapes)
+                return await c.fetch(self._sql.definitions, names, versions)
+
+        rows = await self._run("record_definitions", work)
+        held = {
+            (row[0], row[1]): DefinitionRecord(row[0], row[1], row[2], orjson.loads(row[3]))
+            for row in rows
+        }
+        return [held[(r.name, r.version)] for r in records]
 
     async def prune(self, statuses: Sequence[SagaStatus], before: float, limit: int) -> Pruned:
         """Delete up to ``limit`` sagas in ``statuses`` last changed before ``before``,

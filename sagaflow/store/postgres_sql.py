@@ -72,6 +72,16 @@ class SagaSql:
             " FOR UPDATE SKIP LOCKED) RETURNING o.id, o.envelope::text"
         )
         self.outbox_table = f"{s}.outbox"
+        self.record_definitions = (
+            f"INSERT INTO {s}.saga_definitions (saga_name, saga_version, fingerprint, shape)"
+            " SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::jsonb[])"
+            " ON CONFLICT (saga_name, saga_version) DO NOTHING"
+        )
+        self.definitions = (
+            f"SELECT saga_name, saga_version, fingerprint, shape::text FROM {s}.saga_definitions"
+            " WHERE (saga_name, saga_version) IN"
+            " (SELECT * FROM unnest($1::text[], $2::integer[]))"
+        )
         self.get = f"SELECT state::text FROM {s}.sagas WHERE saga_id = $1"
         self.list_base = f"SELECT state::text FROM {s}.sagas"
         self.log = (

@@ -800,3 +800,17 @@ async def test_a_batch_claim_answers_the_seen_and_claims_the_rest(
         await tx.complete([reply(new)])
         with pytest.raises(StoreError):
             await tx.complete([reply(done)])
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+async def test_record_definitions_keeps_the_first_record(store: SagaStore) -> None:
+    from sagaflow.core.fingerprint import DefinitionRecord
+
+    first = DefinitionRecord("trip", 1, "aaaa", {"saga": "trip", "steps": [{"name": "a"}]})
+    other = DefinitionRecord("trip", 1, "bbbb", {"saga": "trip", "steps": []})
+    second = DefinitionRecord("trip", 2, "cccc", {"saga": "trip", "steps": []})
+    assert await store.record_definitions([]) == []
+    assert await store.record_definitions([first]) == [first]
+    assert await store.record_definitions([second, other]) == [second, first]
