@@ -184,7 +184,7 @@ def participant(service: str, counter: EffectCounter | None = None) -> Participa
     )
 
     async def record(ctx: HandlerContext) -> None:
-        if ctx.connection is not None:
+        if ctx.has_connection:
             await ctx.connection.execute(
                 insert, ctx.command_id, ctx.saga_id, ctx.step, ctx.compensation
             )

@@ -30,7 +30,7 @@ def repository(memory: R, postgres: Callable[[Connection], R]) -> Callable[[Hand
 
     Args:
         memory: The in-memory repository, used when the worker runs on the
-            in-memory store (``ctx.connection is None``).
+            in-memory store (``not ctx.has_connection``).
         postgres: Builds the PostgreSQL repository on the handler's connection.
 
     Returns:
@@ -38,7 +38,7 @@ def repository(memory: R, postgres: Callable[[Connection], R]) -> Callable[[Hand
     """
 
     def pick(ctx: HandlerContext) -> R:
-        return memory if ctx.connection is None else postgres(ctx.connection)
+        return postgres(ctx.connection) if ctx.has_connection else memory
 
     return pick
 

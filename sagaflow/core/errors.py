@@ -5,7 +5,8 @@ Every error derives from one root::
     SagaflowError
     ├── ConfigurationError        a setting or a definition is wrong
     │   ├── DefinitionError       a saga or participant declaration is invalid
-    │   └── NotReachable          at start, a server did not answer in time
+    │   ├── NotReachable          at start, a server did not answer in time
+    │   └── NoConnection          a handler asked for a connection the in-memory store has not
     ├── TransportError            the broker refused or lost a publish / connection
     ├── StoreError                the database failed
     │   └── ConcurrencyConflict   another process changed the same saga
@@ -33,6 +34,12 @@ class ConfigurationError(SagaflowError):
 
 class DefinitionError(ConfigurationError):
     """A saga or participant declaration is invalid; raised at registration."""
+
+
+class NoConnection(ConfigurationError):
+    """A handler asked ``ctx.connection`` of a worker on the in-memory participant
+    store, which has no database: test it with a database, or check
+    ``ctx.has_connection`` first."""
 
 
 class NotReachable(ConfigurationError):

@@ -38,7 +38,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -50,6 +50,7 @@ from sagaflow.core.errors import (
     ConcurrencyConflict,
     DefinitionError,
     MessageRejected,
+    NoConnection,
 )
 from sagaflow.core.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -86,7 +87,8 @@ class HandlerContext:
 
     ``connection`` is the participant database connection, inside the
     transaction that also records the command id: write the business effect
-    on it. It is ``None`` with the in-memory store.
+    on it. A worker on the in-memory store has none: asking for it raises
+    ``NoConnection`` (``has_connection`` says which it is).
     """
 
     saga_id: str
@@ -95,7 +97,30 @@ class HandlerContext:
     attempt: int
     command_id: str
     compensation: bool
-    connection: Any
+    db: Any = field(default=None, repr=False)  # the connection, or None in memory
+    action: str = ""
+
+    @property
+    def connection(self) -> Any:
+        """The database connection of the handler's transaction.
+
+        Raises:
+            NoConnection: the worker runs on the in-memory participant store.
+        """
+        if self.db is None:
+            raise NoConnection(
+                f"ctx.connection: the handler of {self.action or self.step} (saga"
+                f" {self.saga_id}) runs on the in-memory participant store, which has no"
+                " database connection; give the test a database"
+                " (SagaTestEnvironment(database=...), the saga_database fixture) or check"
+                " ctx.has_connection first"
+            )
+        return self.db
+
+    @property
+    def has_connection(self) -> bool:
+        """Whether :attr:`connection` is a database connection (not in memory)."""
+        return self.db is not None
 
 
 Handler = Callable[[C, HandlerContext], Awaitable[R]]
@@ -214,6 +239,9 @@ class Worker:
         start_timeout: Seconds :meth:`start` keeps retrying a database or broker
             it cannot reach before it raises ``NotReachable``; ``None``: until
             they answer.
+        stop_timeout: Seconds :meth:`stop` lets the commands in hand finish
+            before it cancels them (their transactions roll back, the broker
+            delivers them again); ``None``: until they finish.
     """
 
     def __init__(
@@ -230,6 +258,7 @@ class Worker:
         strict_payloads: bool = DEFAULT_STRICT,
         start_timeout: float | None = None,
         retention: Retention | None = None,
+        stop_timeout: float | None = None,
     ) -> None:
         if concurrency < 1 or max_batch < 1:
             raise ValueError("concurrency and max_batch must be at least 1")
@@ -244,6 +273,7 @@ class Worker:
         self.strict_payloads = strict_payloads
         self.start_timeout = start_timeout
         self.retention = retention
+        self.stop_timeout = stop_timeout
         self._waiting: asyncio.Queue[Delivery] = asyncio.Queue()
         self._loops: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()  # lanes handling commands
@@ -306,7 +336,10 @@ class Worker:
             await self.participant.setup(tx.connection)
 
     async def stop(self) -> None:
-        """Stop consuming, finish the commands in hand (commit, reply, ack), close."""
+        """Stop consuming, finish the commands in hand (commit, reply, ack), close.
+
+        A lane still busy after ``stop_timeout`` is cancelled: its transaction
+        rolls back and its commands go back to the queue unanswered."""
         self._stopped.set()
         if not self._started:
             return
@@ -315,7 +348,12 @@ class Worker:
         for loop in self._loops:
             if loop not in self._busy:  # a busy lane finishes its commands, then stops
                 loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._loops:
+            _, late = await asyncio.wait(self._loops, timeout=self.stop_timeout)
+            for loop in late:
+                log.warning("%s: a handler did not finish in time: cancelled", loop.get_name())
+                loop.cancel()
+            await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
         await self.transport.close()
         await self.store.close()
@@ -558,7 +596,8 @@ class Worker:
             attempt=envelope.attempt,
             command_id=envelope.command_id,
             compensation=envelope.kind is MessageKind.COMPENSATION,
-            connection=tx.connection,
+            db=tx.connection,
+            action=envelope.type,
         )
         one.run.ran = True
         registration = one.registration
