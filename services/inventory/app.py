@@ -32,6 +32,11 @@ class PostgresInventory:
         self.db = connection
 
     async def reserve(self, order_id: str, sku: str, quantity: int) -> str:
+        # an unknown SKU is a refusal, as in memory: checked before the reservation
+        # row, whose foreign key would otherwise fail (an error, retried in vain)
+        known = await self.db.fetchval("SELECT 1 FROM inventory.stock WHERE sku = $1", sku)
+        if known is None:
+            raise BusinessFailure(Reason.UNKNOWN_SKU)
         # the natural key first: a second reserve for the order changes nothing
         inserted = await self.db.fetchval(
             "INSERT INTO inventory.reservations (order_id, sku, quantity, status)"
@@ -49,8 +54,7 @@ class PostgresInventory:
             quantity,
         )
         if taken is None:  # the framework's savepoint rolls the reservation row back
-            known = await self.db.fetchval("SELECT 1 FROM inventory.stock WHERE sku = $1", sku)
-            raise BusinessFailure(Reason.OUT_OF_STOCK if known else Reason.UNKNOWN_SKU)
+            raise BusinessFailure(Reason.OUT_OF_STOCK)
         return reservation_id(order_id)
 
     async def release(self, order_id: str) -> bool:

@@ -32,6 +32,13 @@ class PostgresPayments:
         self.db = connection
 
     async def charge(self, order_id: str, customer_id: str, amount: int) -> str:
+        # an unknown customer is a refusal, as in memory: checked before the charge
+        # row, whose foreign key would otherwise fail (an error, retried in vain)
+        known = await self.db.fetchval(
+            "SELECT 1 FROM payment.accounts WHERE customer_id = $1", customer_id
+        )
+        if known is None:
+            raise BusinessFailure(Reason.UNKNOWN_CUSTOMER)
         inserted = await self.db.fetchval(
             "INSERT INTO payment.charges (order_id, customer_id, amount, status)"
             " VALUES ($1, $2, $3, 'charged') ON CONFLICT (order_id) DO NOTHING RETURNING 1",
@@ -48,10 +55,7 @@ class PostgresPayments:
             amount,
         )
         if debited is None:  # the framework's savepoint rolls the charge row back
-            known = await self.db.fetchval(
-                "SELECT 1 FROM payment.accounts WHERE customer_id = $1", customer_id
-            )
-            raise BusinessFailure(Reason.INSUFFICIENT_FUNDS if known else Reason.UNKNOWN_CUSTOMER)
+            raise BusinessFailure(Reason.INSUFFICIENT_FUNDS)
         return payment_id(order_id)
 
     async def refund(self, order_id: str) -> bool:
