@@ -264,6 +264,10 @@ class InMemorySagaStore:
         """A saga's log, oldest first."""
         return builtins.list(self._logs.get(saga_id, ()))
 
+    def next_wake(self) -> float | None:
+        """When the earliest pending timer of any saga is due (``None``: no timer)."""
+        return min(self._wake.values(), default=None)
+
     async def outbox_stats(self, now: float) -> tuple[int, float]:
         """Rows waiting and the age in seconds of the oldest (0.0 when none)."""
         queued = self._queued_at.values()
