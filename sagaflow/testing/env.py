@@ -46,6 +46,8 @@ __all__ = ["HandlerFailed", "HarnessTimeout", "SagaTestEnvironment"]
 
 DEFAULT_TIMEOUT = 5.0
 """Wall-clock seconds a wait of the harness (``drain()``, stopping a worker) may take."""
+START_TIMEOUT = 30.0
+"""Seconds a worker may take to reach its database at start (migrations, setup)."""
 MAX_TIMER_STEPS = 10_000
 """Due times ``advance()`` stops at, at most, in one call."""
 
@@ -142,6 +144,7 @@ class SagaTestEnvironment:
                 if worker_hooks is None
                 else CompositeHooks([self._recorder, worker_hooks]),
                 stop_timeout=timeout,
+                start_timeout=max(timeout, START_TIMEOUT),
                 **worker_options,
             )
             for p in participants

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.conftest import PG_ADMIN_DSN
 from tests.unit.test_wheel import closure, link, run, wheel_requirements
@@ -23,6 +24,16 @@ from tests.unit.test_wheel import closure, link, run, wheel_requirements
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(240)
+
+
+PLAIN = """
+def test_pytest_still_works():
+    assert True
+
+
+def test_a_fixture_of_the_plugin(saga_env):
+    pass
+"""
 
 
 def readme_saga() -> str:
@@ -77,10 +88,24 @@ def test_the_testing_guide_runs_in_a_fresh_venv_with_the_wheel(tmp_path: Path) -
             python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path
         ).stdout.strip()
     )
-    needed = closure(wheel_requirements(wheel), {"testing"})
+    own = wheel_requirements(wheel)
+    needed = closure(own, {"testing"})
     assert {"pytest", "pytest-asyncio"} <= needed
     assert not needed & {"typer", "fastapi", "hypothesis"}  # only what testing asks for
-    link(needed, site)
+
+    # sagaflow and pytest without the extra: pytest works, the fixtures say what is missing
+    bare = closure(own, set()) | closure([Requirement("pytest")], set())
+    assert "pytest-asyncio" not in bare
+    link(bare, site)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "test_plain.py").write_text(PLAIN, encoding="utf-8")
+    without = run(python, "-m", "pytest", "-p", "no:cacheprovider", "-q", cwd=plain)
+    assert without.returncode == 1, without.stdout + without.stderr
+    assert "1 passed, 1 error" in without.stdout, without.stdout
+    assert "saga_env needs pytest-asyncio: pip install 'sagaflow[testing]'" in without.stdout
+
+    link(needed - bare, site)
     assert run(*pip, "check", cwd=tmp_path).returncode == 0
 
     project = tmp_path / "project"
@@ -118,3 +143,14 @@ def test_coverage_fails_a_run_that_never_compensated(tmp_path: Path) -> None:
     assert done.returncode == 1, output
     assert "create-order 0/1 0.0% never compensated: reserve" in lines(output)
     assert "FAIL: compensation coverage 0.0% is under 50%" in output
+
+
+def test_a_database_without_a_server_configured_fails_and_says_how(tmp_path: Path) -> None:
+    (tmp_path / "test_db.py").write_text(
+        "async def test_needs_a_database(saga_database):\n    pass\n", encoding="utf-8"
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\n", encoding="utf-8")
+    done = run(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 error" in done.stdout
+    assert "saga_database needs a PostgreSQL server: pass --saga-postgres=URL" in done.stdout
