@@ -45,7 +45,9 @@ class CompensationCoverage:
 
     def define(self, saga: Saga[Any]) -> None:
         """A saga definition a test ran."""
-        steps = tuple(step.name for step in saga.steps if step.compensation is not None)
+        steps = tuple(
+            step.name for step in saga.steps if getattr(step, "compensation", None) is not None
+        )
         known = self.sagas.get(saga.name)
         if known is None:
             self.sagas[saga.name] = SagaCoverage(saga.name, steps)

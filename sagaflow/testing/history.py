@@ -117,15 +117,17 @@ def describe(state: SagaState, saga: Saga[Any] | None, now: float) -> str:
     if state.status.terminal:
         reason = "" if state.failure is None else f": {state.failure.reason}"
         return head + reason
-    step = None
+    step: Any = None
     if saga is not None and 0 <= state.step_index < len(saga.steps):
         step = saga.steps[state.step_index]
-    name = step.name if step is not None else f"#{state.step_index}"
-    action = None
-    if step is not None:
-        action = step.compensation if state.kind is MessageKind.COMPENSATION else step.action
-    what = action.type if action is not None else state.kind.value
-    if state.awaiting:
+    name = getattr(step, "name", f"#{state.step_index}")
+    compensating = state.kind is MessageKind.COMPENSATION
+    action = getattr(step, "compensation" if compensating else "action", None)
+    what = getattr(action, "type", state.kind.value)
+    signal = getattr(state, "waiting_for", None)  # a wait step (sagas with waits)
+    if signal and not compensating:
+        text = f"{head} at step {name!r}, waiting for the signal {signal!r}"
+    elif state.awaiting:
         text = (
             f"{head} at step {name!r}, waiting for the reply to {what}"
             f" ({state.kind.value}, attempt {state.attempt})"
@@ -135,6 +137,9 @@ def describe(state: SagaState, saga: Saga[Any] | None, now: float) -> str:
     timer = state.timer
     if timer is not None:
         text += f"; its {timer.purpose} timer is due in {timer.due_at - now:g}s of test time"
-    elif state.awaiting:
+    elif state.awaiting or signal:
         text += "; no timer is set"
+    deadline = getattr(state, "deadline_at", None)
+    if isinstance(deadline, float | int):
+        text += f"; its deadline is in {deadline - now:g}s"
     return text
