@@ -6,7 +6,7 @@ and ``sagaflow.store``, the test harness in ``sagaflow.testing``.
 
 from importlib import metadata as _metadata
 
-from sagaflow.core.definition import Action, RetryPolicy, Saga, Step
+from sagaflow.core.definition import Action, RetryPolicy, Saga, Step, Wait
 from sagaflow.core.errors import (
     BusinessFailure,
     ConcurrencyConflict,
@@ -18,7 +18,7 @@ from sagaflow.core.errors import (
     TransportError,
 )
 from sagaflow.core.state import SagaState, SagaStatus
-from sagaflow.runtime.client import SagaClient, SagaHandle
+from sagaflow.runtime.client import SagaClient, SagaHandle, SagaView
 from sagaflow.runtime.coordinator import Coordinator
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.participant import HandlerContext, Participant, Worker
@@ -40,10 +40,12 @@ __all__ = [
     "SagaHandle",
     "SagaState",
     "SagaStatus",
+    "SagaView",
     "SagaflowError",
     "Step",
     "StoreError",
     "TransportError",
+    "Wait",
     "Worker",
 ]
 

@@ -106,6 +106,11 @@ class MetricsHooks(Hooks):
             )
             for state in ("started", "completed", "compensated", "failed", "cancelled")
         }
+        self.overdue = meter.create_counter(
+            "sagaflow.sagas.overdue",
+            unit="{saga}",
+            description="Sagas whose deadline passed (compensating: before their pivot)",
+        )
         self.saga_duration = meter.create_histogram(
             "sagaflow.saga.duration",
             unit="s",
@@ -206,6 +211,9 @@ class MetricsHooks(Hooks):
                     self.timeouts.add(1, _step_labels(saga, entry.step, entry.kind))
             elif event is LogEvent.RETRY_SCHEDULED:
                 self.retries.add(1, _step_labels(saga, entry.step, entry.kind))
+            elif event is LogEvent.DEADLINE_PASSED:
+                compensates = "true" if entry.detail.get("compensates") else "false"
+                self.overdue.add(1, {**name, "compensates": compensates})
             elif event in _ENDED:
                 status = _ENDED[event]
                 self.sagas[status].add(1, name)

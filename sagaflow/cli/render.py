@@ -43,6 +43,8 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}
 _ATTEMPT_EVENTS = frozenset(
     {
         LogEvent.STEP_SKIPPED,
+        LogEvent.WAITING,
+        LogEvent.WAIT_TIMED_OUT,
         LogEvent.COMMAND_SENT,
         LogEvent.COMPENSATION_SENT,
         LogEvent.REPLY_RECEIVED,
@@ -63,6 +65,7 @@ _OUTCOME_STYLE = {
     "failure": "red",
     "error": "yellow",
     "skipped": "dim",
+    "signalled": "green",
     "timeout": "yellow",
     "pending": "cyan",
     "no_reply": "dim",
@@ -126,6 +129,9 @@ def saga_summary(state: SagaState, *, step: str | None = None) -> dict[str, Any]
         "trace_id": trace_id(state),
         "created_at": iso(state.created_at),
         "updated_at": iso(state.updated_at),
+        "waiting_for": state.waiting_for,
+        "deadline_at": iso(state.deadline_at) if state.deadline_at is not None else None,
+        "overdue": state.overdue,
     }
 
 
@@ -164,6 +170,27 @@ class _Phase:
         detail = entry.detail
         if entry.event is LogEvent.STEP_SKIPPED:
             self.skipped_at = entry.at
+        elif entry.event is LogEvent.WAITING:
+            self.type = f"signal {detail.get('signal')}"
+            self.attempt(1)["sent"] = entry.at
+        elif entry.event is LogEvent.SIGNAL_RECEIVED:
+            record = self.attempt(1)
+            record["answered"] = entry.at
+            record["outcome"] = "signalled"
+            record["reason"] = (
+                "sent before the saga reached the wait"
+                if detail.get("early")
+                else f"by {detail.get('by')}: {detail.get('reason')}"
+            )
+        elif entry.event is LogEvent.WAIT_TIMED_OUT:
+            record = self.attempt(1)
+            record["answered"] = entry.at
+            record["timed_out"] = True
+            record["outcome"] = "timeout"
+            default = detail.get("default")
+            record["reason"] = f"no signal within {detail.get('timeout')}s" + (
+                ", took the default" if default is not None else ""
+            )
         elif entry.event in (LogEvent.COMMAND_SENT, LogEvent.COMPENSATION_SENT):
             self.type = detail.get("type") or self.type
             record = self.attempt(number)
@@ -243,7 +270,8 @@ def steps(state: SagaState, log: Sequence[LogEntry]) -> list[dict[str, Any]]:
     """The saga's commands and compensations in the order they began, with attempts."""
     phases: dict[tuple[int | None, MessageKind | None], _Phase] = {}
     for entry in log:
-        if entry.event not in _ATTEMPT_EVENTS:
+        taken = entry.event is LogEvent.SIGNAL_RECEIVED and not entry.detail.get("kept")
+        if entry.event not in _ATTEMPT_EVENTS and not taken:
             continue
         key = (entry.step_index, entry.kind)
         if key not in phases:
@@ -340,6 +368,8 @@ def render_list(console: Console, summaries: Sequence[dict[str, Any]]) -> None:
 def _step_cell(row: dict[str, Any]) -> str:
     """``reserve_hotel``, or ``reserve_hotel (compensation)`` while undoing it."""
     name = row["step"] if row["step"] is not None else f"#{row['step_index']}"
+    if row.get("waiting_for"):
+        return f"{name} (waiting for {row['waiting_for']})"
     return name if row["kind"] == MessageKind.COMMAND.value else f"{name} ({row['kind']})"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -159,14 +160,21 @@ def list_sagas(
     ] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Only this saga.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+    overdue: Annotated[
+        bool,
+        typer.Option(
+            "--overdue", help="Only sagas past their deadline (running, or finished late)."
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """List sagas, most recently updated first."""
     settings = current_settings()
+    overdue_at = time.time() if overdue else None
 
     async def go() -> list[dict[str, Any]]:
         async with common.opened_store(settings) as store:
-            found = await store.list(status=state, name=name, limit=limit)
+            found = await store.list(status=state, name=name, limit=limit, overdue_at=overdue_at)
             # the state knows its step by index; the log names it
             return [saga_summary(s, step=step_name(s, await store.log(s.saga_id))) for s in found]
 
@@ -226,6 +234,47 @@ def _operate(
         extra={"saga_id": saga_id, "by": who, "reason": reason, "status": state.status.value},
     )
     return state
+
+
+@app.command("signal")
+@guarded
+def signal(
+    saga_id: Annotated[str, typer.Argument(metavar="ID")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The signal's name.")],
+    reason: ReasonOption,
+    data: Annotated[
+        str,
+        typer.Option("--data", "-d", help="The signal's data: JSON, @file.json, or - for stdin."),
+    ] = "{}",
+    by: ByOption = None,
+    module: ModulesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a signal to a saga's wait (an approval...): its data is validated and
+    merged, or kept until the saga reaches the wait; sent twice, it counts once."""
+    settings = current_settings()
+    if not reason.strip():
+        raise UsageProblem("--reason must not be empty")
+    payload = _parse_data(data)
+    registry = _registry(module)
+    who = by or default_user()
+
+    async def go() -> SagaState:
+        async with common.opened_store(settings) as store:
+            client = SagaClient(registry, store=store, hooks=common.hooks(settings, "cli"))
+            return await client.signal_saga(saga_id, name, payload, by=who, reason=reason)
+
+    state = run_async(go())
+    log.info(
+        "saga signalled",
+        extra={"saga_id": saga_id, "signal": name, "by": who, "status": state.status.value},
+    )
+    if as_json:
+        echo_json(saga_summary(state))
+    elif state.waiting_for == name or name in state.signals:
+        typer.echo(f"saga {saga_id}: signal {name} kept until the saga reaches its wait")
+    else:
+        typer.echo(f"saga {saga_id}: signal {name} applied: now {state.status.value}")
 
 
 @app.command("cancel")

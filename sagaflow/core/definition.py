@@ -90,6 +90,7 @@ class StepKind(StrEnum):
     """A step's place in the saga (Garcia-Molina's saga, Richardson's pattern)."""
 
     COMPENSATABLE = "compensatable"  # has a compensation; undone on failure
+    WAIT = "wait"  # waits for a signal from outside; nothing to undo
     PIVOT = "pivot"  # the go/no-go step: no compensation, nothing after it is undone
     RETRIABLE = "retriable"  # after the pivot: retried until it succeeds
 
@@ -140,6 +141,63 @@ class Step(Generic[D]):
         return StepKind.RETRIABLE if self.retriable else StepKind.PIVOT
 
 
+@dataclass(frozen=True)
+class Wait(Generic[D]):
+    """A step that waits for a named signal sent from outside the saga (a manager's
+    approval, a payment provider's webhook): see ``SagaClient.signal_saga``.
+
+    The signal's data is validated against ``model`` and merged into the saga
+    data. A signal sent before the saga reaches the wait is kept and used when it
+    does; a second signal of the same name is ignored.
+
+    Args:
+        name: Unique within the saga.
+        model: The pydantic model of the signal's data (required).
+        signal: The signal's name; by default the step's name.
+        on_signal: ``(saga data, signal data) -> new saga data``; by default the
+            signal's fields that the data model also has are copied into it.
+        timeout: Seconds to wait once the saga reaches the step; ``None`` waits
+            until the signal comes (or the saga's deadline passes).
+        on_timeout: What the timeout means: ``None`` (the default) fails the
+            wait, so the saga compensates; an instance of ``model`` is taken as
+            the signal's data (a declared default) and the saga goes on.
+        when: A condition, as for :class:`Step`.
+    """
+
+    name: str
+    model: type[BaseModel] | None = None
+    signal: str | None = None
+    on_signal: Callable[[D, Any], D] | None = None
+    timeout: float | None = None
+    on_timeout: BaseModel | None = None
+    when: Callable[[D], bool] | None = None
+
+    @property
+    def kind(self) -> StepKind:
+        return StepKind.WAIT
+
+    @property
+    def signal_name(self) -> str:
+        return self.signal if self.signal is not None else self.name
+
+    @property
+    def compensation(self) -> None:
+        """A wait has nothing to undo."""
+        return None
+
+    def merge(self, data: D, received: BaseModel) -> D:
+        """The saga data with the signal's data merged in."""
+        if self.on_signal is not None:
+            return self.on_signal(data, received)
+        fields = type(data).model_fields
+        update = {k: v for k, v in received.model_dump().items() if k in fields}
+        return data.model_copy(update=update)
+
+
+AnyStep = Step[Any] | Wait[Any]
+"""A saga's step: one that sends a command, or one that waits for a signal."""
+
+
 class Saga(Generic[D]):
     """A saga definition: a name, a version, a data model and ordered steps.
 
@@ -154,8 +212,9 @@ class Saga(Generic[D]):
         name: str,
         *,
         data: type[D],
-        steps: Sequence[Step[D]],
+        steps: Sequence[Step[D] | Wait[D]],
         version: int = 1,
+        deadline: float | None = None,
     ) -> None:
         check_name("saga", name)
         if not (isinstance(data, type) and issubclass(data, BaseModel)):
@@ -164,10 +223,15 @@ class Saga(Generic[D]):
             raise DefinitionError(f"saga {name!r}: version must be >= 1")
         if not steps:
             raise DefinitionError(f"saga {name!r}: needs at least one step")
+        if deadline is not None and not deadline > 0:
+            raise DefinitionError(f"saga {name!r}: deadline must be a positive number of seconds")
         self.name = name
         self.version = version
         self.data_model: type[D] = data
-        self.steps: tuple[Step[D], ...] = tuple(steps)
+        self.steps: tuple[Step[D] | Wait[D], ...] = tuple(steps)
+        self.deadline = deadline
+        """Seconds from its start within which a saga should finish: before the
+        pivot it is then cancelled and compensates; after, it is marked overdue."""
         self._validate()
         self.fingerprint: str = record_of(self).fingerprint
         """A hash of the definition's shape (steps, actions, kinds, order): see
@@ -176,12 +240,26 @@ class Saga(Generic[D]):
     def _validate(self) -> None:
         seen: set[str] = set()
         past_pivot: str | None = None
+        signals: set[str] = set()
         for step in self.steps:
-            where = f"saga {self.name!r} step {step.name!r}"
+            where = f"saga {self.name!r} step {getattr(step, 'name', step)!r}"
+            if not isinstance(step, Step | Wait):
+                raise DefinitionError(f"{where}: a step must be a Step or a Wait")
             check_name("step", step.name)
             if step.name in seen:
                 raise DefinitionError(f"saga {self.name!r}: duplicate step name {step.name!r}")
             seen.add(step.name)
+            if step.when is not None and not callable(step.when):
+                raise DefinitionError(f"{where}: when must be a function of the saga data")
+            if isinstance(step, Wait):
+                _validate_wait(step, where, past_pivot)
+                if step.signal_name in signals:
+                    raise DefinitionError(
+                        f"{where}: another wait of this saga waits for signal "
+                        f"{step.signal_name!r}; a signal name must name one wait"
+                    )
+                signals.add(step.signal_name)
+                continue
             if not isinstance(step.action, Action):
                 raise DefinitionError(f"{where}: action must be an Action")
             if step.compensation is not None and not isinstance(step.compensation, Action):
@@ -202,8 +280,6 @@ class Saga(Generic[D]):
                     f"{where}: comes after the point of no return ({past_pivot!r}); "
                     "it must be retriable (retriable=True, no compensation)"
                 )
-            if step.when is not None and not callable(step.when):
-                raise DefinitionError(f"{where}: when must be a function of the saga data")
             if step.when is not None and step.kind is StepKind.PIVOT:
                 raise DefinitionError(
                     f"{where}: the pivot cannot be conditional (when=): whether the saga "
@@ -216,7 +292,24 @@ class Saga(Generic[D]):
     @property
     def services(self) -> frozenset[str]:
         """The participant services this saga sends commands to."""
-        return frozenset(step.action.service for step in self.steps)
+        return frozenset(step.action.service for step in self.steps if isinstance(step, Step))
+
+    @property
+    def point_of_no_return(self) -> int:
+        """The index of the pivot (or of the first retriable step); past the last
+        step when every step can be undone. A saga may be cancelled, and is
+        cancelled by its deadline, only while it is before this step."""
+        for index, step in enumerate(self.steps):
+            if step.kind in (StepKind.PIVOT, StepKind.RETRIABLE):
+                return index
+        return len(self.steps)
+
+    def wait_for(self, signal: str) -> tuple[int, Wait[D]] | None:
+        """The wait of this saga that waits for ``signal``, with its index."""
+        for index, step in enumerate(self.steps):
+            if isinstance(step, Wait) and step.signal_name == signal:
+                return index, step
+        return None
 
     def step_index(self, name: str) -> int:
         for index, step in enumerate(self.steps):
@@ -228,15 +321,48 @@ class Saga(Generic[D]):
         return f"Saga({self.name!r}, version={self.version}, steps={[s.name for s in self.steps]})"
 
 
+def _validate_wait(step: Wait[Any], where: str, past_pivot: str | None) -> None:
+    if step.model is None:
+        raise DefinitionError(
+            f"{where}: a wait needs the pydantic model of its signal's data (model=...)"
+        )
+    if not (isinstance(step.model, type) and issubclass(step.model, BaseModel)):
+        raise DefinitionError(f"{where}: model must be a pydantic model class")
+    check_name("signal", step.signal_name)
+    if step.timeout is not None and not step.timeout > 0:
+        raise DefinitionError(f"{where}: timeout must be positive (or None: wait until signalled)")
+    if step.on_timeout is not None:
+        if step.timeout is None:
+            raise DefinitionError(f"{where}: on_timeout needs a timeout")
+        if not isinstance(step.on_timeout, step.model):
+            raise DefinitionError(
+                f"{where}: on_timeout must be a {step.model.__name__}, the signal's model"
+            )
+    if past_pivot is not None and step.timeout is not None and step.on_timeout is None:
+        raise DefinitionError(
+            f"{where}: comes after the point of no return ({past_pivot!r}), so its timeout "
+            "cannot compensate: give it on_timeout (a default signal) or no timeout"
+        )
+
+
 def to_mermaid(saga: Saga[Any]) -> str:
     """Render a saga definition as a Mermaid flowchart."""
-    lines = ["flowchart TD", f'    start(["{saga.name} v{saga.version}"])']
+    title = f"{saga.name} v{saga.version}"
+    if saga.deadline is not None:
+        title += f"<br/><i>deadline {saga.deadline:g}s</i>"
+    lines = ["flowchart TD", f'    start(["{title}"])']
     previous = "start"
     for index, step in enumerate(saga.steps):
         node = f"s{index}"
         kind = step.kind.value if step.when is None else f"{step.kind.value}, when"
-        label = f"{step.name}<br/>{step.action.type}<br/><i>{kind}</i>"
-        lines.append(f'    {node}["{label}"]')
+        if isinstance(step, Wait):
+            if step.timeout is not None:
+                kind += f", {step.timeout:g}s" + (", default" if step.on_timeout else "")
+            label = f"{step.name}<br/>signal {step.signal_name}<br/><i>{kind}</i>"
+            lines.append(f'    {node}{{{{"{label}"}}}}')
+        else:
+            label = f"{step.name}<br/>{step.action.type}<br/><i>{kind}</i>"
+            lines.append(f'    {node}["{label}"]')
         lines.append(f"    {previous} --> {node}")
         if step.compensation is not None:
             lines.append(f'    c{index}["{step.compensation.type}"]')
@@ -257,6 +383,10 @@ def to_mermaid(saga: Saga[Any]) -> str:
             if step.kind is StepKind.RETRIABLE:
                 continue
             target = f"c{before[-1]}" if before else "compensated"
+            if isinstance(step, Wait):
+                if step.timeout is not None and step.on_timeout is None:
+                    lines.append(f"    s{index} -. times out .-> {target}")
+                continue
             lines.append(f"    s{index} -. fails .-> {target}")
         order = list(reversed(comps))
         for i, nxt in zip(order, [*order[1:], None], strict=True):

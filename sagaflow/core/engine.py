@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from sagaflow.core.definition import Saga, Step, StepKind
+from sagaflow.core.definition import Saga, Step, StepKind, Wait
 from sagaflow.core.messages import Envelope, MessageKind, Outcome, command_id
 from sagaflow.core.schema import DEFAULT_STRICT, validate_payload
 from sagaflow.core.state import Failure, LogEntry, LogEvent, SagaState, SagaStatus, Timer
@@ -59,7 +59,17 @@ class RetryRequested:
     reason: str
 
 
-Event = ReplyReceived | TimerFired | CancelRequested | RetryRequested
+@dataclass(frozen=True)
+class SignalReceived:
+    """A named signal sent from outside (``SagaClient.signal_saga``)."""
+
+    name: str
+    data: BaseModel | dict[str, Any]
+    by: str
+    reason: str
+
+
+Event = ReplyReceived | TimerFired | CancelRequested | RetryRequested | SignalReceived
 
 
 @dataclass(frozen=True)
@@ -107,14 +117,23 @@ def start(
     data: BaseModel | dict[str, Any],
     now: float,
     trace: dict[str, str] | None = None,
+    deadline_at: float | None = None,
 ) -> Decision:
     """Create a saga instance and send its first command.
 
+    ``deadline_at`` (seconds since the epoch) overrides the definition's
+    ``deadline`` for this saga.
+
     Raises:
         pydantic.ValidationError: ``data`` does not fit the saga's data model.
-        ValueError: ``saga_id`` is not a valid saga id (:func:`check_saga_id`).
+        ValueError: ``saga_id`` is not a valid saga id (:func:`check_saga_id`),
+            or ``deadline_at`` is not after ``now``.
     """
     check_saga_id(saga_id)
+    if deadline_at is not None and not deadline_at > now:
+        raise ValueError(f"the deadline {deadline_at:.3f} is in the past (now {now:.3f})")
+    if deadline_at is None and saga.deadline is not None:
+        deadline_at = now + saga.deadline
     model = data if isinstance(data, saga.data_model) else saga.data_model.model_validate(data)
     state = SagaState(
         saga_id=saga_id,
@@ -126,6 +145,7 @@ def start(
         updated_at=now,
         trace=dict(trace or {}),
         fingerprint=saga.fingerprint,
+        deadline_at=deadline_at,
     )
     entry = _entry(saga, state, now, LogEvent.STARTED, detail={"data": state.data})
     return _enter(saga, state, 0, now, [entry])
@@ -139,6 +159,8 @@ def decide(saga: Saga[Any], state: SagaState, event: Event, now: float) -> Decis
         return _on_timer(saga, state, now)
     if isinstance(event, CancelRequested):
         return _on_cancel(saga, state, event, now)
+    if isinstance(event, SignalReceived):
+        return _on_signal(saga, state, event, now)
     return _on_retry_requested(saga, state, event, now)
 
 
@@ -154,6 +176,10 @@ def _on_reply(
         )
     if not 0 <= env.step_index < len(saga.steps) or saga.steps[env.step_index].name != env.step:
         return Decision(state, rejected=f"unknown step {env.step!r} at index {env.step_index}")
+    if isinstance(saga.steps[env.step_index], Wait):
+        return Decision(
+            state, rejected=f"step {env.step!r} is a wait: it takes signals, not replies"
+        )
     if state.status.terminal:
         return Decision(state, ignored=f"saga is {state.status.value}")
     expected = (
@@ -166,7 +192,7 @@ def _on_reply(
     if env.outcome is Outcome.ERROR and (env.attempt != state.attempt or not state.awaiting):
         return Decision(state, ignored="stale error reply from an earlier attempt")
 
-    step = saga.steps[state.step_index]
+    step = _step(saga, state.step_index)
     log = [
         _entry(
             saga,
@@ -198,12 +224,21 @@ def _on_reply(
 
 
 def _on_timer(saga: Saga[Any], state: SagaState, now: float) -> Decision:
+    if (
+        not state.status.terminal
+        and state.deadline_at is not None
+        and not state.overdue
+        and state.deadline_at <= now
+    ):
+        return _deadline_passed(saga, state, now)
     timer = state.timer
     if state.status.terminal or timer is None:
         return Decision(state, ignored="no timer pending")
     if timer.due_at > now:
         return Decision(state, ignored="timer not due yet")
-    step = saga.steps[state.step_index]
+    if timer.purpose == "wait":
+        return _wait_timed_out(saga, state, now)
+    step = _step(saga, state.step_index)
     if timer.purpose == "retry":
         return _dispatch(saga, state, state.step_index, state.kind, state.attempt, now, [])
     log = [_entry(saga, state, now, LogEvent.TIMED_OUT, detail={"timeout": step.timeout})]
@@ -217,7 +252,7 @@ def _on_cancel(saga: Saga[Any], state: SagaState, event: CancelRequested, now: f
     if state.status is not SagaStatus.RUNNING:
         return Decision(state, rejected=f"cannot cancel a saga that is {state.status.value}")
     step = saga.steps[state.step_index]
-    if step.kind is not StepKind.COMPENSATABLE:
+    if state.step_index >= saga.point_of_no_return:
         return Decision(state, rejected=f"cannot cancel: step {step.name!r} is past the pivot")
     log = [
         _entry(
@@ -262,6 +297,8 @@ def _on_retry_requested(
     resumed = _with(
         state, status=status, generation=state.generation + int(refused), failure=failure
     )
+    if isinstance(saga.steps[state.step_index], Wait):  # its condition or merge raised
+        return _enter(saga, resumed, state.step_index, now, log)
     return _dispatch(
         saga, resumed, state.step_index, state.kind, state.attempt + 1, now, log, new_round=True
     )
@@ -312,16 +349,35 @@ def _enter(
     the first one whose condition holds, or complete the saga past the last."""
     while index < len(saga.steps):
         step = saga.steps[index]
-        if step.when is None:
-            break
-        try:
-            holds = bool(step.when(saga.data_model.model_validate(state.data)))
-        except Exception as exc:  # user code: a bug here fails the step, never the engine
-            moved = _with(state, step_index=index, kind=MessageKind.COMMAND, attempt=1)
-            failure = Failure(step=step.name, reason=f"when raised {exc!r}", cause="failure")
-            if step.kind is StepKind.RETRIABLE:
-                return _fail(saga, moved, failure, now, log)
-            return _begin_compensation(saga, moved, failure, now, log, abandon_current=False)
+        holds = True
+        if step.when is not None:
+            try:
+                holds = bool(step.when(saga.data_model.model_validate(state.data)))
+            except Exception as exc:  # user code: a bug here fails the step, never the engine
+                moved = _with(state, step_index=index, kind=MessageKind.COMMAND, attempt=1)
+                failure = Failure(step=step.name, reason=f"when raised {exc!r}", cause="failure")
+                return _step_failed(saga, moved, failure, now, log)
+        if holds and isinstance(step, Wait):
+            reached = _with(
+                state,
+                step_index=index,
+                kind=MessageKind.COMMAND,
+                attempt=1,
+                round_start=1,
+                uncertain=False,
+                updated_at=now,
+            )
+            kept = state.signals.get(step.signal_name)
+            if kept is None:
+                return _wait(saga, reached, step, now, log)
+            detail = {"signal": step.signal_name, "data": kept, "kept": False, "early": True}
+            log.append(_entry(saga, reached, now, LogEvent.SIGNAL_RECEIVED, detail=detail))
+            taken = _take_signal(saga, reached, step, kept, "signal", now, log)
+            if isinstance(taken, Decision):
+                return taken
+            state = taken
+            index += 1
+            continue
         if holds:
             break
         state = _with(
@@ -341,6 +397,199 @@ def _enter(
     final = _with(state, status=SagaStatus.COMPLETED, awaiting=False, timer=None, updated_at=now)
     log.append(_entry(saga, final, now, LogEvent.COMPLETED))
     return Decision(final, log=tuple(log))
+
+
+def _step_failed(
+    saga: Saga[Any], state: SagaState, failure: Failure, now: float, log: list[LogEntry]
+) -> Decision:
+    """The current step failed for good: compensate, or before nothing can be
+    undone any more (past the pivot) end FAILED for an operator."""
+    if state.step_index >= saga.point_of_no_return:
+        return _fail(saga, state, failure, now, log)
+    return _begin_compensation(saga, state, failure, now, log, abandon_current=False)
+
+
+def _wait(
+    saga: Saga[Any], state: SagaState, wait: Wait[Any], now: float, log: list[LogEntry]
+) -> Decision:
+    """Stop at a wait until its signal (or its timeout) comes."""
+    timer = None
+    if wait.timeout is not None:
+        timer = Timer(
+            purpose="wait",
+            step_index=state.step_index,
+            kind=MessageKind.COMMAND,
+            attempt=1,
+            due_at=now + wait.timeout,
+        )
+    waiting = _with(state, awaiting=True, waiting_for=wait.signal_name, timer=timer)
+    log.append(
+        _entry(
+            saga,
+            waiting,
+            now,
+            LogEvent.WAITING,
+            detail={"signal": wait.signal_name, "timeout": wait.timeout},
+        )
+    )
+    return Decision(waiting, log=tuple(log))
+
+
+def _take_signal(
+    saga: Saga[Any],
+    state: SagaState,
+    wait: Wait[Any],
+    data: dict[str, Any],
+    how: str,
+    now: float,
+    log: list[LogEntry],
+) -> SagaState | Decision:
+    """Merge a signal's data at the wait ``state`` is at: the new state, or the
+    decision that fails the wait when the merge raised."""
+    assert wait.model is not None  # checked by the definition
+    try:
+        received = wait.model.model_validate(data)
+        merged = wait.merge(saga.data_model.model_validate(state.data), received)
+        new_data = merged.model_dump(mode="json")
+    except Exception as exc:  # user code: a bug here fails the wait, never the engine
+        failure = Failure(step=wait.name, reason=f"on_signal raised {exc!r}", cause="failure")
+        return _step_failed(saga, state, failure, now, log)
+    signals = {k: v for k, v in state.signals.items() if k != wait.signal_name}
+    return _with(
+        state,
+        data=new_data,
+        signals=signals,
+        signalled={**state.signalled, wait.signal_name: how},
+        awaiting=False,
+        waiting_for=None,
+        timer=None,
+        updated_at=now,
+    )
+
+
+def _on_signal(saga: Saga[Any], state: SagaState, event: SignalReceived, now: float) -> Decision:
+    if state.status.terminal:
+        return Decision(
+            state, rejected=f"saga is {state.status.value}: signal {event.name!r} not applied"
+        )
+    found = saga.wait_for(event.name)
+    if found is None:
+        known = sorted(w.signal_name for w in saga.steps if isinstance(w, Wait))
+        return Decision(
+            state,
+            rejected=f"saga {saga.name!r} v{saga.version} waits for no signal {event.name!r}"
+            f" (it waits for: {', '.join(known) or 'none'})",
+        )
+    index, wait = found
+    assert wait.model is not None  # checked by the definition
+    try:
+        received = (
+            event.data
+            if isinstance(event.data, wait.model)
+            else wait.model.model_validate(
+                event.data.model_dump() if isinstance(event.data, BaseModel) else event.data
+            )
+        )
+    except ValidationError as exc:
+        return Decision(
+            state,
+            rejected=f"signal {event.name!r} data does not fit {wait.model.__name__}: "
+            + "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'data'}: {e['msg']}" for e in exc.errors()
+            ),
+        )
+    if event.name in state.signals or state.signalled.get(event.name) == "signal":
+        return Decision(state, ignored=f"signal {event.name!r} was received already")
+    if state.signalled.get(event.name) == "timeout":
+        return Decision(
+            state, rejected=f"wait {wait.name!r} timed out already and took its default"
+        )
+    if state.status is not SagaStatus.RUNNING:
+        return Decision(
+            state, rejected=f"saga is {state.status.value}: signal {event.name!r} not applied"
+        )
+    if index < state.step_index or (index == state.step_index and not state.awaiting):
+        return Decision(state, rejected=f"saga is past wait {wait.name!r} (skipped or done)")
+    data = received.model_dump(mode="json")
+    entry = _entry(
+        saga,
+        _with(state, step_index=index, kind=MessageKind.COMMAND),
+        now,
+        LogEvent.SIGNAL_RECEIVED,
+        attempt=1,
+        detail={
+            "signal": event.name,
+            "by": event.by,
+            "reason": event.reason,
+            "data": data,
+            "kept": index != state.step_index,
+        },
+    )
+    log = [entry]
+    if index != state.step_index:  # early: kept until the saga reaches the wait
+        kept = _with(state, signals={**state.signals, event.name: data}, updated_at=now)
+        return Decision(kept, log=tuple(log))
+    taken = _take_signal(saga, state, wait, data, "signal", now, log)
+    if isinstance(taken, Decision):
+        return taken
+    return _enter(saga, taken, index + 1, now, log)
+
+
+def _wait_timed_out(saga: Saga[Any], state: SagaState, now: float) -> Decision:
+    wait = saga.steps[state.step_index]
+    assert isinstance(wait, Wait) and wait.timeout is not None
+    default = wait.on_timeout
+    log = [
+        _entry(
+            saga,
+            state,
+            now,
+            LogEvent.WAIT_TIMED_OUT,
+            detail={
+                "signal": wait.signal_name,
+                "timeout": wait.timeout,
+                "default": None if default is None else default.model_dump(mode="json"),
+            },
+        )
+    ]
+    if default is None:
+        failure = Failure(
+            step=wait.name,
+            reason=f"no signal {wait.signal_name!r} within {wait.timeout:g}s",
+            cause="timeout",
+        )
+        return _step_failed(saga, state, failure, now, log)
+    taken = _take_signal(saga, state, wait, default.model_dump(mode="json"), "timeout", now, log)
+    if isinstance(taken, Decision):
+        return taken
+    return _enter(saga, taken, state.step_index + 1, now, log)
+
+
+def _deadline_passed(saga: Saga[Any], state: SagaState, now: float) -> Decision:
+    """Before the pivot the saga is cancelled by its deadline and compensates;
+    after it (or already compensating) the deadline is recorded, nothing undone."""
+    overdue = _with(state, overdue=True, updated_at=now)
+    before_pivot = state.status is SagaStatus.RUNNING and state.step_index < saga.point_of_no_return
+    log = [
+        _entry(
+            saga,
+            overdue,
+            now,
+            LogEvent.DEADLINE_PASSED,
+            detail={"deadline_at": state.deadline_at, "compensates": before_pivot},
+        )
+    ]
+    if not before_pivot:
+        return Decision(overdue, log=tuple(log))
+    step = saga.steps[state.step_index]
+    failure = Failure(
+        step=step.name,
+        reason=f"deadline passed ({(state.deadline_at or now) - state.created_at:g}s after start)",
+        cause="deadline",
+    )
+    return _begin_compensation(
+        saga, _with(overdue, waiting_for=None), failure, now, log, abandon_current=True
+    )
 
 
 def _retry_or_abandon(
@@ -383,7 +632,7 @@ def _retry_or_fail_compensation(
     *,
     immediate: bool = False,
 ) -> Decision:
-    step = saga.steps[state.step_index]
+    step = _step(saga, state.step_index)
     policy = step.compensation_retry
     used = state.attempt - state.round_start + 1
     if used < policy.max_attempts:
@@ -443,6 +692,7 @@ def _begin_compensation(
         failure=failure,
         to_compensate=tuple(reversed(undo)),
         awaiting=False,
+        waiting_for=None,
         timer=None,
     )
     log.append(
@@ -480,7 +730,13 @@ def _fail(
     saga: Saga[Any], state: SagaState, failure: Failure, now: float, log: list[LogEntry]
 ) -> Decision:
     final = _with(
-        state, status=SagaStatus.FAILED, failure=failure, awaiting=False, timer=None, updated_at=now
+        state,
+        status=SagaStatus.FAILED,
+        failure=failure,
+        awaiting=False,
+        waiting_for=None,
+        timer=None,
+        updated_at=now,
     )
     log.append(
         _entry(
@@ -506,7 +762,7 @@ def _dispatch(
     new_round: bool = False,
 ) -> Decision:
     """Send attempt ``attempt`` of step ``index``'s command or compensation."""
-    step = saga.steps[index]
+    step = _step(saga, index)
     position = {
         "step_index": index,
         "kind": kind,
@@ -588,6 +844,13 @@ LINK = "sagaflow-link"  # the traceparent of the step a compensation undoes
 def _trace_for(state: SagaState, index: int, kind: MessageKind) -> dict[str, str]:
     link = state.step_traces.get(str(index)) if kind is MessageKind.COMPENSATION else None
     return {**state.trace, LINK: link} if link else state.trace
+
+
+def _step(saga: Saga[Any], index: int) -> Step[Any]:
+    """Step ``index``, which the caller knows sends a command (not a wait)."""
+    step = saga.steps[index]
+    assert isinstance(step, Step), f"step {step.name!r} is a wait"
+    return step
 
 
 def _compensation_type(step: Step[Any]) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sagaflow.core.definition import Saga, Step
+    from sagaflow.core.definition import Saga, Step, Wait
 
 __all__ = ["DefinitionRecord", "drift", "fingerprint", "record_of", "shape"]
 
@@ -40,9 +40,23 @@ def shape(saga: Saga[Any]) -> dict[str, Any]:
     }
 
 
-def _step_shape(step: Step[Any]) -> dict[str, Any]:
+def _step_shape(step: Step[Any] | Wait[Any]) -> dict[str, Any]:
     # features a step does not use are left out, so that a definition's
     # fingerprint does not change when sagaflow learns a new one
+    from sagaflow.core.definition import Wait
+
+    if isinstance(step, Wait):
+        wait: dict[str, Any] = {
+            "name": step.name,
+            "kind": step.kind.value,
+            "signal": step.signal_name,
+            "on_timeout": "none"
+            if step.timeout is None
+            else ("compensate" if step.on_timeout is None else "default"),
+        }
+        if step.when is not None:
+            wait["conditional"] = True
+        return wait
     out: dict[str, Any] = {
         "name": step.name,
         "kind": step.kind.value,

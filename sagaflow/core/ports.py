@@ -258,8 +258,16 @@ class SagaStore(Protocol):
     async def get(self, saga_id: str) -> SagaState | None: ...
 
     async def list(
-        self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
-    ) -> list[SagaState]: ...
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        overdue_at: float | None = None,
+    ) -> list[SagaState]:
+        """Sagas, newest first; with ``overdue_at``, only those overdue then: marked
+        overdue, or unfinished with their deadline at or before it."""
+        ...
 
     async def log(self, saga_id: str) -> builtins.list[LogEntry]: ...
 

@@ -27,7 +27,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails
 
-from sagaflow.core.definition import Action, Saga
+from sagaflow.core.definition import Action, Saga, Step
 
 __all__ = [
     "DEFAULT_STRICT",
@@ -104,6 +104,8 @@ def saga_actions(sagas: Iterable[Saga[Any]]) -> dict[str, Action[Any, Any]]:
     found: dict[str, Action[Any, Any]] = {}
     for saga in sagas:
         for step in saga.steps:
+            if not isinstance(step, Step):
+                continue  # a wait sends nothing
             for action in (step.action, step.compensation):
                 if action is not None:
                     found[action.type] = action
@@ -133,6 +135,8 @@ def action_schemas(
         }
     for saga in sagas:
         for step in saga.steps:
+            if not isinstance(step, Step):
+                continue  # a wait sends nothing
             uses = [("command", step.action, step.retry)]
             if step.compensation is not None:
                 uses.append(("compensation", step.compensation, step.compensation_retry))

@@ -35,7 +35,7 @@ class Timer(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    purpose: Literal["timeout", "retry"]
+    purpose: Literal["timeout", "retry", "wait"]
     step_index: int
     kind: MessageKind
     attempt: int
@@ -49,7 +49,9 @@ class Failure(BaseModel):
 
     step: str | None
     reason: str
-    cause: Literal["failure", "timeout", "retries_exhausted", "cancelled", "compensation"]
+    cause: Literal[
+        "failure", "timeout", "retries_exhausted", "cancelled", "compensation", "deadline"
+    ]
     # for a compensation that failed: the failure that made the saga compensate,
     # which becomes the saga's reason again once an operator's retry resumes it
     original: Failure | None = None
@@ -68,6 +70,12 @@ class SagaState(BaseModel):
     ``skipped`` lists the steps whose ``when=`` condition was false (never sent,
     never compensated). ``fingerprint`` is the fingerprint of the definition the
     saga started on (empty for sagas started before sagaflow recorded it).
+    ``signals`` keeps signals that arrived before the saga reached their wait
+    (validated data by signal name); ``signalled`` names the signals a wait has
+    taken, with how (``signal`` or ``timeout``), so that a second one is ignored.
+    ``waiting_for`` names the signal the saga waits for at its current step.
+    ``deadline_at`` is when the saga should be finished; ``overdue`` says the
+    deadline passed (after the pivot: recorded, nothing undone).
     ``trace`` is the W3C context of the saga's start span; ``step_traces`` keeps,
     per completed step, the ``traceparent`` its reply came with, so the
     compensation that undoes the step can link to it.
@@ -99,10 +107,22 @@ class SagaState(BaseModel):
     updated_at: float
     version: int = 0
     fingerprint: str = ""
+    signals: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    signalled: dict[str, str] = Field(default_factory=dict)
+    waiting_for: str | None = None
+    deadline_at: float | None = None
+    overdue: bool = False
 
     @property
     def wake_at(self) -> float | None:
-        return None if self.timer is None else self.timer.due_at
+        """When the timer loop must look at the saga: its timer or its deadline,
+        whichever comes first (one column for the store to scan)."""
+        if self.status.terminal:
+            return None
+        due = None if self.timer is None else self.timer.due_at
+        if self.deadline_at is not None and not self.overdue:
+            due = self.deadline_at if due is None else min(due, self.deadline_at)
+        return due
 
 
 class LogEvent(StrEnum):
@@ -110,6 +130,10 @@ class LogEvent(StrEnum):
 
     STARTED = "saga_started"
     COMMAND_SENT = "command_sent"
+    WAITING = "waiting"  # reached a wait: waiting for its signal
+    SIGNAL_RECEIVED = "signal_received"  # kept (early) or taken by the wait
+    WAIT_TIMED_OUT = "wait_timed_out"
+    DEADLINE_PASSED = "deadline_passed"
     STEP_SKIPPED = "step_skipped"  # its when= condition was false
     COMPENSATION_SENT = "compensation_sent"
     REPLY_RECEIVED = "reply_received"

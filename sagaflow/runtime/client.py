@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -20,13 +20,15 @@ from sagaflow.core import engine
 from sagaflow.core.definition import Saga
 from sagaflow.core.errors import ConfigurationError, SagaflowError
 from sagaflow.core.ports import Clock, IdFactory, SagaStore
-from sagaflow.core.state import SagaState
+from sagaflow.core.state import Failure, SagaState, SagaStatus
 from sagaflow.runtime.batching import GroupCommit
 from sagaflow.runtime.clock import SystemClock, UUIDFactory
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.writer import Decided, SagaRegistry, SagaWriter
 
-__all__ = ["SagaClient", "SagaHandle"]
+__all__ = ["SagaClient", "SagaHandle", "SagaView"]
+
+D = TypeVar("D", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,61 @@ class SagaHandle:
 
     saga_id: str
     state: SagaState
+
+
+@dataclass(frozen=True)
+class SagaView(Generic[D]):
+    """A saga read through its definition (``SagaClient.get(saga_id, saga)``).
+
+    Attributes:
+        data: The saga data, as the definition's data model.
+        step: The step the saga is at (or stopped at), by name.
+        waiting_for: The signal the saga waits for, if it is at a wait.
+        completed: The steps that took effect and would be compensated, in order.
+        skipped: The steps skipped because their condition was false.
+        deadline_at: When the saga should be finished (seconds since the epoch).
+        overdue: The deadline passed (after the pivot: recorded, nothing undone).
+        state: The raw state, for everything else.
+    """
+
+    saga_id: str
+    status: SagaStatus
+    data: D
+    step: str
+    waiting_for: str | None
+    completed: tuple[str, ...]
+    skipped: tuple[str, ...]
+    deadline_at: float | None
+    overdue: bool
+    failure: Failure | None
+    state: SagaState
+
+    @classmethod
+    def of(cls, saga: Saga[D], state: SagaState) -> SagaView[D]:
+        """Read ``state`` with ``saga``, the definition it runs on.
+
+        Raises:
+            SagaflowError: ``state`` is a saga of another name or version.
+        """
+        if (state.saga_name, state.saga_version) != (saga.name, saga.version):
+            raise SagaflowError(
+                f"saga {state.saga_id!r} runs {state.saga_name!r} v{state.saga_version}, "
+                f"not {saga.name!r} v{saga.version}"
+            )
+        names = [step.name for step in saga.steps]
+        return cls(
+            saga_id=state.saga_id,
+            status=state.status,
+            data=saga.data_model.model_validate(state.data),
+            step=names[state.step_index],
+            waiting_for=state.waiting_for,
+            completed=tuple(names[i] for i in state.completed),
+            skipped=tuple(names[i] for i in state.skipped),
+            deadline_at=state.deadline_at,
+            overdue=state.overdue,
+            failure=state.failure,
+            state=state,
+        )
 
 
 class SagaClient:
@@ -72,8 +129,12 @@ class SagaClient:
         *,
         saga_id: str | None = None,
         connection: Any = None,
+        deadline_at: float | None = None,
     ) -> SagaHandle:
         """Start a saga; with ``connection`` inside the caller's open transaction.
+
+        ``deadline_at`` (seconds since the epoch) overrides the definition's
+        ``deadline`` for this saga.
 
         Its first command goes out once the work commits, published by a
         coordinator's outbox relay. Starts submitted together without a
@@ -82,15 +143,18 @@ class SagaClient:
         Raises:
             pydantic.ValidationError: ``data`` does not fit the saga's data model.
             ValueError: ``saga_id`` is empty, longer than 200 characters, or has
-                control characters.
+                control characters; ``deadline_at`` is in the past.
             ConfigurationError: the saga is not registered with this client.
             StoreError: a saga with this id exists, or the store failed.
         """
         if self.registry.get(saga.name, saga.version) is not saga:
             raise ConfigurationError(f"saga {saga.name!r} v{saga.version} is not registered here")
         sid = self.ids.new_saga_id() if saga_id is None else saga_id
+        now = self.clock.now()
+        if deadline_at is not None and not deadline_at > now:
+            raise ValueError(f"deadline_at {deadline_at:.3f} is in the past (now {now:.3f})")
         decision = engine.start(
-            saga, sid, data, self.clock.now(), trace=self.hooks.saga_started(saga, sid)
+            saga, sid, data, now, trace=self.hooks.saga_started(saga, sid), deadline_at=deadline_at
         )
         started = Decided(saga, None, decision)
         if connection is None:
@@ -110,7 +174,32 @@ class SagaClient:
         """Resume a FAILED saga where it stopped, with a fresh retry budget."""
         return await self._event(saga_id, engine.RetryRequested(by=by, reason=reason))
 
-    async def _event(self, saga_id: str, event: engine.Event) -> SagaState:
+    async def signal_saga(
+        self,
+        saga_id: str,
+        name: str,
+        data: BaseModel | dict[str, Any] | None = None,
+        *,
+        by: str,
+        reason: str,
+        connection: Any = None,
+    ) -> SagaState:
+        """Send the signal ``name`` to a saga's wait; with ``connection`` inside the
+        caller's open transaction (the signal counts only if that commits).
+
+        The data is validated against the wait's model and merged into the saga
+        data when the saga is at the wait, or kept until it gets there. A second
+        signal of the same name changes nothing (returns the state as it is).
+
+        Raises:
+            SagaflowError: no such saga; it is finished or compensating; its
+                definition waits for no signal ``name``; the data does not fit the
+                wait's model; or the saga is past that wait. Nothing changed.
+        """
+        event = engine.SignalReceived(name=name, data=data or {}, by=by, reason=reason)
+        return await self._event(saga_id, event, connection=connection)
+
+    async def _event(self, saga_id: str, event: engine.Event, connection: Any = None) -> SagaState:
         now = self.clock.now()
 
         def decide(states: Mapping[str, SagaState]) -> list[Decided]:
@@ -127,11 +216,31 @@ class SagaClient:
                 raise SagaflowError(decision.rejected)
             return [Decided(saga, state, decision)]
 
-        (decided,) = await self.writer.commit(decide, lock=[saga_id])
+        (decided,) = await self.writer.commit(decide, lock=[saga_id], connection=connection)
         return decided.decision.state
 
-    async def get(self, saga_id: str) -> SagaState | None:
-        return await self.store.get(saga_id)
+    @overload
+    async def get(self, saga_id: str) -> SagaState | None: ...
+
+    @overload
+    async def get(self, saga_id: str, saga: Saga[D]) -> SagaView[D] | None: ...
+
+    async def get(
+        self, saga_id: str, saga: Saga[D] | None = None
+    ) -> SagaState | SagaView[D] | None:
+        """A saga's committed state, or ``None`` when there is no such saga.
+
+        With its definition, a typed :class:`SagaView`: the data as the
+        definition's data model, and where the saga is (its step, the signal it
+        waits for, the steps done and skipped, whether it is overdue).
+
+        Raises:
+            SagaflowError: the saga runs another definition than ``saga``.
+        """
+        state = await self.store.get(saga_id)
+        if state is None or saga is None:
+            return state
+        return SagaView.of(saga, state)
 
     async def wait_for(
         self, saga_id: str, *, timeout: float = 60.0, poll: float = 0.05

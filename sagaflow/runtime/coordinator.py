@@ -147,7 +147,23 @@ class Coordinator:
         """Resume a FAILED saga where it stopped, with a fresh retry budget."""
         return await self.client.retry_saga(saga_id, by=by, reason=reason)
 
+    async def signal_saga(
+        self,
+        saga_id: str,
+        name: str,
+        data: BaseModel | dict[str, Any] | None = None,
+        *,
+        by: str,
+        reason: str,
+        connection: Any = None,
+    ) -> SagaState:
+        """Send a signal to a saga's wait (see :meth:`SagaClient.signal_saga`)."""
+        return await self.client.signal_saga(
+            saga_id, name, data, by=by, reason=reason, connection=connection
+        )
+
     async def get(self, saga_id: str) -> SagaState | None:
+        """A saga's committed state (``self.client.get(saga_id, saga)`` reads it typed)."""
         return await self.client.get(saga_id)
 
     async def wait_for(

@@ -250,13 +250,20 @@ class InMemorySagaStore:
         return self._sagas.get(saga_id)
 
     async def list(
-        self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        overdue_at: float | None = None,
     ) -> builtins.list[SagaState]:
-        """Sagas, newest first, optionally filtered by status and name."""
+        """Sagas, newest first, optionally filtered by status, name and being overdue."""
         states = [
             s
             for s in self._sagas.values()
-            if (status is None or s.status == status) and (name is None or s.saga_name == name)
+            if (status is None or s.status == status)
+            and (name is None or s.saga_name == name)
+            and (overdue_at is None or _overdue(s, overdue_at))
         ]
         return heapq.nlargest(limit, states, key=lambda s: (s.created_at, s.saga_id))
 
@@ -340,3 +347,10 @@ class InMemorySagaStore:
         for saga_id in found:  # still due until a save moves their timer
             heapq.heappush(timers, (wake[saga_id], saga_id))
         return found
+
+
+def _overdue(state: SagaState, at: float) -> bool:
+    if state.overdue:
+        return True
+    deadline = state.deadline_at
+    return deadline is not None and deadline <= at and not state.status.terminal

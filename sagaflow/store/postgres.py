@@ -448,9 +448,14 @@ class PostgresSagaStore:
         return None if text is None else SagaState.model_validate_json(text)
 
     async def list(
-        self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        overdue_at: float | None = None,
     ) -> list[SagaState]:
-        """Sagas, newest first, optionally filtered by status and name."""
+        """Sagas, newest first, optionally filtered by status, name and being overdue."""
         clauses: list[str] = []
         args: list[object] = []
         if status is not None:
@@ -459,6 +464,13 @@ class PostgresSagaStore:
         if name is not None:
             args.append(name)
             clauses.append(f"saga_name = ${len(args)}")
+        if overdue_at is not None:
+            args.append(overdue_at)
+            clauses.append(
+                "(coalesce((state->>'overdue')::boolean, false) OR"
+                f" ((state->>'deadline_at')::float8 <= ${len(args)}::float8"
+                " AND status IN ('RUNNING', 'COMPENSATING')))"
+            )
         args.append(limit)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         query = (

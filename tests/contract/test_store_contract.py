@@ -814,3 +814,22 @@ async def test_record_definitions_keeps_the_first_record(store: SagaStore) -> No
     assert await store.record_definitions([]) == []
     assert await store.record_definitions([first]) == [first]
     assert await store.record_definitions([second, other]) == [second, first]
+
+
+async def test_list_overdue_and_the_deadline_wakes_the_saga(store: SagaStore) -> None:
+    late = saga("late").model_copy(update={"deadline_at": 1_700_000_100.0})
+    marked = saga("marked", status=SagaStatus.COMPLETED).model_copy(update={"overdue": True})
+    later = saga("later", wake_at=1_700_000_050.0).model_copy(
+        update={"deadline_at": 1_700_000_900.0}
+    )
+    finished = saga("finished", status=SagaStatus.COMPLETED).model_copy(
+        update={"deadline_at": 1_700_000_100.0}
+    )
+    await insert(store, late, marked, later, finished)
+    overdue = await store.list(overdue_at=1_700_000_200.0)
+    assert sorted(s.saga_id for s in overdue) == ["late", "marked"]
+    assert [s.saga_id for s in await store.list(overdue_at=1_700_000_000.0)] == ["marked"]
+    # the deadline is a timer for the store's scan: the earlier of the two wakes the saga
+    async with store.transaction() as tx:
+        due = await tx.lock_due(1_700_000_100.0, 10, [("create-order", 1)])
+    assert sorted(s.saga_id for s in due) == ["late", "later"]

@@ -401,6 +401,9 @@ def test_sagas_list_filters_and_prints_stable_json(
         "trace_id",
         "created_at",
         "updated_at",
+        "waiting_for",
+        "deadline_at",
+        "overdue",
     ]
     assert (row["saga_id"], row["status"], row["trace_id"]) == (saga_id, "COMPENSATED", TRACE_ID)
 

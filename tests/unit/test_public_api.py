@@ -30,10 +30,12 @@ EXPECTED = [
     "SagaHandle",
     "SagaState",
     "SagaStatus",
+    "SagaView",
     "SagaflowError",
     "Step",
     "StoreError",
     "TransportError",
+    "Wait",
     "Worker",
 ]
 
