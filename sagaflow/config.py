@@ -41,7 +41,14 @@ if TYPE_CHECKING:
     from sagaflow.store.postgres_participant import PostgresParticipantStore
     from sagaflow.transport.rabbitmq import RabbitMQTransport
 
-__all__ = ["MIN_INBOX_RETENTION", "LogFormat", "Settings", "parse_duration", "redact_url"]
+__all__ = [
+    "MIN_INBOX_RETENTION",
+    "LogFormat",
+    "Settings",
+    "broker_urls",
+    "parse_duration",
+    "redact_url",
+]
 
 LogFormat = Literal["json", "console"]
 
@@ -179,6 +186,25 @@ def _usable_url(url: str, schemes: tuple[str, ...]) -> str:
     return url
 
 
+def broker_urls(url: str) -> list[str]:
+    """One URL per node of a URL that names several hosts, as PostgreSQL's do:
+    ``amqp://user:pw@host1:5672,host2:5673/vhost?heartbeat=10`` is the same
+    user, vhost and options at ``host1:5672`` and at ``host2:5673``. A URL of
+    one host is returned as it is.
+
+    Example:
+        ``broker_urls("amqp://u:p@a,b:5673/v")`` is
+        ``["amqp://u:p@a/v", "amqp://u:p@b:5673/v"]``.
+    """
+    head, userinfo, rest = _split_userinfo(url)
+    cut = re.search(r"[/?#]", rest)
+    hosts, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
+    if "," not in hosts:
+        return [url]
+    user = f"{userinfo}@" if userinfo is not None else ""
+    return [f"{head}{user}{host.strip()}{tail}" for host in hosts.split(",") if host.strip()]
+
+
 def _default_log_format() -> LogFormat:
     # people read a terminal; machines (log shippers) read everything else
     return "console" if sys.stdout.isatty() else "json"
@@ -191,11 +217,20 @@ class Settings(BaseSettings):
     ``db_schema`` which reads ``SAGAFLOW_SCHEMA``.
 
     Attributes:
-        amqp_url: The RabbitMQ URL, vhost included.
-        database_url: The PostgreSQL URL.
+        amqp_url: The RabbitMQ URL, vhost included. A cluster's nodes go in
+            its host part, comma-separated (``amqp://u:pw@rmq1:5672,rmq2:5672,
+            rmq3:5672/vhost``): a process connects to one and moves to the next
+            when it dies (docs/scaling.md).
+        database_url: The PostgreSQL URL. A primary and its standbys go in its
+            host part with ``target_session_attrs=read-write`` (``postgresql://
+            u@pg1:5432,pg2:5432/db?target_session_attrs=read-write``): only the
+            server accepting writes is used, also after a promotion.
         db_schema: The coordinator's schema (env ``SAGAFLOW_SCHEMA``).
         prefix: The broker namespace: exchanges and queues are ``<prefix>.*``.
         delivery_limit: Deliveries of one message before it is dead-lettered.
+        quorum_initial_group_size: Replicas of each quorum queue when it is
+            declared (``x-quorum-initial-group-size``); unset: RabbitMQ's
+            default, every node of the cluster. Only a new queue takes it.
         max_message_bytes: Larger messages are refused or dead-lettered (at most
             512 MiB, RabbitMQ's limit).
         connect_timeout: Seconds a coordinator or worker keeps trying, at
@@ -264,6 +299,7 @@ class Settings(BaseSettings):
     db_schema: str = Field(default="sagaflow", validation_alias="SAGAFLOW_SCHEMA")
     prefix: str = Field(default="sagaflow", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     delivery_limit: int = Field(default=5, ge=1)
+    quorum_initial_group_size: int | None = Field(default=None, ge=1)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=MAX_MESSAGE_BYTES)
     connect_timeout: float = Field(default=60.0, ge=1, allow_inf_nan=False)
     declare_topology: bool = True
@@ -409,7 +445,12 @@ class Settings(BaseSettings):
             user_id=_amqp_user(self.amqp_url) if self.amqp_user_id else None,
             dead_letter_max_messages=self.dead_letter_max_messages,
             dead_letter_max_bytes=self.dead_letter_max_bytes,
+            quorum_initial_group_size=self.quorum_initial_group_size,
         )
+
+    def amqp_urls(self) -> list[str]:
+        """One URL per broker node named in ``amqp_url`` (see :func:`broker_urls`)."""
+        return broker_urls(self.amqp_url)
 
     def retention_policy(self) -> Retention:
         """How long sagas and inbox rows are kept, for a coordinator or a worker."""

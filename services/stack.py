@@ -261,7 +261,7 @@ class Stack:
                 if dead:
                     raise StackError(f"exited while starting: {dead}\n{self.tails(dead)}")
                 try:  # the broker may be restarting (fault tests): keep asking until the deadline
-                    connection = connection or await aio_pika.connect(self.settings.amqp_url)
+                    connection = connection or await _connect_any(self.settings.amqp_urls())
                     waiting = await self._not_ready(connection)
                 except (aio_pika.exceptions.AMQPError, OSError) as exc:
                     waiting = [f"broker ({exc!r})"]
@@ -440,6 +440,18 @@ async def _consumers(connection: aio_pika.abc.AbstractConnection, queue: str) ->
             return int(count or 0)
     except aio_pika.exceptions.ChannelClosed:
         return 0
+
+
+async def _connect_any(urls: Sequence[str]) -> aio_pika.abc.AbstractConnection:
+    """A connection to the first broker node that answers (a cluster lists several)."""
+    error: BaseException | None = None
+    for url in urls:
+        try:
+            return await aio_pika.connect(url, timeout=5.0)
+        except (aio_pika.exceptions.AMQPError, OSError) as exc:
+            error = exc
+    assert error is not None
+    raise error
 
 
 async def _quiet_close(connection: aio_pika.abc.AbstractConnection) -> None:

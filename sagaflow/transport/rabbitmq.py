@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ from aiormq.exceptions import ChannelAccessRefused
 from pamqp.commands import Basic
 from yarl import URL
 
-from sagaflow.config import redact_url
+from sagaflow.config import broker_urls, redact_url
 from sagaflow.core.errors import ConfigurationError, MessageRejected, TransportError
 from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
@@ -96,7 +97,11 @@ class RabbitMQTransport:
 
     Args:
         url: ``amqp://user:password@host:port/vhost`` (query parameters such as
-            ``heartbeat`` are passed to aio-pika).
+            ``heartbeat`` are passed to aio-pika). A cluster's nodes go in the
+            host part, comma-separated (``host1:5672,host2:5672``): the
+            transport connects to one of them (chosen at random, to spread
+            connections) and, when it is lost, to the next, declaring the
+            topology again on each.
         topology: names of the broker objects and the delivery limit.
         max_message_bytes: publishing a larger body raises ``MessageRejected``
             (``too_large``): no retry can send it.
@@ -118,6 +123,9 @@ class RabbitMQTransport:
             no permission: for least-privilege users (docs/security.md).
         user_id: set as every published message's ``user_id``; the broker
             refuses it unless it is the connection's user.
+        quorum_initial_group_size: replicas of each quorum queue it declares
+            (``x-quorum-initial-group-size``); ``None``: the broker's default
+            (every cluster node). A queue that exists keeps its membership.
     """
 
     def __init__(
@@ -137,11 +145,16 @@ class RabbitMQTransport:
         user_id: str | None = None,
         dead_letter_max_messages: int = DEAD_LETTER_MAX_MESSAGES,
         dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
+        quorum_initial_group_size: int | None = None,
     ) -> None:
-        try:
-            URL(url)
-        except ValueError as exc:  # a port that is no number, say: it would never connect
-            raise ConfigurationError(f"invalid AMQP URL {redact_url(url)}: {exc}") from exc
+        self._urls = broker_urls(url)
+        for node_url in self._urls:
+            try:
+                URL(node_url)
+            except ValueError as exc:  # a port that is no number, say: it would never connect
+                raise ConfigurationError(f"invalid AMQP URL {redact_url(node_url)}: {exc}") from exc
+        # each process starts at a node of its own choosing: connections spread out
+        self._node = random.randrange(len(self._urls))
         if dead_letter_max_messages < 0 or dead_letter_max_bytes < 0:
             raise ValueError("dead-letter limits must be 0 (none) or more")
         self.topology = topology
@@ -150,6 +163,7 @@ class RabbitMQTransport:
             declare=declare,
             dead_letter_max_messages=dead_letter_max_messages,
             dead_letter_max_bytes=dead_letter_max_bytes,
+            quorum_initial_group_size=quorum_initial_group_size,
         )
         self.keys = keys
         self.user_id = user_id
@@ -159,7 +173,6 @@ class RabbitMQTransport:
         self.connect_timeout = connect_timeout
         self.reconnect_delay = reconnect_delay
         self.close_timeout = close_timeout
-        self._url = url
         self._connection_name = connection_name
         self._services: set[str] = set()
         self._consumers: list[_Consumer] = []
@@ -175,6 +188,16 @@ class RabbitMQTransport:
         self._closing = False
         self.connections = 0
         """How many times a connection was established (reconnects = this - 1)."""
+
+    @property
+    def _url(self) -> str:
+        """The node connected to, or tried next."""
+        return self._urls[self._node]
+
+    @property
+    def nodes(self) -> list[str]:
+        """The broker nodes it may connect to, passwords masked."""
+        return [redact_url(url) for url in self._urls]
 
     @property
     def is_connected(self) -> bool:
@@ -616,27 +639,42 @@ class RabbitMQTransport:
     # ----------------------------------------------------------------- connection
 
     async def _supervise(self) -> None:
-        """Own the connection: connect, declare, wait for the loss, repeat."""
+        """Own the connection: connect, declare, wait for the loss, repeat.
+
+        With several nodes, a lost connection or a failed attempt moves on to
+        the next node at once; the pause grows only after a whole round of them
+        failed.
+        """
         delay = self.reconnect_delay[0]
+        failures = 0  # in a row, across the nodes
         while not self._closing:
             try:
                 await self._session()
-                delay = self.reconnect_delay[0]
+                delay, failures = self.reconnect_delay[0], 0
             except Exception as exc:
                 self._last_error = exc
+                failures += 1
                 if self.connections == 0 and refused_for_good(exc):
                     self._refused.set()  # start() raises it: no retry to announce
                     log.debug("RabbitMQ at %s refused the connection: %r", self.safe_url, exc)
+                    self._next_node()
                     await asyncio.sleep(delay)
                     continue
                 log.warning(
                     "cannot connect to RabbitMQ at %s: %r; retrying in %.1fs",
                     self.safe_url,
                     exc,
-                    delay,
+                    delay if failures % len(self._urls) == 0 else self.reconnect_delay[0],
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.reconnect_delay[1])
+            self._next_node()
+            if failures and failures % len(self._urls) == 0:  # every node failed: back off
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_delay[1])
+            else:
+                await asyncio.sleep(self.reconnect_delay[0])
+
+    def _next_node(self) -> None:
+        self._node = (self._node + 1) % len(self._urls)
 
     async def _session(self) -> None:
         """One connection's life: declare everything, serve, return when it is lost."""

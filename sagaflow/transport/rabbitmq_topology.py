@@ -37,6 +37,8 @@ class Declarations:
         declare: Declare, and repair on every reconnect; False: only check.
         dead_letter_max_messages: The dead-letter queue's ``x-max-length`` (0: none).
         dead_letter_max_bytes: Its ``x-max-length-bytes`` (0: none).
+        quorum_initial_group_size: Each quorum queue's ``x-quorum-initial-group-size``
+            (``None``: the broker's default, every node of the cluster).
     """
 
     def __init__(
@@ -46,22 +48,28 @@ class Declarations:
         declare: bool,
         dead_letter_max_messages: int,
         dead_letter_max_bytes: int,
+        quorum_initial_group_size: int | None = None,
     ) -> None:
         self.topology = topology
         self.declare_topology = declare
         self.dead_letter_max_messages = dead_letter_max_messages
         self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.quorum: dict[str, Any] = {"x-queue-type": "quorum"}
+        if quorum_initial_group_size is not None:
+            if quorum_initial_group_size < 1:
+                raise ValueError("quorum_initial_group_size must be at least 1")
+            self.quorum["x-quorum-initial-group-size"] = quorum_initial_group_size
         # set when an existing dead-letter queue has other arguments: kept as it is
         self._dead_letter_queue_as_found = False
 
     def dead_letter_arguments(self) -> dict[str, Any]:
         """The arguments of the dead-letter queue (quorum, and its limits if any)."""
-        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+        arguments: dict[str, Any] = dict(self.quorum)
         if self.dead_letter_max_messages:
             arguments["x-max-length"] = self.dead_letter_max_messages
         if self.dead_letter_max_bytes:
             arguments["x-max-length-bytes"] = self.dead_letter_max_bytes
-        if len(arguments) > 1:
+        if "x-max-length" in arguments or "x-max-length-bytes" in arguments:
             # keep the oldest; what does not fit waits in its own queue (nothing lost)
             arguments["x-overflow"] = "reject-publish"
         return arguments
@@ -69,7 +77,7 @@ class Declarations:
     def queue_arguments(self) -> dict[str, Any]:
         """The arguments of service and reply queues (quorum, delivery limit, DLX)."""
         return {
-            "x-queue-type": "quorum",
+            **self.quorum,
             "x-delivery-limit": self.topology.delivery_limit,
             "x-dead-letter-exchange": self.topology.dead_letter_exchange,
             "x-dead-letter-strategy": "at-least-once",
