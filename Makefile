@@ -32,7 +32,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_ROOT_USER_ACTION := ignore
 
 .DEFAULT_GOAL := help
-.PHONY: help venv deps lock audit demo test test-unit test-faults lint types check bench fmt services clean
+.PHONY: help venv deps lock audit demo test test-unit test-faults test-cluster lint types check bench fmt services clean
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -91,6 +91,11 @@ test-unit: venv  ## unit tests only (no servers needed)
 # SAGAFLOW_FAULT_SEED replays a run's random choices (each summary line prints it).
 test-faults: venv services  ## fault-injection suite: kill and restart processes, RabbitMQ, PostgreSQL
 	$(BIN)/pytest tests/faults tests/unit/test_envelope_fuzz.py -ra $(PYTEST_ARGS)
+
+# The cluster scenarios start (and remove) three RabbitMQ nodes and a PostgreSQL
+# primary with a standby of their own (docs/scaling.md); `make test` runs them too.
+test-cluster: venv services  ## fault scenarios on a local 3-node RabbitMQ cluster and a PostgreSQL standby
+	$(BIN)/pytest tests/faults/cluster tests/integration/test_broker_nodes.py -ra $(PYTEST_ARGS)
 
 lint: venv  ## ruff check and ruff format --check
 	$(BIN)/ruff check .
