@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from bench.report import (
     console,
     embedded_verdict,
     runs_table,
+    scaling_compare,
     signing_compare,
     tracing_compare,
     tracing_table,
@@ -78,6 +80,13 @@ def _signing(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values or any(v not in ("off", "on") for v in values):
         raise argparse.ArgumentTypeError(f"expected off and/or on (e.g. off,on): {text!r}")
+    return values
+
+
+def _brokers(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or any(v not in ("single", "cluster") for v in values):
+        raise argparse.ArgumentTypeError(f"expected single and/or cluster: {text!r}")
     return values
 
 
@@ -164,6 +173,15 @@ def parser() -> argparse.ArgumentParser:
         "unsigned messages (as the plain runs), on = every message signed with a key per "
         "service (e.g. off,on); prints the on/off ratio",
     )
+    p.add_argument(
+        "--broker",
+        type=_brokers,
+        default=["single"],
+        help="sagaflow only: single = this machine's RabbitMQ node; cluster = three local nodes "
+        "joined into one cluster, started for this invocation and removed after "
+        "(scripts/local_cluster.py); e.g. single,cluster, interleaved; prints the "
+        "cluster/single ratio (docs/scaling.md)",
+    )
     p.add_argument("--profile", type=Path, help="record py-spy profiles of the coordinators here")
     p.add_argument(
         "--out",
@@ -198,7 +216,12 @@ def plan(args: argparse.Namespace) -> list[Params]:
             duration = args.duration if args.duration is not None else 15.0 if args.quick else 60.0
         repeat = args.repeat
         if repeat is None:
-            several = len(systems) > 1 or len(args.tracing) > 1 or len(args.signing) > 1
+            several = (
+                len(systems) > 1
+                or len(args.tracing) > 1
+                or len(args.signing) > 1
+                or len(args.broker) > 1
+            )
             repeat = 2 if mode == "throughput" and several else 1
         for steps in args.steps:
             for _ in range(repeat):
@@ -206,8 +229,15 @@ def plan(args: argparse.Namespace) -> list[Params]:
                     coordinators = args.coordinators if system == "sagaflow" else [1]
                     tracing = args.tracing if system == "sagaflow" and args.tracing else [""]
                     signing = args.signing if system == "sagaflow" and args.signing else [""]
-                    combos = ((c, t, s) for c in coordinators for t in tracing for s in signing)
-                    for count, trace, sign in combos:
+                    brokers = args.broker if system == "sagaflow" else ["single"]
+                    combos = (
+                        (c, t, s, b)
+                        for b in brokers
+                        for c in coordinators
+                        for t in tracing
+                        for s in signing
+                    )
+                    for count, trace, sign, broker in combos:
                         runs.append(
                             Params(
                                 system=system,
@@ -224,6 +254,7 @@ def plan(args: argparse.Namespace) -> list[Params]:
                                 trace_sample=args.trace_sample,
                                 otel_metrics=args.otel_metrics,
                                 signing=sign,
+                                broker=broker,
                             )
                         )
     return runs
@@ -238,7 +269,9 @@ def _emit(obj: dict[str, Any], out: Path | None) -> None:
             f.write(line + "\n")
 
 
-async def _run_all(runs: list[Params], args: argparse.Namespace) -> list[dict[str, Any]]:
+async def _run_all(
+    runs: list[Params], args: argparse.Namespace, cluster: Any = None
+) -> list[dict[str, Any]]:
     con = console()
     results: list[dict[str, Any]] = []
     for i, params in enumerate(runs, 1):
@@ -246,6 +279,7 @@ async def _run_all(runs: list[Params], args: argparse.Namespace) -> list[dict[st
             f"[bold]run {i}/{len(runs)}[/]: {params.system} {params.mode} steps={params.steps}"
             f" sagas={params.sagas or f'{params.duration:.0f}s'} inflight={params.inflight}"
             + (f" coordinators={params.coordinators}" if params.system == "sagaflow" else "")
+            + (" broker=cluster" if params.broker == "cluster" else "")
         )
         if params.tracing and params.system != "embedded":
             con.print(f"  tracing {params.tracing}")
@@ -254,7 +288,7 @@ async def _run_all(runs: list[Params], args: argparse.Namespace) -> list[dict[st
         if params.system == "embedded":
             result = await run_in_memory(params)
         else:
-            result = await run_servers(params, profile_dir=args.profile)
+            result = await run_servers(params, profile_dir=args.profile, cluster=cluster)
         results.append(result)
         _emit({"kind": "run", **result}, args.out)
         if result.get("postgres_settings", {}).get("autovacuum") == "off":
@@ -285,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     con.print(f"JSON lines also in {args.out}")
     try:
-        results = asyncio.run(_run_all(runs, args))
+        with contextlib.ExitStack() as stack:
+            cluster = None
+            if any(run.broker == "cluster" for run in runs):
+                from scripts.local_cluster import RabbitCluster
+
+                con.print("starting a local three-node RabbitMQ cluster")
+                cluster = stack.enter_context(RabbitCluster.started())
+            results = asyncio.run(_run_all(runs, args, cluster))
     except (BenchFailure, InfraError) as exc:
         con.print(f"[bold red]BENCHMARK FAILED[/]: {exc}")
         return 1
@@ -309,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         con.print(
             f"signing on/off ({row['mode']}): throughput x{row['throughput_ratio']}, "
             f"coordinator CPU per saga x{row['coordinator_cpu_ratio']}"
+        )
+    for row in scaling_compare(results):
+        _emit(row, args.out)
+        con.print(
+            f"{row['compare']} ({row['mode']}): throughput x{row['throughput_ratio']}"
+            f" (sagas/s {row['sagas_per_s']['numerator']} over"
+            f" {row['sagas_per_s']['denominator']}), p50 x{row['p50_ratio']},"
+            f" RabbitMQ CPU per saga x{row['rabbitmq_cpu_ratio']}"
         )
     traced = tracing_compare(results)
     for row in traced:

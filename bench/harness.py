@@ -84,6 +84,7 @@ class Params:
     trace_sample: float = 1.0  # with tracing on: the share of sagas traced (parent-based)
     otel_metrics: bool = True  # with tracing on: export metrics over OTLP too
     signing: str = ""  # sagaflow: "" or "off" = unsigned messages; "on" = every message signed
+    broker: str = "single"  # sagaflow: "single" = this machine's node; "cluster" = 3 local nodes
 
     @property
     def timeout(self) -> float:
@@ -413,8 +414,14 @@ def _processes(
     ]
 
 
-async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``raw``, ``sagaflow`` or ``celery`` against the real servers; return the checked result."""
+async def run_servers(
+    params: Params, *, profile_dir: Path | None = None, cluster: Any = None
+) -> dict[str, Any]:
+    """Run ``raw``, ``sagaflow`` or ``celery`` against the real servers; return the checked result.
+
+    ``cluster``: the local RabbitMQ cluster (``scripts.local_cluster.RabbitCluster``)
+    that runs with ``broker="cluster"`` use instead of this machine's node.
+    """
     run = uuid.uuid4().hex[:6]
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-{params.system}-{run}-"))
     # the collector is a process of its own, in no measured group
@@ -428,7 +435,10 @@ async def run_servers(params: Params, *, profile_dir: Path | None = None) -> dic
             await sink.stop()
             raise
     try:
-        target = await infra.create(params.system)
+        on_cluster = params.broker == "cluster"
+        if on_cluster and cluster is None:
+            raise BenchFailure("a cluster run without a cluster")
+        target = await infra.create(params.system, cluster=cluster if on_cluster else None)
     except BaseException:
         await sink.stop()
         raise

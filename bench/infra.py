@@ -13,6 +13,7 @@ import os
 import subprocess
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -32,6 +33,7 @@ class Infra:
 
     database: str
     vhost: str
+    cluster: Any = None  # scripts.local_cluster.RabbitCluster: the vhost is on it
 
     @property
     def dsn(self) -> str:
@@ -39,6 +41,8 @@ class Infra:
 
     @property
     def amqp_url(self) -> str:
+        if self.cluster is not None:  # one URL naming every node
+            return str(self.cluster.amqp_url(quote(self.vhost, safe="")))
         return f"{AMQP_BASE}/{quote(self.vhost, safe='')}"
 
 
@@ -61,10 +65,13 @@ async def _rabbitmqctl(*args: str) -> None:
         raise InfraError(f"rabbitmqctl {' '.join(args)} failed: {(err or out).decode().strip()}")
 
 
-async def create(label: str) -> Infra:
-    """Create a database and a vhost named after ``label`` and a random suffix."""
+async def create(label: str, *, cluster: Any = None) -> Infra:
+    """Create a database and a vhost named after ``label`` and a random suffix
+    (the vhost on ``cluster``, a local RabbitMQ cluster, when given)."""
     suffix = uuid.uuid4().hex[:8]
     infra = Infra(database=f"bench_{label}_{suffix}", vhost=f"bench-{label}-{suffix}")
+    if cluster is not None:
+        infra = Infra(infra.database, infra.vhost, cluster=cluster)
     try:
         conn = await asyncpg.connect(PG_ADMIN_DSN)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -74,8 +81,11 @@ async def create(label: str) -> Infra:
     finally:
         await conn.close()
     try:
-        await _rabbitmqctl("add_vhost", infra.vhost)
-        await _rabbitmqctl("set_permissions", "-p", infra.vhost, AMQP_USER, ".*", ".*", ".*")
+        if cluster is not None:
+            await asyncio.to_thread(cluster.add_vhost, infra.vhost)
+        else:
+            await _rabbitmqctl("add_vhost", infra.vhost)
+            await _rabbitmqctl("set_permissions", "-p", infra.vhost, AMQP_USER, ".*", ".*", ".*")
     except BaseException:
         await drop(infra)
         raise
@@ -91,8 +101,13 @@ async def drop(infra: Infra) -> None:
         finally:
             await conn.close()
     finally:
-        with contextlib.suppress(InfraError):  # never created, or already gone
-            await _rabbitmqctl("delete_vhost", infra.vhost)
+        if infra.cluster is not None:
+            with contextlib.suppress(Exception):
+                node = infra.cluster.up()[0]
+                await asyncio.to_thread(node.ctl, "delete_vhost", infra.vhost, check=False)
+        else:
+            with contextlib.suppress(InfraError):  # never created, or already gone
+                await _rabbitmqctl("delete_vhost", infra.vhost)
 
 
 # Settings that change what a run measures; recorded with every run.

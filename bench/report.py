@@ -103,7 +103,7 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         if r["system"] in bases:
             bases[r["system"]].setdefault(_key(r), []).append(r)
-        elif r["system"] == "sagaflow":
+        elif r["system"] == "sagaflow" and r["params"].get("broker", "single") == "single":
             p = r["params"]
             key = (*_key(r), p["coordinators"], p["starter"], p.get("tracing", ""))
             ours.setdefault(key, []).append(r)
@@ -218,6 +218,47 @@ def signing_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p50_ratio": ratio(lambda r: r["latency_ms"]["p50"]),
             }
         )
+    return rows
+
+
+def scaling_compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Throughput of sagaflow runs of the same workload on the RabbitMQ cluster over
+    the single node (same coordinators), and with N coordinators over one (same
+    broker); medians over repeats. Only pairs that ran in this invocation."""
+    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        p = r["params"]
+        if r["system"] != "sagaflow" or p.get("tracing") or p.get("signing"):
+            continue
+        runs.setdefault((*_key(r), p.get("broker", "single"), p["coordinators"]), []).append(r)
+    rows: list[dict[str, Any]] = []
+
+    def row(compare: str, key: tuple[Any, ...], a: list[Any], b: list[Any]) -> dict[str, Any]:
+        pick = partial(_ratio, a, b)
+        return {
+            "kind": "scaling_comparison",
+            "compare": compare,
+            "mode": key[0],
+            "steps": key[1],
+            "sagas_per_s": {
+                "numerator": [r["sagas_per_s"] for r in a],
+                "denominator": [r["sagas_per_s"] for r in b],
+            },
+            "throughput_ratio": pick(lambda r: r["sagas_per_s"]),
+            "p50_ratio": pick(lambda r: r["latency_ms"]["p50"]),
+            "rabbitmq_cpu_ratio": pick(lambda r: r["cpu_ms_per_saga"].get("rabbitmq", 0.0)),
+        }
+
+    for key, mine in runs.items():
+        *workload, broker, coordinators = key
+        if broker == "cluster":
+            single = runs.get((*workload, "single", coordinators))
+            if single:
+                rows.append(row(f"cluster/single, {coordinators} coordinators", key, mine, single))
+        if coordinators > 1:
+            one = runs.get((*workload, broker, 1))
+            if one:
+                rows.append(row(f"{coordinators}/1 coordinators, {broker} broker", key, mine, one))
     return rows
 
 

@@ -22,7 +22,13 @@ from bench.harness import (
     verify,
 )
 from bench.infra import Infra
-from bench.report import compare, comparison_table, signing_compare, tracing_compare
+from bench.report import (
+    compare,
+    comparison_table,
+    scaling_compare,
+    signing_compare,
+    tracing_compare,
+)
 from bench.workload import expected, fail_step, failing_count, fails, percentiles
 
 pytestmark = pytest.mark.timeout(30)
@@ -400,3 +406,39 @@ def test_signing_runs_interleave_and_compare_on_over_off() -> None:
     assert (row["throughput_ratio"], row["coordinator_cpu_ratio"]) == (0.95, 1.1)
     with pytest.raises(SystemExit):
         parser().parse_args(["--signing", "maybe"])
+
+
+def test_cluster_and_coordinator_runs_interleave_and_compare() -> None:
+    args = parser().parse_args(
+        ["--mode", "throughput", "--system", "both", "--broker", "single,cluster",
+         "--coordinators", "1,2", "--repeat", "1"]
+    )  # fmt: skip
+    runs = [(r.system, r.broker, r.coordinators) for r in plan(args)]
+    assert runs == [
+        ("raw", "single", 1),  # the raw ceiling talks to one node only
+        ("sagaflow", "single", 1),
+        ("sagaflow", "single", 2),
+        ("sagaflow", "cluster", 1),
+        ("sagaflow", "cluster", 2),
+    ]
+
+    def run(broker: str, coordinators: int, rate: float) -> dict[str, object]:
+        params = Params(
+            "sagaflow", "throughput", 100, 200, coordinators=coordinators, broker=broker
+        )
+        return {
+            "system": "sagaflow",
+            "mode": "throughput",
+            "params": dataclasses.asdict(params),
+            "sagas_per_s": rate,
+            "latency_ms": {"p50": 10.0, "p99": 20.0},
+            "cpu_ms_per_saga": {"rabbitmq": 1.0},
+        }
+
+    results = [run("single", 1, 200.0), run("single", 2, 220.0), run("cluster", 1, 150.0)]
+    rows = {row["compare"]: row["throughput_ratio"] for row in scaling_compare(results)}
+    assert rows == {"2/1 coordinators, single broker": 1.1, "cluster/single, 1 coordinators": 0.75}
+    # the sagaflow/raw comparison leaves the cluster runs out
+    assert all(row["coordinators"] in (1, 2) for row in compare(results))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--broker", "three"])
