@@ -95,7 +95,7 @@ test-faults: venv services  ## fault-injection suite: kill and restart processes
 # The cluster scenarios start (and remove) three RabbitMQ nodes and a PostgreSQL
 # primary with a standby of their own (docs/scaling.md); `make test` runs them too.
 test-cluster: venv services  ## fault scenarios on a local 3-node RabbitMQ cluster and a PostgreSQL standby
-	$(BIN)/pytest tests/faults/cluster tests/integration/test_broker_nodes.py -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:hypothesispytest tests/faults/cluster tests/integration/test_broker_nodes.py -ra $(PYTEST_ARGS)
 
 lint: venv  ## ruff check and ruff format --check
 	$(BIN)/ruff check .

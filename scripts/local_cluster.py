@@ -355,6 +355,7 @@ class PostgresPair:
             before it acknowledges it: a failover loses nothing acknowledged.
             Off, a commit is acknowledged once on the primary's disk, and the
             last ones may be missing on the standby after a crash.
+        standby: False: the primary alone (a throwaway server of one's own).
     """
 
     base: str
@@ -363,6 +364,7 @@ class PostgresPair:
     synchronous: bool = True
     user: str = ""
     promoted: bool = False
+    standby: bool = True
 
     @property
     def primary_dir(self) -> Path:
@@ -373,24 +375,25 @@ class PostgresPair:
         return Path(self.base) / "standby"
 
     @classmethod
-    def create(cls, base: Path, *, synchronous: bool = True) -> PostgresPair:
+    def create(cls, base: Path, *, synchronous: bool = True, standby: bool = True) -> PostgresPair:
         return cls(
             base=str(base / "postgres"),
             primary_port=free_port(),
             standby_port=free_port(),
-            synchronous=synchronous,
+            synchronous=synchronous and standby,
             user="postgres" if os.geteuid() == 0 else "",
+            standby=standby,
         )
 
     @classmethod
     @contextlib.contextmanager
     def started(
-        cls, base: Path | None = None, *, synchronous: bool = True
+        cls, base: Path | None = None, *, synchronous: bool = True, standby: bool = True
     ) -> Iterator[PostgresPair]:
         own = base is None
         root = Path(base or tempfile.mkdtemp(prefix="sagaflow-cluster-"))
         root.chmod(0o755)
-        pair = cls.create(root, synchronous=synchronous)
+        pair = cls.create(root, synchronous=synchronous, standby=standby)
         try:
             pair.start()
             yield pair
@@ -431,6 +434,8 @@ class PostgresPair:
             "host replication all 127.0.0.1/32 trust\n"
         )
         self._pg_ctl(self.primary_dir, "start")
+        if not self.standby:
+            return
         self._pg(
             "pg_basebackup",
             *("-h", "127.0.0.1", "-p", str(self.primary_port), "-U", "postgres"),
@@ -469,6 +474,8 @@ class PostgresPair:
 
     def database_url(self, database: str = "postgres") -> str:
         """A URL naming both servers; only the one accepting writes is used."""
+        if not self.standby:
+            return self.primary_url(database)
         hosts = f"127.0.0.1:{self.primary_port},127.0.0.1:{self.standby_port}"
         return f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write"
 

@@ -48,6 +48,22 @@ def cluster_vhost(rabbit_cluster: RabbitCluster) -> Iterator[str]:
             rabbit_cluster.up()[0].ctl("delete_vhost", vhost, check=False)
 
 
+@pytest.fixture(scope="session")
+def cluster_postgres() -> Iterator[PostgresPair]:
+    """A PostgreSQL server of our own for the RabbitMQ scenarios: the machine's
+    is shared by every test run on it, and its 100 connections run out."""
+    with PostgresPair.started(standby=False) as server:
+        yield server
+
+
+@pytest.fixture
+def cluster_pg_url(cluster_postgres: PostgresPair) -> str:
+    """A fresh database on that server (dropped with it)."""
+    name = f"cluster_{uuid.uuid4().hex[:8]}"
+    cluster_postgres.create_database(name)
+    return cluster_postgres.database_url(name)
+
+
 @pytest.fixture
 def postgres_pair() -> Iterator[PostgresPair]:
     """A throwaway primary with a synchronous streaming standby."""
@@ -160,14 +176,20 @@ class Rates:
         return next((t for t, c in self.samples if c >= total), None)
 
     def report(self, fault_start: float, fault_end: float, total: int) -> str:
-        """``sagas/s before X, during Y, after Z; no saga finished for P s ...``."""
+        """``sagas/s before X, during Y, after Z; no saga finished for P s ...``.
+
+        "After" covers at most 15 s, and only while sagas were left to finish.
+        """
         before = self.rate(max(self.began, fault_start - 10.0), fault_start)
         during = self.rate(fault_start, fault_end)
         done = self.finished_at(total) or (self.samples[-1][0] if self.samples else fault_end)
-        after = self.rate(fault_end, min(done, fault_end + 15.0))
+        if done > fault_end + 1.0:
+            after = f"{self.rate(fault_end, min(done, fault_end + 15.0)):.0f}"
+        else:
+            after = "- (every saga had finished)"
         pause, at = self.longest_pause(fault_start, fault_end + 5.0)
         return (
             f"sagas/s before {before:.0f}, during {during:.0f} ({fault_end - fault_start:.0f}s),"
-            f" after {after:.0f} (first 15s); no saga finished for {pause:.1f}s"
+            f" after {after}; no saga finished for {pause:.1f}s"
             f" from +{at:.1f}s after the fault"
         )
