@@ -32,7 +32,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_ROOT_USER_ACTION := ignore
 
 .DEFAULT_GOAL := help
-.PHONY: help venv deps lock audit demo test test-unit test-faults test-cluster lint types check bench fmt services clean
+.PHONY: help venv deps lock audit demo test test-unit test-faults test-cluster lint types check bench fmt services browser clean
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,7 +81,10 @@ demo: venv  ## run a saga end to end in one process (in-memory; no servers neede
 services:  ## check RabbitMQ and PostgreSQL are up (start local ones if installed)
 	@bash scripts/ensure-services.sh
 
-test: venv services  ## the whole suite: unit, contract, integration, e2e, faults
+browser:  ## install Debian's chromium for the dashboard's browser tests (once; needs root)
+	@bash scripts/ensure-chromium.sh
+
+test: venv services browser  ## the whole suite: unit, contract, integration, e2e, faults
 	$(BIN)/pytest tests -ra $(PYTEST_ARGS)
 
 test-unit: venv  ## unit tests only (no servers needed)

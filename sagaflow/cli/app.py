@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sagaflow.cli import broker, dlq, run, sagas, tools
+from sagaflow.cli import broker, dashboard, dlq, run, sagas, tools
 from sagaflow.cli.common import EARLY_SIGNALS, begin_invocation
 
 __all__ = ["app", "main"]
@@ -55,6 +55,7 @@ app.add_typer(broker.app, name="broker")
 app.command("graph")(tools.graph)
 app.command("schema")(tools.schema)
 app.command("demo")(tools.demo)
+app.command("dashboard")(dashboard.dashboard)
 
 
 def main() -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 import typer
 from rich.table import Table
 
@@ -22,10 +20,8 @@ from sagaflow.cli.common import (
     run_async,
     stdout_console,
 )
-from sagaflow.config import Settings
-from sagaflow.core.errors import SagaflowError
-from sagaflow.core.ports import DeadLetter, UnitOfWork
-from sagaflow.core.state import LogEntry, LogEvent
+from sagaflow.core.ports import DeadLetter
+from sagaflow.runtime.dead_letters import Replayed, dead_letter_document, replay_dead_letters
 
 __all__ = ["app", "dead_letter_document"]
 
@@ -38,37 +34,6 @@ app = typer.Typer(
 )
 
 _CONNECTION = "sagaflow-cli"
-_MAX_LETTERS = 10_000
-
-
-def dead_letter_document(letter: DeadLetter) -> dict[str, Any]:
-    """A dead letter as ``dlq list --json`` prints it.
-
-    When the body is a sagaflow envelope, its saga id, type and step are lifted
-    out; the body is given as text when it is UTF-8, else base64.
-    """
-    envelope: dict[str, Any] = {}
-    try:
-        parsed = orjson.loads(letter.body)
-        if isinstance(parsed, dict):
-            envelope = parsed
-    except orjson.JSONDecodeError:
-        pass
-    document: dict[str, Any] = {
-        "id": letter.id,
-        "reason": letter.reason,
-        "source_queue": letter.source_queue,
-        "saga_id": envelope.get("saga_id"),
-        "type": envelope.get("type"),
-        "step": envelope.get("step"),
-        "kind": envelope.get("kind"),
-        "headers": dict(letter.headers),
-    }
-    try:
-        document["body"] = letter.body.decode("utf-8")
-    except UnicodeDecodeError:
-        document["body_base64"] = base64.b64encode(letter.body).decode("ascii")
-    return document
 
 
 @app.command("list")
@@ -128,65 +93,27 @@ def replay(
     who = by or default_user()
     wanted = None if replay_all else list(dict.fromkeys(ids or []))
 
-    async def go() -> tuple[int, int]:
-        async with common.opened_transport(settings, name=_CONNECTION) as broker:
-            # what is about to go back, to record it in each saga's log afterwards
-            present = await broker.dead_letters(_MAX_LETTERS)
-            replayed = set(await broker.replay_dead_letters(wanted))
-        chosen = [letter for letter in present if letter.id in replayed]
-        return len(replayed), await _record(settings, chosen, by=who, reason=reason)
+    async def go() -> Replayed:
+        async with (
+            common.opened_transport(settings, name=_CONNECTION) as broker,
+            common.opened_store(settings) as store,
+        ):
+            return await replay_dead_letters(
+                broker, store, wanted, by=who, reason=reason, now=time.time()
+            )
 
-    count, recorded = run_async(go())
+    result = run_async(go())
+    count, recorded = len(result.ids), result.recorded
     log.info(
         "dead letters replayed",
         extra={"by": who, "reason": reason, "ids": wanted or "all", "count": count},
     )
     typer.echo(f"replayed {count} dead letter{'s' if count != 1 else ''}")
+    if result.record_error is not None:
+        typer.echo(f"warning: not recorded in the saga logs: {result.record_error}", err=True)
     if recorded:
         typer.echo(f"recorded in the log of {recorded} saga{'s' if recorded != 1 else ''}")
     if wanted is not None and count < len(wanted):
         raise CliError(
             f"{len(wanted) - count} of {len(wanted)} ids were not in the dead-letter queue"
         )
-
-
-async def _record(settings: Settings, letters: list[DeadLetter], *, by: str, reason: str) -> int:
-    """Append a ``dead_letter_replayed`` entry (who, why) to the log of each replayed
-    letter's saga, when its body names a saga the store knows; returns how many.
-
-    Best effort: the messages are already back in their queues, so a store that
-    cannot be reached is reported, not fatal.
-    """
-    now = time.time()
-    try:
-        async with common.opened_store(settings) as store:
-            entries = []
-            for letter in letters:
-                doc = dead_letter_document(letter)
-                saga_id = doc["saga_id"]
-                if not isinstance(saga_id, str) or await store.get(saga_id) is None:
-                    continue
-                entries.append(
-                    LogEntry(
-                        saga_id=saga_id,
-                        at=now,
-                        event=LogEvent.DEAD_LETTER_REPLAYED,
-                        step=doc["step"] if isinstance(doc["step"], str) else None,
-                        detail={
-                            "by": by,
-                            "reason": reason,
-                            "dead_letter_id": letter.id,
-                            "dead_letter_reason": letter.reason,
-                            "type": doc["type"],
-                            "kind": doc["kind"],
-                        },
-                    )
-                )
-            if entries:
-                async with store.transaction() as tx:
-                    await tx.write(UnitOfWork(log=entries))
-            return len(entries)
-    except SagaflowError as exc:
-        log.warning("replayed, but not recorded in the saga logs: %s", exc)
-        typer.echo(f"warning: not recorded in the saga logs: {exc}", err=True)
-        return 0

@@ -37,6 +37,7 @@ __all__ = [
     "step_name",
     "steps",
     "trace_id",
+    "undoing",
 ]
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -365,12 +366,20 @@ def render_list(console: Console, summaries: Sequence[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def undoing(summary: dict[str, Any]) -> bool:
+    """Whether the saga's step is being (or failed to be) compensated, not run."""
+    return summary["kind"] == MessageKind.COMPENSATION.value and summary["status"] in (
+        SagaStatus.COMPENSATING.value,
+        SagaStatus.FAILED.value,
+    )
+
+
 def _step_cell(row: dict[str, Any]) -> str:
     """``reserve_hotel``, or ``reserve_hotel (compensation)`` while undoing it."""
     name = row["step"] if row["step"] is not None else f"#{row['step_index']}"
     if row.get("waiting_for"):
         return f"{name} (waiting for {row['waiting_for']})"
-    return name if row["kind"] == MessageKind.COMMAND.value else f"{name} ({row['kind']})"
+    return f"{name} (compensation)" if undoing(row) else name
 
 
 def _offset(start: str | None, at: str | None) -> str:

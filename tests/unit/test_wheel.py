@@ -109,6 +109,9 @@ def test_the_wheel_is_a_library_and_runs_the_demo(tmp_path: Path) -> None:
     assert "sagaflow/examples/shop/demo.py" in names
     assert "sagaflow/py.typed" in names
     assert any(n.startswith("sagaflow/store/migrations/") and n.endswith(".sql") for n in names)
+    # the dashboard's pages and script ship in the wheel: no build step, no Node
+    for shipped in ("templates/saga.html", "templates/base.html", "static/live.js"):
+        assert f"sagaflow/dashboard/{shipped}" in names, shipped
     assert not any(n.startswith(("services/", "tests/", "bench/")) for n in names)
 
     venv = tmp_path / "venv"
