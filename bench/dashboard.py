@@ -142,7 +142,9 @@ async def _measure(url: str, repeat: int, count: int) -> dict[str, Any]:
                 SagaFilter(since=datetime.now(UTC) - timedelta(days=1)), None, 50
             ),
             "reason_contains": queries.list_sql(SagaFilter(reason="destination"), None, 50),
-            "search_saga_id": queries.list_sql(SagaFilter(search=f"order-{count // 2}"), None, 50),
+            "search_saga_id": queries.list_sql(
+                await queries.resolve(SagaFilter(search=f"order-{count // 2}")), None, 50
+            ),
             "search_business_key": queries.list_sql(
                 SagaFilter(search=f"ord-{count // 2}"), None, 50
             ),
@@ -164,6 +166,8 @@ async def _measure(url: str, repeat: int, count: int) -> dict[str, Any]:
             best = min(runs, key=lambda r: r["execution_ms"])
             best["execution_ms_runs"] = [r["execution_ms"] for r in runs]
             best["sql"] = sql
+            text = await pool.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", *args)
+            best["plan_text"] = [row[0] for row in text]
             results[name] = best
         return results
     finally:

@@ -41,7 +41,7 @@ from sagaflow.core.ports import SagaStore, Transport
 from sagaflow.core.state import SagaStatus
 from sagaflow.dashboard.access import COOKIE, Access, DashboardSettings, Refused, checked_reason
 from sagaflow.dashboard.queries import COUNT_CAP, FilterError, SagaFilter, SagaQueries
-from sagaflow.dashboard.views import saga_view
+from sagaflow.dashboard.views import definition_of, saga_view
 from sagaflow.runtime.client import SagaClient
 from sagaflow.runtime.dead_letters import dead_letter_document, replay_dead_letters
 from sagaflow.runtime.writer import SagaRegistry
@@ -239,7 +239,11 @@ async def saga_page(request: Request) -> Response:
     if state is None:
         return dash.problem(request, f"no saga with id {saga_id!r}", 404)
     log = await store.log(saga_id)
-    doc = saga_view(dash.registry.of(state), state, log, jaeger_url=dash.settings.jaeger_url)
+    saga = dash.registry.of(state)
+    shape = (
+        None if saga is not None else await dash.queries.shape(state.saga_name, state.saga_version)
+    )
+    doc = saga_view(definition_of(saga, shape), state, log, jaeger_url=dash.settings.jaeger_url)
     return dash.render(request, "saga.html", {"saga": doc, "csrf": dash.access.form_token("saga")})
 
 

@@ -44,6 +44,7 @@ class SagaFilter:
     since: datetime | None = None
     until: datetime | None = None
     search: str | None = None  # a saga id, a value anywhere in the data, or key=value
+    saga_id: str | None = None  # exactly this saga (a search that names one: see resolve())
 
     @classmethod
     def from_query(cls, params: Mapping[str, str]) -> SagaFilter:
@@ -205,6 +206,19 @@ class SagaQueries:
         )
         return sql, args
 
+    async def resolve(self, where: SagaFilter) -> SagaFilter:
+        """A search term that is a saga's id finds that saga by its primary key.
+
+        Looking in the data as well would read the whole table when no index
+        covers the data (docs/dashboard.md); an id names one saga.
+        """
+        if where.search is None or "=" in where.search:
+            return where
+        found = await self._pool_or_raise().fetchval(
+            f"SELECT 1 FROM {self._s}.sagas WHERE saga_id = $1", where.search
+        )
+        return replace(where, search=None, saga_id=where.search) if found else where
+
     async def page(self, where: SagaFilter, cursor: str | None = None, limit: int = 50) -> Page:
         """A page of sagas under ``where`` after ``cursor``, with the counts per status.
 
@@ -212,6 +226,7 @@ class SagaQueries:
             FilterError: the cursor is damaged.
         """
         pool = self._pool_or_raise()
+        where = await self.resolve(where)
         sql, args = self.list_sql(where, cursor, limit)
         rows = await pool.fetch(sql, *args)
         wanted = min(max(limit, 1), MAX_PAGE)
@@ -244,6 +259,17 @@ class SagaQueries:
         )
         return {row[0]: row[1] for row in rows}
 
+    async def shape(self, name: str, version: int) -> dict[str, Any] | None:
+        """The definition's shape a coordinator recorded for this name and version."""
+        raw = await self._pool_or_raise().fetchval(
+            f"SELECT shape::text FROM {self._s}.saga_definitions"
+            " WHERE saga_name = $1 AND saga_version = $2",
+            name,
+            version,
+        )
+        shape: dict[str, Any] | None = orjson.loads(raw) if raw is not None else None
+        return shape
+
     async def get(self, saga_id: str) -> SagaState | None:
         """One saga, or ``None``."""
         row = await self._pool_or_raise().fetchval(
@@ -267,6 +293,8 @@ class SagaQueries:
             args.append(value)
             return f"${len(args)}"
 
+        if where.saga_id is not None:
+            clauses.append(f"saga_id = {arg(where.saga_id)}")
         if where.name is not None:
             clauses.append(f"saga_name = {arg(where.name)}")
         if where.version is not None:

@@ -1,8 +1,10 @@
 """What a saga's page shows, derived from its state, its log and its definition.
 
-The definition (when the dashboard was given it) is drawn as its steps in
+The definition (from the code the dashboard was given, else the shape the
+store recorded when a coordinator first ran that version) is drawn as its steps in
 order, each with its live state: ``done``, ``running``, ``failed``,
-``compensating``, ``compensated``, ``pending`` (not reached) or ``not run``
+``compensating``, ``compensated``, ``skipped`` (its ``when=`` was false),
+``pending`` (not reached) or ``not run``
 (never reached: the saga ended before it). Without the definition the steps
 are those the log names.
 """
@@ -25,14 +27,31 @@ __all__ = ["saga_view", "step_states"]
 _OPERATOR_EVENTS = {"cancel_requested", "retry_requested", "dead_letter_replayed"}
 
 
+Definition = Sequence[tuple[str, bool]]
+"""A definition as the drawing needs it: each step's name and whether it can be undone."""
+
+
+def definition_of(saga: Saga[Any] | None, shape: dict[str, Any] | None) -> Definition | None:
+    """From the saga's code, else from the shape the store recorded for its version."""
+    if saga is not None:
+        return [(step.name, step.compensation is not None) for step in saga.steps]
+    if shape is not None and isinstance(shape.get("steps"), list):
+        return [
+            (str(step.get("name")), step.get("compensation") is not None)
+            for step in shape["steps"]
+            if isinstance(step, dict)
+        ]
+    return None
+
+
 def step_states(
-    saga: Saga[Any] | None, state: SagaState, phases: Sequence[dict[str, Any]]
+    definition: Definition | None, state: SagaState, phases: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Each step of the saga with its live state, in declaration order."""
     forward = {p["step_index"]: p for p in phases if p["kind"] == MessageKind.COMMAND.value}
     undo = {p["step_index"]: p for p in phases if p["kind"] == MessageKind.COMPENSATION.value}
-    if saga is not None:
-        names = [(i, step.name, step.compensation is not None) for i, step in enumerate(saga.steps)]
+    if definition is not None:
+        names = [(i, name, undoable) for i, (name, undoable) in enumerate(definition)]
     else:
         seen = sorted({p["step_index"] for p in phases if p["step_index"] is not None})
         names = [
@@ -70,6 +89,8 @@ def _state_of(
         if state.status is SagaStatus.FAILED and state.step_index == index:
             return "failed"
         return "compensating"
+    if forward is not None and forward["outcome"] == "skipped":
+        return "skipped"  # its when= condition was false
     if state.failure is not None and state.failure.step == name and state.step_index == index:
         return "failed"
     if index in state.completed:
@@ -91,7 +112,7 @@ def _offset(start: str | None, at: str | None) -> str:
 
 
 def saga_view(
-    saga: Saga[Any] | None,
+    definition: Definition | None,
     state: SagaState,
     log: Sequence[LogEntry],
     *,
@@ -103,7 +124,7 @@ def saga_view(
     # which would show "<" as "\u003c"
     doc["data_json"] = orjson.dumps(doc["data"], option=orjson.OPT_INDENT_2).decode()
     doc["undoing"] = undoing(doc)
-    doc["drawing"] = step_states(saga, state, doc["steps"])
+    doc["drawing"] = step_states(definition, state, doc["steps"])
     doc["timeline"] = [
         {
             **entry,
@@ -117,5 +138,5 @@ def saga_view(
     ]
     doc["can_retry"] = state.status is SagaStatus.FAILED
     doc["can_cancel"] = state.status is SagaStatus.RUNNING
-    doc["definition_known"] = saga is not None
+    doc["definition_known"] = definition is not None
     return doc

@@ -28,6 +28,7 @@ from sagaflow import (
     SagaStatus,
 )
 from sagaflow.config import Settings
+from sagaflow.core.fingerprint import record_of
 from sagaflow.core.messages import Envelope, MessageKind
 from sagaflow.core.ports import UnitOfWork
 from sagaflow.core.state import LogEvent
@@ -233,6 +234,46 @@ async def test_a_saga_page_shows_data_steps_timeline_and_drawing(
         missing = await client.get("/sagas/no-such-saga")
         assert missing.status_code == 404
         assert "no saga with id &#39;no-such-saga&#39;" in missing.text
+
+
+async def test_without_the_code_the_drawing_comes_from_the_recorded_shape(setup: Setup) -> None:
+    settings = Settings(database_url=setup.pg_url)
+    app = create_app(settings, sagas=[], dashboard=DashboardSettings(token=TOKEN))
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://dash"
+        ) as client:
+            before = (await client.get(f"/sagas/{setup.failed}")).text
+            # nothing recorded, no code: the steps the log names
+            assert re.findall(r'data-step="([^"]+)" data-state', before) == ["reserve", "charge"]
+            assert "was not given this saga" in before
+            await setup.store.record_definitions([record_of(saga)])  # as a coordinator does
+            after = (await client.get(f"/sagas/{setup.failed}")).text
+            states = dict(re.findall(r'data-step="([^"]+)" data-state="([^"]+)"', after))
+            assert states == {
+                "reserve": "failed",
+                "charge": "failed",
+                "schedule": "not run",
+                "confirm": "not run",
+                "approve": "not run",
+            }
+            # reading needs no code; retrying does, and says so, changing nothing
+            await _signed_in(client)
+            before_retry = await _snapshot(setup.store, setup.failed)
+            form = {
+                "csrf": app.state.dashboard.access.form_token("saga"),
+                "saga_id": setup.failed,
+                "action": "retry",
+                "reason": "fixed",
+                "by": "alice",
+                "confirmed": "yes",
+            }
+            refused = await client.post("/actions/saga", data=form)
+            assert refused.status_code == 409
+            assert "start the dashboard with its definitions" in refused.text
+            await _unchanged(setup.store, setup.failed, before_retry)
+    finally:
+        await app.state.dashboard.aclose()
 
 
 # ---------------------------------------------------------------------------- actions
