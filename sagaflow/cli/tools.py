@@ -23,6 +23,7 @@ from sagaflow.cli.common import (
 from sagaflow.cli.resolve import import_module, load_sagas
 from sagaflow.config import MIN_INBOX_RETENTION, Settings, parse_duration
 from sagaflow.core.definition import to_mermaid
+from sagaflow.core.export import definition_document
 from sagaflow.core.ports import Pruned
 
 __all__ = ["db_app", "demo", "graph", "migrate", "prune", "schema"]
@@ -237,9 +238,24 @@ def _iso(timestamp: float) -> str:
 @guarded
 def graph(
     spec: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="A Saga or a list of Sagas.")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="mermaid (a flowchart) or json (the whole definition, with each "
+            "action's command and reply JSON Schema).",
+        ),
+    ] = "mermaid",
 ) -> None:
-    """Print a saga definition as a Mermaid flowchart."""
+    """Print a saga definition as a Mermaid flowchart, or as JSON."""
+    if output not in ("mermaid", "json"):
+        raise UsageProblem(f"--format must be mermaid or json, not {output!r}")
     sagas = load_sagas([spec])
+    if output == "json":
+        documents = [definition_document(saga) for saga in sagas]
+        echo_json(documents[0] if len(documents) == 1 else documents)
+        return
     typer.echo("\n".join(to_mermaid(saga) for saga in sagas), nl=False)
 
 

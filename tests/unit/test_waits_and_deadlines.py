@@ -430,3 +430,36 @@ async def _overdue(memory: InMemorySagaStore, saga_id: str) -> None:
     async with memory.transaction() as tx:
         (state,) = (await tx.lock([saga_id])).values()
         await tx.write(UnitOfWork(states=[state.model_copy(update={"overdue": True})]))
+
+
+def test_graph_format_json_exports_the_whole_definition() -> None:
+    import jsonschema
+
+    result = CliRunner().invoke(app, ["graph", SPEC, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = orjson.loads(result.stdout)
+    assert (doc["saga"], doc["version"], doc["fingerprint"]) == (
+        "approval",
+        1,
+        approval_saga.fingerprint,
+    )
+    assert doc["deadline_seconds"] == 3600 and doc["point_of_no_return"] == 3
+    kinds = [(s["name"], s["kind"]) for s in doc["steps"]]
+    assert kinds == [
+        ("reserve", "compensatable"),
+        ("manager", "wait"),
+        ("charge", "compensatable"),
+        ("confirm", "pivot"),
+        ("approve", "retriable"),
+    ]
+    reserve_, wait = doc["steps"][0], doc["steps"][1]
+    assert reserve_["action"]["type"] == "inventory.reserve"
+    assert reserve_["compensation"]["type"] == "inventory.release"
+    command_schema = reserve_["action"]["command"]
+    jsonschema.validate({"order_id": "o", "amount": 1}, command_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"amount": 1}, command_schema)
+    assert wait["signal"] == "approve" and wait["on_timeout"] is None
+    assert wait["model"]["required"] == ["approved_by"]
+    bad = CliRunner().invoke(app, ["graph", SPEC, "--format", "yaml"])
+    assert bad.exit_code == 2 and "--format must be mermaid or json" in bad.stderr
