@@ -228,6 +228,21 @@ class SagaTestEnvironment:
     async def log(self, saga_id: str | SagaHandle) -> Sequence[LogEntry]:
         return await self.store.log(_id(saga_id))
 
+    async def signal(
+        self,
+        saga_id: str | SagaHandle,
+        name: str,
+        data: BaseModel | dict[str, Any] | None = None,
+        *,
+        by: str = "test",
+        reason: str = "sent by the test",
+    ) -> SagaState:
+        """Send the signal ``name`` to the saga's wait (as ``SagaClient.signal_saga``
+        does), then drain; returns the state after."""
+        await self.coordinator.signal_saga(_id(saga_id), name, data, by=by, reason=reason)
+        await self.drain()
+        return await self.get(saga_id)
+
     async def history(self, saga_id: str | SagaHandle) -> SagaHistory:
         """The saga's status, the steps and compensations that ran, its events."""
         state = await self.get(saga_id)

@@ -117,7 +117,7 @@ def test_the_testing_guide_runs_in_a_fresh_venv_with_the_wheel(tmp_path: Path) -
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert "7 passed" in output, output
+    assert "9 passed" in output, output
     where = run(python, "-c", "import sagaflow; print(sagaflow.__file__)", cwd=project)
     assert where.stdout.startswith(str(venv)), "the checkout leaked into the venv"
     printed = lines(output)
