@@ -51,18 +51,19 @@ class Envelope(BaseModel):
     in the body.
     """
 
+    # integers are strict ("2" and 2.0 are refused), as the JSON Schema says
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    schema_version: int = Field(default=SCHEMA_VERSION, alias="schema")
+    schema_version: int = Field(default=SCHEMA_VERSION, alias="schema", strict=True)
     message_id: str = Field(min_length=1, max_length=512)
     command_id: str = Field(min_length=1, max_length=512)
     saga_id: str = Field(min_length=1, max_length=200)
     saga_name: str = Field(min_length=1, max_length=200)
-    saga_version: int = Field(default=1, ge=1)
+    saga_version: int = Field(default=1, ge=1, strict=True)
     step: str = Field(min_length=1, max_length=200)
-    step_index: int = Field(ge=0)
+    step_index: int = Field(ge=0, strict=True)
     kind: MessageKind
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, strict=True)
     type: str = Field(min_length=3, max_length=400)
     payload: dict[str, Any] = Field(default_factory=dict)
     for_kind: MessageKind | None = None  # replies: the kind of message answered

@@ -242,3 +242,40 @@ async def test_the_worker_validates_a_command_as_set(strict: bool) -> None:
     else:
         assert seen == [2]
         assert not any(r.startswith("invalid_command") for r in reasons)
+
+
+def test_the_node_participant_uses_the_exported_contracts() -> None:
+    """services/inventory_node validates with files `sagaflow schema` wrote: they
+    must be what sagaflow exports today (regenerate them when a contract changes:
+    ``sagaflow schema services.order.saga:create_order --service inventory``)."""
+    from pathlib import Path
+
+    from sagaflow.core.messages import Envelope
+    from services.order.saga import create_order as order_saga
+
+    folder = Path(__file__).resolve().parents[2] / "services" / "inventory_node"
+    contracts_json = orjson.loads((folder / "contracts.json").read_bytes())
+    assert contracts_json == action_schemas([order_saga], service="inventory")
+    envelope = orjson.loads((folder / "envelope.schema.json").read_bytes())
+    assert envelope == Envelope.model_json_schema(by_alias=True)
+
+
+def test_envelope_integers_are_strict() -> None:
+    from sagaflow.core.errors import MessageRejected
+    from sagaflow.core.messages import decode
+
+    good = {
+        "message_id": "s:a:command:1",
+        "command_id": "s:a:command",
+        "saga_id": "s",
+        "saga_name": "n",
+        "step": "a",
+        "step_index": 0,
+        "kind": "command",
+        "attempt": 1,
+        "type": "svc.act",
+    }
+    assert decode(orjson.dumps(good)).attempt == 1
+    for field, value in [("attempt", "1"), ("attempt", 1.0), ("step_index", True)]:
+        with pytest.raises(MessageRejected, match="invalid"):
+            decode(orjson.dumps({**good, field: value}))
