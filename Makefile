@@ -32,7 +32,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_ROOT_USER_ACTION := ignore
 
 .DEFAULT_GOAL := help
-.PHONY: help venv deps lock audit demo test test-unit test-faults test-cluster lint types check bench fmt services browser clean
+.PHONY: help venv deps lock audit demo test test-unit test-faults test-cluster lint types check bench fmt services browser node-deps clean
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -84,7 +84,10 @@ services:  ## check RabbitMQ and PostgreSQL are up (start local ones if installe
 browser:  ## install Debian's chromium for the dashboard's browser tests (once; needs root)
 	@bash scripts/ensure-chromium.sh
 
-test: venv services browser  ## the whole suite: unit, contract, integration, e2e, faults
+node-deps:  ## npm ci for the Node.js example participant (services/*_node), from its lock
+	@bash scripts/node-deps.sh
+
+test: venv services browser node-deps  ## the whole suite: unit, contract, integration, e2e, faults
 	$(BIN)/pytest tests -ra $(PYTEST_ARGS)
 
 test-unit: venv  ## unit tests only (no servers needed)

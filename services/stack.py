@@ -56,6 +56,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PARTICIPANTS = ("inventory", "payment", "shipping")
 
+NODE_TWINS = {"inventory": ROOT / "services" / "inventory_node" / "index.js"}
+"""Services that also exist as a Node.js participant (docs/participants-in-other-languages.md)."""
+NODE_ENV = "SAGAFLOW_STACK_NODE"
+"""The setting that picks them: service names, comma-separated (``inventory``)."""
+
 
 class StackError(RuntimeError):
     """A process did not start, died, or the system did not settle in time."""
@@ -118,6 +123,10 @@ class Stack:
         participants: The services whose workers start with ``sagaflow worker``.
         worker_replicas: Worker processes per participant service (``payment``,
             ``payment-2``, ...).
+        node: Services run by their Node.js twin (``node services/<service>_node/index.js``)
+            instead of the Python worker; by default the ``SAGAFLOW_STACK_NODE``
+            environment variable (service names, comma-separated). Their inbox
+            is migrated with ``sagaflow db migrate --participant`` first.
         order_service: Also start ``python -m services.order`` (named ``order``).
         ready_timeout: Seconds each start may take.
     """
@@ -140,6 +149,7 @@ class Stack:
         worker_replicas: int = 1,
         order_service: bool = True,
         ready_timeout: float = 60.0,
+        node: Sequence[str] | None = None,
     ) -> None:
         self.settings = Settings(
             amqp_url=amqp_url, database_url=database_url, db_schema=schema, prefix=prefix
@@ -168,11 +178,20 @@ class Stack:
         for n in range(1, coordinators + 1):
             name = "coordinator" if n == 1 else f"coordinator-{n}"
             self._add(name, [*cli, "coordinator", *sagas], topology.replies_queue)
+        if node is None:
+            node = [s.strip() for s in os.environ.get(NODE_ENV, "").split(",") if s.strip()]
+        unknown = sorted(set(node) - set(NODE_TWINS))
+        if unknown:
+            raise StackError(f"no Node.js twin of {unknown}; there is one of {sorted(NODE_TWINS)}")
+        self.node = tuple(s for s in participants if s in node)
         for service in participants:
             spec = f"services.{service}.app:participant"
+            argv = [*cli, "worker", spec]
+            if service in self.node:
+                argv = ["node", str(NODE_TWINS[service])]
             for n in range(1, worker_replicas + 1):
                 name = service if n == 1 else f"{service}-{n}"
-                self._add(name, [*cli, "worker", spec], topology.service_queue(service))
+                self._add(name, argv, topology.service_queue(service))
         if order_service:
             self._add(
                 "order", [sys.executable, "-m", "services.order"], topology.service_queue("order")
@@ -230,8 +249,18 @@ class Stack:
                 cwd=ROOT, env=self.env, stdout=out, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             code = await asyncio.wait_for(migrate.wait(), self.ready_timeout)
-        if code != 0:
-            raise StackError(f"sagaflow db migrate exited {code}:\n{_tail(log_path)}")
+            if code != 0:
+                raise StackError(f"sagaflow db migrate exited {code}:\n{_tail(log_path)}")
+            for service in self.node:  # a Python worker migrates its inbox itself
+                migrate = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "sagaflow", "db", "migrate", "--participant", service,
+                    cwd=ROOT, env=self.env, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                )  # fmt: skip
+                code = await asyncio.wait_for(migrate.wait(), self.ready_timeout)
+                if code != 0:
+                    raise StackError(
+                        f"migrating {service}'s inbox exited {code}:\n{_tail(log_path)}"
+                    )
 
     async def _spawn(self, proc: _Process) -> None:
         with proc.log_path.open("ab") as out:
