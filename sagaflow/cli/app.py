@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sagaflow.cli import broker, dashboard, dlq, run, sagas, tools
+from sagaflow.cli import broker, check, dashboard, dlq, run, sagas, tools
 from sagaflow.cli.common import EARLY_SIGNALS, begin_invocation
 
 __all__ = ["app", "main"]
@@ -54,6 +54,7 @@ app.add_typer(dlq.app, name="dlq")
 app.add_typer(broker.app, name="broker")
 app.command("graph")(tools.graph)
 app.command("schema")(tools.schema)
+app.command("participant-check")(check.participant_check)
 app.command("demo")(tools.demo)
 app.command("dashboard")(dashboard.dashboard)
 

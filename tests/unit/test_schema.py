@@ -279,3 +279,65 @@ def test_envelope_integers_are_strict() -> None:
     for field, value in [("attempt", "1"), ("attempt", 1.0), ("step_index", True)]:
         with pytest.raises(MessageRejected, match="invalid"):
             decode(orjson.dumps({**good, field: value}))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+async def test_the_kits_hostile_messages_get_their_codes_from_sagaflow(signed: bool) -> None:
+    """What the conformance kit expects of each hostile message is what the
+    Python worker does (so the kit cannot fail a correct participant)."""
+    from sagaflow.conformance.hostile import HOSTILE, hostile_messages
+    from sagaflow.core.messages import Envelope, MessageKind, encode
+    from sagaflow.core.signing import SIGNATURE_HEADER, Key, Keys
+    from sagaflow.testing import SagaTestEnvironment
+    from services.inventory.app import build
+
+    keys = Keys([Key("inventory", "k1", b"0123456789abcdef")]) if signed else None
+    good = Envelope(
+        message_id="s:reserve:command:1",
+        command_id="s:reserve:command",
+        saga_id="s",
+        saga_name="create-order",
+        step="reserve",
+        step_index=1,
+        kind=MessageKind.COMMAND,
+        attempt=1,
+        type="inventory.reserve",
+        payload={"order_id": "o", "sku": "sku-widget", "quantity": 1},
+    )
+    assert encode(good)
+
+    def sign(raw: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        body = orjson.dumps(raw)
+        return body, ({SIGNATURE_HEADER: keys.sign("inventory", body, {})} if keys else {})
+
+    hostile = hostile_messages(good, sign=sign, max_bytes=4096, strict=True, signed=signed)
+    assert {m[3].rsplit(":", 1)[1] for m in hostile} <= set(HOSTILE)
+    async with SagaTestEnvironment([create_order], [build()]) as env:
+        if keys:
+            env.transport.keys = keys
+        for worker in env.workers:
+            worker.max_message_bytes = 4096
+        queue = env.transport.topology.service_queue("inventory")
+        for _, body, headers, _ in hostile:
+            env.transport.inject(queue, body, headers)
+        await env.drain()
+        reasons = [d.reason.split(":", 1)[0] for d in await env.transport.dead_letters()]
+    assert reasons == [code for code, *_ in hostile]
+
+
+def test_the_participants_page_names_real_options() -> None:
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "participants-in-other-languages.md"
+    text = page.read_text(encoding="utf-8")
+    runner = CliRunner()
+    helps = {
+        "participant-check": runner.invoke(app, ["participant-check", "--help"]).output,
+        "schema": runner.invoke(app, ["schema", "--help"]).output,
+    }
+    for command, options in re.findall(r"sagaflow (participant-check|schema)([^\n`]*)", text):
+        for option in re.findall(r"--[a-z-]+", options):
+            assert option in helps[command], (command, option)
+    for option in re.findall(r"`(--[a-z-]+)`", text):
+        assert any(option in h for h in helps.values()), option
