@@ -171,6 +171,10 @@ function decode(body, rawHeaders) {
 const T = (name) => `"${SCHEMA}".${name}`;
 
 async function reserve(db, { order_id, sku, quantity }) {
+  // an unknown SKU is a refusal: checked before the reservation row, whose
+  // foreign key would otherwise fail (an error, retried in vain)
+  const known = await db.query("SELECT 1 FROM inventory.stock WHERE sku = $1", [sku]);
+  if (known.rowCount === 0) throw new Refusal("unknown_sku");
   const inserted = await db.query(
     `INSERT INTO inventory.reservations (order_id, sku, quantity, status) VALUES ($1, $2, $3, 'reserved')
      ON CONFLICT (order_id) DO NOTHING RETURNING 1`,
@@ -181,10 +185,7 @@ async function reserve(db, { order_id, sku, quantity }) {
     "UPDATE inventory.stock SET available = available - $2 WHERE sku = $1 AND available >= $2 RETURNING 1",
     [sku, quantity],
   );
-  if (taken.rowCount === 0) {
-    const known = await db.query("SELECT 1 FROM inventory.stock WHERE sku = $1", [sku]);
-    throw new Refusal(known.rowCount ? "out_of_stock" : "unknown_sku");
-  }
+  if (taken.rowCount === 0) throw new Refusal("out_of_stock"); // the savepoint undoes the row
   return { reservation_id: `res-${order_id}` };
 }
 
