@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagaflow.core.definition import Action, Saga
+from sagaflow.core.definition import Action, Saga, Step
 from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES
 from sagaflow.core.ports import Topology
 from sagaflow.core.signing import Keys
@@ -34,6 +34,8 @@ def steps_of(sagas: Sequence[Saga[Any]], service: str) -> list[KitStep]:
     found: dict[str, KitStep] = {}
     for saga in sagas:
         for index, step in enumerate(saga.steps):
+            if not isinstance(step, Step):
+                continue  # a wait sends nothing
             if step.action.service == service and step.action.type not in found:
                 found[step.action.type] = KitStep(
                     saga.name, saga.version, step.name, index, step.action, step.compensation
