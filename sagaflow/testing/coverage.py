@@ -8,7 +8,7 @@ session (``--saga-coverage-fail-under=PERCENT`` fails the run below that).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,16 @@ class SagaCoverage:
         return 100.0 * done / len(self.compensatable)
 
 
+def flat(steps: Iterable[Any]) -> Iterator[Any]:
+    """The steps of a definition, those inside groups of steps included."""
+    for step in steps:
+        inner = getattr(step, "steps", None)
+        if isinstance(inner, list | tuple):
+            yield from flat(inner)
+        else:
+            yield step
+
+
 class CompensationCoverage:
     """Collects what the environments of a test session did."""
 
@@ -46,7 +56,9 @@ class CompensationCoverage:
     def define(self, saga: Saga[Any]) -> None:
         """A saga definition a test ran."""
         steps = tuple(
-            step.name for step in saga.steps if getattr(step, "compensation", None) is not None
+            step.name
+            for step in flat(saga.steps)
+            if getattr(step, "compensation", None) is not None
         )
         known = self.sagas.get(saga.name)
         if known is None:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from sagaflow import Action, Participant, SagaStatus
 from sagaflow.testing import SagaTestEnvironment, ThrowawayDatabase, check_effects_once
+from sagaflow.testing.coverage import flat
 from sagaflow.testing.plugin import postgres_url
 from services.contracts import (
     validate_order,
@@ -155,7 +156,7 @@ def handlers() -> list[tuple[str, Action[Any, Any], BaseModel, Action[Any, Any] 
     action, command, compensation and the compensation's command, built from the
     definition itself (a step added to the saga is checked without a word here)."""
     found = []
-    for step in create_order.steps:
+    for step in flat(create_order.steps):
         action = getattr(step, "action", None)
         if action is None:
             continue  # a wait: nothing runs in a participant
