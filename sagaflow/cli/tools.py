@@ -253,7 +253,8 @@ def graph(
         raise UsageProblem(f"--format must be mermaid or json, not {output!r}")
     sagas = load_sagas([spec])
     if output == "json":
-        documents = [definition_document(saga) for saga in sagas]
+        strict = current_settings().strict_payloads  # the schemas `sagaflow schema` prints
+        documents = [definition_document(saga, strict=strict) for saga in sagas]
         echo_json(documents[0] if len(documents) == 1 else documents)
         return
     typer.echo("\n".join(to_mermaid(saga) for saga in sagas), nl=False)

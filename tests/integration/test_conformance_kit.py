@@ -63,7 +63,7 @@ def _check(amqp_url: str, pg_url: str, service: str, query: str | None, **extra:
         effects_query=query,
         database_url=pg_url,
         timeout=4.0,
-        quiet=1.0,
+        quiet=2.0,  # a loaded CI machine may take a while to answer a late command
         **extra,
     )
 

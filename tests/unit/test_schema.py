@@ -341,3 +341,26 @@ def test_the_participants_page_names_real_options() -> None:
             assert option in helps[command], (command, option)
     for option in re.findall(r"`(--[a-z-]+)`", text):
         assert any(option in h for h in helps.values()), option
+
+
+@pytest.mark.parametrize("strict", ["true", "false"])
+def test_graph_json_and_schema_export_the_same_contracts(
+    monkeypatch: pytest.MonkeyPatch, strict: str
+) -> None:
+    """One piece serves both exports, with the deployment's strictness."""
+    monkeypatch.setenv("SAGAFLOW_STRICT_PAYLOADS", strict)
+    spec = "sagaflow.examples.shop.saga:create_order"
+    runner = CliRunner()
+    graph = orjson.loads(runner.invoke(app, ["graph", spec, "--format", "json"]).stdout)
+    schemas = orjson.loads(runner.invoke(app, ["schema", spec]).stdout)["actions"]
+    compared = 0
+    for step in graph["steps"]:
+        for key in ("action", "compensation"):
+            exported = step.get(key)
+            if not exported:
+                continue
+            contract = schemas[exported["type"]]
+            assert exported["command"] == contract["command"]
+            assert exported["reply"] == contract["reply"]
+            compared += 1
+    assert compared >= 4
