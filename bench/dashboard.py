@@ -36,7 +36,8 @@ from sagaflow.store.migrate import migrate
 
 BASE = os.environ.get("SAGAFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
-# status by the saga's number modulo 100: 90 COMPLETED, 5 COMPENSATED, 1 FAILED, 4 RUNNING
+# status by the saga's number modulo 100: 90 COMPLETED, 5 COMPENSATED, 1 FAILED, 4 RUNNING;
+# of the RUNNING ones, one in 250 waits for a signal and one in 250 is past its deadline
 SEED = """
 INSERT INTO sagaflow.sagas
     (saga_id, saga_name, saga_version, status, state, wake_at, version, created_at, updated_at)
@@ -51,6 +52,9 @@ SELECT id, name, version, status,
                'step', CASE WHEN n % 3 = 0 THEN 'schedule' ELSE 'charge' END,
                'reason', CASE WHEN n % 3 = 0 THEN 'unsupported_destination' ELSE 'insufficient_funds' END,
                'cause', 'failure') END,
+           'waiting_for', CASE WHEN status = 'RUNNING' AND n % 1000 = 997 THEN 'approve' END,
+           'deadline_at', CASE WHEN status = 'RUNNING' AND n % 1000 = 998
+                               THEN extract(epoch FROM created) + 60 END,
            'created_at', extract(epoch FROM created), 'updated_at', extract(epoch FROM created) + 1,
            'version', 5),
        NULL, 5, created, created + interval '1 second'
@@ -141,6 +145,8 @@ async def _measure(url: str, repeat: int, count: int) -> dict[str, Any]:
             "last_day": queries.list_sql(
                 SagaFilter(since=datetime.now(UTC) - timedelta(days=1)), None, 50
             ),
+            "waiting_for_a_signal": queries.list_sql(SagaFilter(waiting=True), None, 50),
+            "overdue": queries.list_sql(SagaFilter(overdue=True), None, 50),
             "reason_contains": queries.list_sql(SagaFilter(reason="destination"), None, 50),
             "search_saga_id": queries.list_sql(
                 await queries.resolve(SagaFilter(search=f"order-{count // 2}")), None, 50

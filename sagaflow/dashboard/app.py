@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import jinja2
+import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -35,7 +36,7 @@ from starlette.templating import Jinja2Templates
 
 from sagaflow.cli.render import undoing
 from sagaflow.config import Settings
-from sagaflow.core.definition import Saga
+from sagaflow.core.definition import Saga, Wait
 from sagaflow.core.errors import ConfigurationError, SagaflowError
 from sagaflow.core.ports import SagaStore, Transport
 from sagaflow.core.state import SagaStatus
@@ -55,6 +56,7 @@ _NOTICES = {
     "retry": "Retry requested: the saga resumes where it stopped.",
     "cancel": "Cancel requested: the saga compensates the steps done.",
     "replay": "Replayed.",
+    "signal": "Signal sent: the saga takes it at its wait (or keeps it until it gets there).",
 }
 
 
@@ -203,6 +205,13 @@ async def list_page(request: Request) -> Response:
                 else None,
                 "undoing": undoing({"kind": state.kind.value, "status": state.status.value}),
                 "reason": None if state.failure is None else state.failure.reason,
+                "waiting_for": state.waiting_for if state.status is SagaStatus.RUNNING else None,
+                "overdue": state.overdue
+                or (
+                    state.deadline_at is not None
+                    and not state.status.terminal
+                    and state.deadline_at < time.time()
+                ),
                 "failed_step": None if state.failure is None else state.failure.step,
                 "updated_at": state.updated_at,
                 "created_at": state.created_at,
@@ -243,7 +252,14 @@ async def saga_page(request: Request) -> Response:
     shape = (
         None if saga is not None else await dash.queries.shape(state.saga_name, state.saga_version)
     )
-    doc = saga_view(definition_of(saga, shape), state, log, jaeger_url=dash.settings.jaeger_url)
+    signals = [] if saga is None else [w.signal_name for w in saga.steps if isinstance(w, Wait)]
+    doc = saga_view(
+        definition_of(saga, shape),
+        state,
+        log,
+        jaeger_url=dash.settings.jaeger_url,
+        saga_signals=signals,
+    )
     return dash.render(request, "saga.html", {"saga": doc, "csrf": dash.access.form_token("saga")})
 
 
@@ -278,54 +294,88 @@ def _field(form: FormData, name: str) -> str:
 
 
 async def saga_action(request: Request) -> Response:
-    """Retry or cancel: asks for confirmation, then acts; refusals change nothing."""
+    """Retry, cancel or signal: asks for confirmation, then acts; refusals change nothing."""
     dash = _dash(request)
     form = await request.form()
     saga_id = _field(form, "saga_id")
     action = _field(form, "action")
+    root = request.scope.get("root_path", "")
     try:
         dash.access.check_form("saga", _field(form, "csrf"))
-        if action not in ("retry", "cancel"):
-            raise Refused(f"unknown action {action!r}: retry or cancel", 400)
+        if action not in ("retry", "cancel", "signal"):
+            raise Refused(f"unknown action {action!r}: retry, cancel or signal", 400)
         who = dash.access.who(request, _field(form, "by"))
         reason = checked_reason(_field(form, "reason"))
+        signal, data = _signal_of(form) if action == "signal" else ("", {})
         client = await dash.client()
         state = await client.get(saga_id)
         if state is None:
             raise Refused(f"no saga with id {saga_id!r}; nothing was changed", 404)
         if _field(form, "confirmed") != "yes":
+            fields = {
+                "saga_id": saga_id,
+                "action": action,
+                "reason": reason,
+                "by": _field(form, "by"),
+                "csrf": _field(form, "csrf"),
+            }
+            what = f"{action} saga {saga_id}"
+            if action == "signal":
+                fields.update(signal=signal, data=_field(form, "data"))
+                what = f"send signal {signal} to saga {saga_id}"
             return dash.render(
                 request,
                 "confirm.html",
                 {
-                    "what": f"{action} saga {saga_id}",
+                    "what": what,
                     "target": "saga",
-                    "fields": {
-                        "saga_id": saga_id,
-                        "action": action,
-                        "reason": reason,
-                        "by": _field(form, "by"),
-                        "csrf": _field(form, "csrf"),
-                    },
+                    "fields": fields,
                     "status": state.status.value,
                     "who": who,
                     "reason": reason,
-                    "back": f"{request.scope.get('root_path', '')}/sagas/{saga_id}",
+                    "data": orjson.dumps(data).decode() if action == "signal" else None,
+                    "back": f"{root}/sagas/{saga_id}",
                 },
             )
         by = f"{who} (dashboard)"
         if action == "retry":
             await client.retry_saga(saga_id, by=by, reason=reason)
-        else:
+        elif action == "cancel":
             await client.cancel_saga(saga_id, by=by, reason=reason)
+        else:
+            after = await client.signal_saga(saga_id, signal, data, by=by, reason=reason)
+            if after == state:  # the engine ignored it: said, not hidden
+                raise Refused(f"signal {signal!r} was received already; nothing was changed", 409)
     except Refused as exc:
         return dash.problem(request, exc.message, exc.status)
     except ConfigurationError as exc:  # the dashboard was not given this saga's definition
         return dash.problem(request, f"{exc}: start the dashboard with its definitions", 409)
     except SagaflowError as exc:  # the engine refused: its own words
         return dash.problem(request, f"refused: {exc}; nothing was changed", 409)
-    root = request.scope.get("root_path", "")
     return RedirectResponse(f"{root}/sagas/{saga_id}?done={action}", status_code=303)
+
+
+def _signal_of(form: FormData) -> tuple[str, dict[str, Any]]:
+    """The signal's name and data from the form; the data must be a JSON object.
+
+    Raises:
+        Refused: no name, or data that is not a JSON object.
+    """
+    name = _field(form, "signal").strip()
+    if not name:
+        raise Refused("name the signal to send", 400)
+    text = _field(form, "data").strip() or "{}"
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise Refused(
+            f"the signal's data is not valid JSON ({exc}); nothing was changed", 400
+        ) from None
+    if not isinstance(data, dict):
+        raise Refused(
+            "the signal's data must be a JSON object, such as {}; nothing was changed", 400
+        )
+    return name, data
 
 
 async def replay_action(request: Request) -> Response:

@@ -45,6 +45,8 @@ class SagaFilter:
     until: datetime | None = None
     search: str | None = None  # a saga id, a value anywhere in the data, or key=value
     saga_id: str | None = None  # exactly this saga (a search that names one: see resolve())
+    waiting: bool = False  # at a wait, for its signal
+    overdue: bool = False  # in flight past its deadline (recorded, or not yet seen by a timer)
 
     @classmethod
     def from_query(cls, params: Mapping[str, str]) -> SagaFilter:
@@ -76,6 +78,8 @@ class SagaFilter:
             since=_when(text("since"), "since"),
             until=_when(text("until"), "until"),
             search=text("q"),
+            waiting=_flag(params.get("waiting", "")),
+            overdue=_flag(params.get("overdue", "")),
         )
 
     def query(self) -> dict[str, str]:
@@ -89,8 +93,14 @@ class SagaFilter:
             "since": None if self.since is None else self.since.isoformat(),
             "until": None if self.until is None else self.until.isoformat(),
             "q": self.search,
+            "waiting": "1" if self.waiting else None,
+            "overdue": "1" if self.overdue else None,
         }
         return {k: v for k, v in values.items() if v is not None}
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "on", "true", "yes")
 
 
 def _when(value: str | None, what: str) -> datetime | None:
@@ -312,6 +322,15 @@ class SagaQueries:
             clauses.append(f"created_at < {arg(where.until)}")
         if where.search is not None:
             clauses.append(self._search(where.search, arg))
+        if where.waiting:
+            clauses.append("status = 'RUNNING' AND state->>'waiting_for' IS NOT NULL")
+        if where.overdue:
+            now = arg(datetime.now(UTC).timestamp())
+            # still in flight: an overdue saga that finished is history, not work
+            clauses.append(
+                "status IN ('RUNNING', 'COMPENSATING') AND (coalesce((state->>'overdue')::boolean,"
+                f" false) OR (state->>'deadline_at')::float8 < {now}::float8)"
+            )
         return clauses, args
 
     def _search(self, term: str, arg: Callable[[object], str]) -> str:

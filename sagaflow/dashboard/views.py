@@ -4,6 +4,7 @@ The definition (from the code the dashboard was given, else the shape the
 store recorded when a coordinator first ran that version) is drawn as its steps in
 order, each with its live state: ``done``, ``running``, ``failed``,
 ``compensating``, ``compensated``, ``skipped`` (its ``when=`` was false),
+``waiting`` (for its signal),
 ``pending`` (not reached) or ``not run``
 (never reached: the saga ended before it). Without the definition the steps
 are those the log names.
@@ -93,6 +94,8 @@ def _state_of(
         return "skipped"  # its when= condition was false
     if state.failure is not None and state.failure.step == name and state.step_index == index:
         return "failed"
+    if state.waiting_for is not None and not terminal and state.step_index == index:
+        return "waiting"  # for its signal
     if index in state.completed:
         return "done"
     if forward is not None and not terminal and state.step_index == index:
@@ -111,12 +114,20 @@ def _offset(start: str | None, at: str | None) -> str:
     return f"+{delta.total_seconds():.3f}s"
 
 
+def _signal_names(signals: Sequence[str], state: SagaState) -> list[str]:
+    """The signals the saga can still take: the one it waits for first."""
+    names = [state.waiting_for] if state.waiting_for else []
+    names += [n for n in signals if n not in names and state.signalled.get(n) is None]
+    return names
+
+
 def saga_view(
     definition: Definition | None,
     state: SagaState,
     log: Sequence[LogEntry],
     *,
     jaeger_url: str | None,
+    saga_signals: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The saga's document (as ``sagas show --json``) plus the drawing and the timeline."""
     doc = saga_document(state, log, jaeger_url=jaeger_url)
@@ -138,5 +149,7 @@ def saga_view(
     ]
     doc["can_retry"] = state.status is SagaStatus.FAILED
     doc["can_cancel"] = state.status is SagaStatus.RUNNING
+    doc["can_signal"] = state.status is SagaStatus.RUNNING
+    doc["signal_names"] = _signal_names(saga_signals, state)
     doc["definition_known"] = definition is not None
     return doc

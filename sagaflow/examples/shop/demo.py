@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from sagaflow import Coordinator, SagaState, SagaStatus, Worker
 from sagaflow.examples.shop.participants import (
@@ -314,7 +316,8 @@ def print_result(result: DemoResult, console: Console) -> None:
     summary.add_column("sagas", justify="right")
     for (status, step, reason), count in sorted(result.counts().items(), key=lambda kv: -kv[1]):
         color = "green" if status is SagaStatus.COMPLETED else "yellow"
-        summary.add_row(f"[{color}]{status.value}[/]", step or "", reason or "", str(count))
+        # saga data as Text: never read as markup or emoji codes
+        summary.add_row(Text(status.value, color), Text(step or ""), Text(reason or ""), str(count))
     console.print(summary)
 
     latencies = sorted(o.seconds for o in result.outcomes)
@@ -329,11 +332,12 @@ def print_result(result: DemoResult, console: Console) -> None:
     unexpected = [o for o in result.outcomes if not o.as_expected]
     if unexpected:
         console.print(
-            f"[red]{len(unexpected)} sagas did not end as expected[/], e.g. {unexpected[0]}"
+            f"[red]{len(unexpected)} sagas did not end as expected[/], e.g. "
+            + escape(str(unexpected[0]))
         )
 
     if result.timeline:
-        table = Table(title=f"timeline of compensated saga {result.timeline_saga}")
+        table = Table(title=Text(f"timeline of compensated saga {result.timeline_saga}"))
         table.add_column("+ms", justify="right")
         table.add_column("event", no_wrap=True)
         table.add_column("step")
@@ -343,11 +347,11 @@ def print_result(result: DemoResult, console: Console) -> None:
         for entry in result.timeline:
             table.add_row(
                 f"{entry.offset * 1000:.1f}",
-                entry.event,
-                entry.step or "",
-                entry.kind or "",
+                Text(entry.event),
+                Text(entry.step or ""),
+                Text(entry.kind or ""),
                 "" if entry.attempt is None else str(entry.attempt),
-                _detail(entry.detail),
+                Text(_detail(entry.detail)),
             )
         console.print(table)
 
