@@ -35,7 +35,11 @@ Definition = Sequence[tuple[str, bool]]
 def definition_of(saga: Saga[Any] | None, shape: dict[str, Any] | None) -> Definition | None:
     """From the saga's code, else from the shape the store recorded for its version."""
     if saga is not None:
-        return [(step.name, step.compensation is not None) for step in saga.steps]
+        # read by name, not by type: a step kind sagaflow learns later still draws
+        return [
+            (str(getattr(step, "name", step)), getattr(step, "compensation", None) is not None)
+            for step in saga.steps
+        ]
     if shape is not None and isinstance(shape.get("steps"), list):
         return [
             (str(step.get("name")), step.get("compensation") is not None)
