@@ -59,7 +59,8 @@ def dashboard(
         raise UsageProblem(f"invalid settings: {summarize_validation(exc)}") from exc
     if read_only:
         options = options.model_copy(update={"read_only": True})
-    sagas = load_sagas(split_specs(module or []))
+    # without definitions it still reads everything (and draws from recorded shapes)
+    sagas = load_sagas(split_specs(module)) if module else []
     app = create_app(settings, sagas=sagas, dashboard=options)
     log.info(
         "dashboard on http://%s:%d (actions %s)",

@@ -234,6 +234,17 @@ async def test_an_operator_finds_retries_and_replays_in_a_real_browser(
                 await page.screenshot(path=shot, full_page=True)
                 _keep(shot)
 
+                # without JavaScript every page still reads (and filters) the same
+                entries = await page.locator("#timeline li").count()
+                plain = await browser.new_context(java_script_enabled=False)
+                no_js = await plain.new_page()
+                await no_js.goto(f"{url}/?q=broke-1")
+                await expect(no_js.locator("tr[data-saga-id]")).to_have_count(1)
+                await no_js.locator("tr[data-saga-id] a").click()
+                await expect(no_js.locator("#saga-status")).to_have_text("COMPENSATED")
+                await expect(no_js.locator("#timeline li")).to_have_count(entries)
+                await plain.close()
+
                 # -------------------------------------------- 2. retry the FAILED saga
                 await page.goto(f"{url}/login")
                 await page.fill("input[name=token]", TOKEN)
