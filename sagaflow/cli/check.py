@@ -28,8 +28,9 @@ def participant_check(
             "--samples",
             exists=True,
             dir_okay=False,
-            help='JSON: a valid command per action type, {"inventory.reserve": {...}, ...}; '
-            '"{key}" in a string becomes a key unique to each check.',
+            help='JSON: a valid command per action type, {"inventory.reserve": {...}, ...}, '
+            'and under "refusals" commands to refuse, {"inventory.reserve": [{"command": {...}, '
+            '"reason": "out_of_stock"}]}; "{key}" in a string becomes a key unique to each check.',
         ),
     ],
     effects_query: Annotated[
@@ -81,6 +82,17 @@ def participant_check(
         raise UsageProblem(f"{samples}: not JSON: {exc}") from None
     if not isinstance(sample_commands, dict):
         raise UsageProblem(f"{samples}: must be an object of action type to command")
+    refusals = sample_commands.pop("refusals", {})
+    if not isinstance(refusals, dict) or not all(
+        isinstance(r, dict)
+        and isinstance(r.get("command"), dict)
+        and isinstance(r.get("reason"), str)
+        for cases in refusals.values()
+        for r in (cases if isinstance(cases, list) else [None])
+    ):
+        raise UsageProblem(
+            f'{samples}: "refusals" must map action types to lists of {{"command", "reason"}}'
+        )
     check = Check(
         amqp_url=settings.amqp_url,
         service=service,
@@ -91,6 +103,7 @@ def participant_check(
         strict=settings.strict_payloads,
         effects_query=effects_query,
         prepare_sql=prepare_sql,
+        refusals=refusals,
         database_url=effects_database or settings.database_url,
         timeout=timeout,
         quiet=quiet,

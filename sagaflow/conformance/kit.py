@@ -105,7 +105,14 @@ class _Kit:
         finally:
             await conn.close()
 
-    def envelope(self, step: KitStep, key: str, kind: MessageKind, attempt: int = 1) -> Envelope:
+    def envelope(
+        self,
+        step: KitStep,
+        key: str,
+        kind: MessageKind,
+        attempt: int = 1,
+        payload: Mapping[str, Any] | None = None,
+    ) -> Envelope:
         action = step.action if kind is MessageKind.COMMAND else step.compensation
         assert action is not None
         saga_id = f"{key}-saga"
@@ -121,7 +128,7 @@ class _Kit:
             kind=kind,
             attempt=attempt,
             type=action.type,
-            payload=fill(self.c.samples[action.type], key),
+            payload=fill(self.c.samples[action.type] if payload is None else payload, key),
         )
 
     async def send(self, envelope: Envelope, *, redelivered: bool = False) -> None:
@@ -295,6 +302,32 @@ class _Kit:
         if step.compensation is not None:
             await self.check_compensation(step, key, first)
             await self.check_tombstone(step)
+
+    async def check_refusal(self, step: KitStep, refusal: Mapping[str, Any]) -> None:
+        """A command the participant must refuse: ``failure`` with the documented
+        reason, stored (a duplicate gets the same refusal), no effect."""
+        action, expected = step.action, str(refusal["reason"])
+        key = await self.key()
+        sent = self.envelope(step, key, MessageKind.COMMAND, payload=refusal["command"])
+        await self.send(sent)
+        first = await self.first_reply("refusal", sent, action)
+        if first is None:
+            return
+        if first.outcome is not Outcome.FAILURE or first.reason != expected:
+            got = f"{first.outcome.value if first.outcome else '?'} {first.reason!r}"
+            self.report("refusal", action.type, False, f"answered {got}, not failure {expected!r}")
+            return
+        await self.send(sent)
+        again = await self.answers(sent, 2)
+        count = await self.effects(key)
+        if len(again) < 2 or not (isinstance(again[1], Envelope) and _same(again[1], first)):
+            self.report("refusal", action.type, False, "a duplicate did not get the stored refusal")
+        elif count:
+            self.report(
+                "refusal", action.type, False, f"refused, yet the effects query counts {count}"
+            )
+        else:
+            self.report("refusal", action.type, True, f"failure {expected!r}, stored, no effect")
 
     async def check_compensation(self, step: KitStep, key: str, forward: Envelope) -> None:
         assert step.compensation is not None
@@ -512,6 +545,8 @@ async def run_checks(check: Check) -> list[Result]:
             await kit.check_hostile(check.steps[0])
         for step in check.steps:
             await kit.check_step(step)
+            for refusal in check.refusals.get(step.action.type, ()):
+                await kit.check_refusal(step, refusal)
     finally:
         await connection.close()
     return kit.results

@@ -70,6 +70,8 @@ class Check:
         keys: Signing keys when messages are signed (the service's key signs).
         strict: Whether payloads are validated strictly (the deployment's setting).
         effects_query: SQL counting the effects of the command with key ``$1``.
+        refusals: Commands the participant must refuse, by action type: each
+            ``{"command": {...}, "reason": "out_of_stock"}``.
         prepare_sql: SQL run with each fresh key as ``$1`` before it is used
             (an order row for the order service's actions, say).
         database_url: Where ``effects_query`` and ``prepare_sql`` run.
@@ -87,6 +89,7 @@ class Check:
     strict: bool = True
     effects_query: str | None = None
     prepare_sql: str | None = None
+    refusals: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
     database_url: str | None = None
     timeout: float = 10.0
     quiet: float = 1.5

@@ -41,6 +41,7 @@ from services.stack import ROOT, Stack
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 SAMPLES = orjson.loads((ROOT / "services" / "conformance.json").read_bytes())
+REFUSALS = SAMPLES.pop("refusals")
 EFFECTS = {
     "inventory": "SELECT count(*) FROM inventory.reservations WHERE order_id = $1",
     "payment": "SELECT count(*) FROM payment.charges WHERE order_id = $1",
@@ -54,12 +55,20 @@ PREPARE = {  # the order service's actions need the order row the API would have
 KIT_EFFECTS = "SELECT count(*) FROM kit_effects WHERE order_id = $1"
 
 
-def _check(amqp_url: str, pg_url: str, service: str, query: str | None, **extra: Any) -> Check:
+def _check(
+    amqp_url: str,
+    pg_url: str,
+    service: str,
+    query: str | None,
+    refusals: dict[str, Any] = REFUSALS,
+    **extra: Any,
+) -> Check:
     return Check(
         amqp_url=amqp_url,
         service=service,
         steps=steps_of([create_order], service),
         samples=SAMPLES,
+        refusals=refusals,
         effects_query=query,
         database_url=pg_url,
         timeout=4.0,
@@ -90,6 +99,10 @@ async def test_every_python_example_participant_passes(
             assert "dead-letter invalid_command" in obligations
             if service in EFFECTS:
                 assert "effects-once" in obligations
+                refused = [r for r in results if r.obligation == "refusal"]
+                assert len(refused) == sum(
+                    len(v) for k, v in REFUSALS.items() if k.startswith(service)
+                )
 
 
 async def test_the_node_participant_passes_through_the_cli_with_signatures(
@@ -125,6 +138,9 @@ async def test_the_node_participant_passes_through_the_cli_with_signatures(
     assert kit.returncode == 0, f"{report}\n{err.decode()}\n{stack.tails(['inventory'])}"
     lines = report.splitlines()
     assert all(line.startswith("PASS") for line in lines[:-1]), report
+    refusals = [line for line in lines if line.startswith("PASS  refusal")]
+    assert any("'unknown_sku'" in line for line in refusals), report
+    assert any("'out_of_stock'" in line for line in refusals), report
     for obligation in ("dead-letter unsigned", "dead-letter bad_signature", "effects-once"):
         assert any(obligation in line for line in lines), (obligation, report)
     assert lines[-1].endswith("(obligations: docs/protocol.md#participant-obligations)")
@@ -226,6 +242,7 @@ BROKEN = [
     ("refusing-compensation", "compensation", "answered error (compensation refused"),
     ("no-release", "compensation", "dead-lettered: unknown_action"),
     ("lying-replies", "reply", "step_index is 8, not 1"),
+    ("never-refuses", "refusal", "answered success None, not failure 'unknown_sku'"),
 ]
 
 
@@ -234,7 +251,8 @@ async def test_a_broken_participant_fails_the_obligation_it_breaks(
     amqp_url: str, pg_url: str, kind: str
 ) -> None:
     async with _broken(amqp_url, pg_url, kind):
-        results = await run_checks(_check(amqp_url, pg_url, "inventory", KIT_EFFECTS))
+        refusals = REFUSALS if kind == "never-refuses" else {}
+        results = await run_checks(_check(amqp_url, pg_url, "inventory", KIT_EFFECTS, refusals))
     report = "\n".join(r.line() for r in results)
     failed = _failures(results)
     for _, obligation, text in [b for b in BROKEN if b[0] == kind]:
