@@ -118,6 +118,11 @@ def _offset(start: str | None, at: str | None) -> str:
     return f"+{delta.total_seconds():.3f}s"
 
 
+def _rest(detail: dict[str, Any]) -> str:
+    rest = {k: v for k, v in detail.items() if k not in ("by", "reason", "outcome")}
+    return orjson.dumps(rest).decode() if rest else ""
+
+
 def _signal_names(signals: Sequence[str], state: SagaState) -> list[str]:
     """The signals the saga can still take: the one it waits for first."""
     names = [state.waiting_for] if state.waiting_for else []
@@ -148,6 +153,9 @@ def saga_view(
             "by": entry["detail"].get("by"),
             "why": entry["detail"].get("reason"),
             "outcome": entry["detail"].get("outcome"),
+            # the rest of the entry (a command's type, a retry's delay, a signal's
+            # data...), as stored
+            "extra": _rest(entry["detail"]),
         }
         for entry in doc["log"]
     ]
