@@ -38,7 +38,7 @@ def participant_check(
         typer.Option(
             "--effects-query",
             help="SQL counting the effects of the command whose key is $1 "
-            "(effects-once and tombstone checks).",
+            '(effects-once and tombstone checks); "effects" in --samples gives one per action.',
         ),
     ] = None,
     prepare_sql: Annotated[
@@ -83,6 +83,11 @@ def participant_check(
     if not isinstance(sample_commands, dict):
         raise UsageProblem(f"{samples}: must be an object of action type to command")
     refusals = sample_commands.pop("refusals", {})
+    effects_queries = sample_commands.pop("effects", {})
+    if not isinstance(effects_queries, dict) or not all(
+        isinstance(q, str) for q in effects_queries.values()
+    ):
+        raise UsageProblem(f'{samples}: "effects" must map action types to SQL')
     if not isinstance(refusals, dict) or not all(
         isinstance(r, dict)
         and isinstance(r.get("command"), dict)
@@ -102,6 +107,7 @@ def participant_check(
         keys=settings.keys(),
         strict=settings.strict_payloads,
         effects_query=effects_query,
+        effects_queries=effects_queries,
         prepare_sql=prepare_sql,
         refusals=refusals,
         database_url=effects_database or settings.database_url,

@@ -239,10 +239,11 @@ class _Kit:
             return f"; it was dead-lettered: {_dead_reason(dead[0])}"
         return ""
 
-    async def effects(self, key: str) -> int | None:
-        if not self.c.effects_query:
+    async def effects(self, key: str, action: Action[Any, Any]) -> int | None:
+        query = self.c.effects_queries.get(action.type, self.c.effects_query)
+        if not query:
             return None
-        return int(await self.sql("fetchval", self.c.effects_query, key) or 0)
+        return int(await self.sql("fetchval", query, key) or 0)
 
     # ------------------------------------------------------------------ the obligations
 
@@ -291,7 +292,7 @@ class _Kit:
             f"{len(alike)} of {copies} copies sent together (one redelivered) answered with the stored reply",
         )
         if first.outcome is Outcome.SUCCESS:
-            count = await self.effects(key)
+            count = await self.effects(key, action)
             if count is not None:
                 self.report(
                     "effects-once",
@@ -319,7 +320,7 @@ class _Kit:
             return
         await self.send(sent)
         again = await self.answers(sent, 2)
-        count = await self.effects(key)
+        count = await self.effects(key, action)
         if len(again) < 2 or not (isinstance(again[1], Envelope) and _same(again[1], first)):
             self.report("refusal", action.type, False, "a duplicate did not get the stored refusal")
         elif count:
@@ -375,7 +376,7 @@ class _Kit:
         late = self.envelope(step, key, MessageKind.COMMAND)
         await self.send(late)
         answered = await self.replies.wait(f"{late.message_id}:reply", 1, self.c.quiet)
-        count = await self.effects(key)
+        count = await self.effects(key, step.action)
         if answered:
             self.report(
                 "tombstone",

@@ -70,6 +70,7 @@ class Check:
         keys: Signing keys when messages are signed (the service's key signs).
         strict: Whether payloads are validated strictly (the deployment's setting).
         effects_query: SQL counting the effects of the command with key ``$1``.
+        effects_queries: The same for some action types, where they differ.
         refusals: Commands the participant must refuse, by action type: each
             ``{"command": {...}, "reason": "out_of_stock"}``.
         prepare_sql: SQL run with each fresh key as ``$1`` before it is used
@@ -88,6 +89,7 @@ class Check:
     keys: Keys | None = None
     strict: bool = True
     effects_query: str | None = None
+    effects_queries: Mapping[str, str] = field(default_factory=dict)
     prepare_sql: str | None = None
     refusals: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
     database_url: str | None = None

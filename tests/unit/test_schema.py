@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sagaflow.cli.app import app
 from sagaflow.config import Settings
-from sagaflow.core.definition import Action
+from sagaflow.core.definition import Action, Step
 from sagaflow.core.schema import (
     DEFAULT_STRICT,
     DIALECT,
@@ -136,7 +136,11 @@ def test_action_schemas_list_every_action_with_its_steps() -> None:
     assert reserve["service"] == "inventory"
     assert reserve["command"] == payload_schema(contracts.ReserveStock)
     assert reserve["reply"] == payload_schema(contracts.StockReserved)
-    step = next(s for s in create_order.steps if s.action.type == "inventory.reserve")
+    step = next(
+        s
+        for s in create_order.steps
+        if isinstance(s, Step) and s.action.type == "inventory.reserve"
+    )
     assert reserve["sent_by"] == [
         {
             "saga": create_order.name,
