@@ -10,7 +10,6 @@ import typer
 
 from sagaflow.cli.common import UsageProblem, current_settings, echo_json, guarded, run_async
 from sagaflow.cli.resolve import load_sagas
-from sagaflow.conformance import Check, run_checks, steps_of
 
 __all__ = ["participant_check"]
 
@@ -72,6 +71,8 @@ def participant_check(
     message. Run it where no coordinator consumes the replies queue. Exit code 0
     when every obligation passes, 1 otherwise.
     """
+    from sagaflow.conformance import Check, run_checks, steps_of  # the broker client: when used
+
     settings = current_settings()
     steps = steps_of(load_sagas(specs), service)
     if not steps:
