@@ -5,7 +5,10 @@ transaction, through :func:`services.order.app.place_order`; the coordinator's
 outbox relay, woken by the commit's notification, sends the first command.
 ``GET /orders/{order_id}`` reads the order and, for a rejected one, why (from
 the saga's recorded failure, shown as a known code: the full text stays in the
-saga's log).
+saga's log). An order of ``ORDER_APPROVAL_THRESHOLD`` cents or more waits for a
+manager: ``POST /orders/{order_id}/approval`` sends its saga the signal
+``approval`` (in one transaction with nothing else here; a second approval
+changes nothing).
 
 The API faces strangers, so it refuses early and says little (docs/security.md):
 a body larger than ``max_body_bytes`` is answered 413 before it is read, every
@@ -31,9 +34,9 @@ from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validato
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sagaflow import Hooks, SagaClient
+from sagaflow import Hooks, SagaClient, SagaflowError, SagaStatus
 from sagaflow.config import Settings
-from sagaflow.examples.shop.contracts import Reason
+from sagaflow.examples.shop.contracts import ManagerApproval, Reason
 from sagaflow.store import migrate_participant
 from sagaflow.tracing_setup import tracing_configured
 from services.order.app import (
@@ -78,6 +81,9 @@ class ApiSettings(BaseSettings):
             characters.
         max_body_bytes: ``ORDER_MAX_BODY_BYTES``: a larger request body is
             answered 413 before it is read.
+        approval_threshold: ``ORDER_APPROVAL_THRESHOLD``: orders of this many
+            cents or more wait for a manager's approval (default 1,000,000:
+            ten thousand in the shop's currency).
     """
 
     # a rejected setting may be the token itself: keep it out of the error
@@ -93,6 +99,7 @@ class ApiSettings(BaseSettings):
     http_port: int = Field(default=8000, ge=1, le=65535)
     api_token: SecretStr | None = None
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    approval_threshold: int = Field(default=1_000_000, ge=1)
 
     @field_validator("api_token")
     @classmethod
@@ -129,6 +136,24 @@ class OrderRequest(NewOrder):
 
 
 OrderIdPath = Annotated[str, Path(min_length=1, max_length=100), AfterValidator(_printable)]
+
+
+class ApprovalRequest(BaseModel):
+    """The body of ``POST /orders/{id}/approval``."""
+
+    approved_by: str = Field(min_length=1, max_length=100)
+    note: str = Field(default="", max_length=500)
+
+    @field_validator("approved_by", "note")
+    @classmethod
+    def _plain_text(cls, value: str) -> str:
+        return _printable(value)
+
+
+class ApprovalAccepted(BaseModel):
+    order_id: str
+    saga_status: SagaStatus
+    kept: bool  # the saga has not reached its wait yet: the approval waits for it
 
 
 class OrderPlaced(BaseModel):
@@ -322,12 +347,42 @@ def create_app(
     async def create(new: OrderRequest, resources: Resources, response: Response) -> OrderPlaced:
         try:
             async with resources.pool.acquire() as conn, conn.transaction():
-                order, created = await place_order(resources.client, PostgresOrders(conn), new)
+                order, created = await place_order(
+                    resources.client,
+                    PostgresOrders(conn),
+                    new,
+                    approval_threshold=api.approval_threshold,
+                )
         except OrderConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         if not created:
             response.status_code = status.HTTP_200_OK
         return OrderPlaced(order_id=order.order_id, saga_id=order.saga_id, status=order.status)
+
+    @app.post("/orders/{order_id}/approval")
+    async def approve(
+        order_id: OrderIdPath, approval: ApprovalRequest, resources: Resources
+    ) -> ApprovalAccepted:
+        async with resources.pool.acquire() as conn, conn.transaction():
+            order = await PostgresOrders(conn).get(order_id)
+            if order is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no order {order_id!r}")
+            saga = await resources.client.get(order.saga_id)
+            if saga is not None and not saga.data.get("needs_approval"):
+                raise HTTPException(status.HTTP_409_CONFLICT, "this order needs no approval")
+            try:
+                state = await resources.client.signal_saga(
+                    order.saga_id,
+                    "approval",
+                    ManagerApproval(approved_by=approval.approved_by, note=approval.note),
+                    by=approval.approved_by,
+                    reason=approval.note or "approved",
+                    connection=conn,
+                )
+            except SagaflowError as exc:  # finished, not waiting for an approval...
+                raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        kept = "approval" in state.signals
+        return ApprovalAccepted(order_id=order_id, saga_status=state.status, kept=kept)
 
     @app.get("/orders/{order_id}")
     async def show(order_id: OrderIdPath, resources: Resources) -> OrderView:

@@ -5,6 +5,7 @@ live in the ``shipping`` schema::
 
     shipping.destinations(code pk)
     shipping.shipments(order_id pk, destination, status scheduled|cancelled)
+    shipping.gift_wraps(order_id pk, status wrapped|unwrapped)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sagaflow.examples.shop.participants import (
     Shipping,
     shipment_id,
     shipping_participant,
+    wrap_id,
 )
 from services import Connection, create_schema, repository
 
@@ -53,6 +55,22 @@ class PostgresShipping:
         )
         return cancelled is not None
 
+    async def wrap(self, order_id: str) -> str:
+        await self.db.execute(
+            "INSERT INTO shipping.gift_wraps (order_id, status) VALUES ($1, 'wrapped')"
+            " ON CONFLICT (order_id) DO NOTHING",
+            order_id,
+        )
+        return wrap_id(order_id)
+
+    async def unwrap(self, order_id: str) -> bool:
+        unwrapped = await self.db.fetchval(
+            "UPDATE shipping.gift_wraps SET status = 'unwrapped'"
+            " WHERE order_id = $1 AND status = 'wrapped' RETURNING 1",
+            order_id,
+        )
+        return unwrapped is not None
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shipping.destinations (code text PRIMARY KEY);
@@ -60,6 +78,10 @@ CREATE TABLE IF NOT EXISTS shipping.shipments (
     order_id text PRIMARY KEY,
     destination text NOT NULL REFERENCES shipping.destinations (code),
     status text NOT NULL CHECK (status IN ('scheduled', 'cancelled'))
+);
+CREATE TABLE IF NOT EXISTS shipping.gift_wraps (
+    order_id text PRIMARY KEY,
+    status text NOT NULL CHECK (status IN ('wrapped', 'unwrapped'))
 );
 """
 

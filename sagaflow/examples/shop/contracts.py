@@ -21,6 +21,8 @@ from sagaflow import Action
 
 __all__ = [
     "ChargePayment",
+    "GiftWrapped",
+    "ManagerApproval",
     "OrderId",
     "OrderRef",
     "OrderStatusReply",
@@ -39,7 +41,9 @@ __all__ = [
     "release_stock",
     "reserve_stock",
     "schedule_shipment",
+    "unwrap_gift",
     "validate_order",
+    "wrap_gift",
 ]
 
 OrderId = Annotated[str, Field(min_length=1, max_length=100)]
@@ -131,3 +135,22 @@ class ShipmentScheduled(BaseModel):
 
 schedule_shipment = Action("shipping", "schedule", ScheduleShipment, ShipmentScheduled)
 cancel_shipment = Action("shipping", "cancel", OrderRef, Undone)
+
+
+class GiftWrapped(BaseModel):
+    wrap_id: str
+
+
+# a conditional step: only for orders that ask for it
+wrap_gift = Action("shipping", "wrap", OrderRef, GiftWrapped)
+unwrap_gift = Action("shipping", "unwrap", OrderRef, Undone)
+
+# --------------------------------------------------------------------------- signals
+
+
+class ManagerApproval(BaseModel):
+    """The signal ``approval``: a manager approved a large order (not a message:
+    sent through the order API or ``sagaflow sagas signal``)."""
+
+    approved_by: str = Field(min_length=1, max_length=100)
+    note: str = Field(default="", max_length=500)

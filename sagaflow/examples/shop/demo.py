@@ -378,4 +378,8 @@ def main(orders: int = 200, seed: int = 7) -> int:
     quiet_logs()
     result = asyncio.run(run_embedded(orders, seed, console=console))
     print_result(result, console)
-    return 0 if result.ok else 1
+    from sagaflow.examples.shop.shapes_demo import print_shapes, run_shapes
+
+    shapes = asyncio.run(run_shapes())
+    print_shapes(shapes, console)
+    return 0 if result.ok and all(o.as_expected for o in shapes) else 1

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from sagaflow import BusinessFailure, Coordinator, HandlerContext, Participant, SagaClient
 from sagaflow.examples.shop.contracts import (
     ChargePayment,
+    GiftWrapped,
     OrderId,
     OrderRef,
     OrderStatusReply,
@@ -43,7 +44,9 @@ from sagaflow.examples.shop.contracts import (
     release_stock,
     reserve_stock,
     schedule_shipment,
+    unwrap_gift,
     validate_order,
+    wrap_gift,
 )
 from sagaflow.examples.shop.saga import OrderData, create_order
 
@@ -73,6 +76,7 @@ __all__ = [
     "reservation_id",
     "shipment_id",
     "shipping_participant",
+    "wrap_id",
 ]
 
 R = TypeVar("R")
@@ -274,6 +278,18 @@ class Shipping(Protocol):
         """Cancel the order's shipment; False when none was scheduled."""
         ...
 
+    async def wrap(self, order_id: str) -> str:
+        """Gift-wrap the order; returns the wrap id."""
+        ...
+
+    async def unwrap(self, order_id: str) -> bool:
+        """Undo the gift wrap; False when the order was not wrapped."""
+        ...
+
+
+def wrap_id(order_id: str) -> str:
+    return f"wrap-{order_id}"
+
 
 def shipment_id(order_id: str) -> str:
     return f"shp-{order_id}"
@@ -291,6 +307,7 @@ class MemoryShipping:
 
     destinations: set[str] = field(default_factory=lambda: set(SEED_DESTINATIONS))
     shipments: dict[str, Shipment] = field(default_factory=dict)
+    wrapped: set[str] = field(default_factory=set)
 
     async def schedule(self, order_id: str, destination: str) -> str:
         if destination not in self.destinations:
@@ -305,11 +322,22 @@ class MemoryShipping:
         shipment.status = "cancelled"
         return True
 
+    async def wrap(self, order_id: str) -> str:
+        self.wrapped.add(order_id)
+        return wrap_id(order_id)
+
+    async def unwrap(self, order_id: str) -> bool:
+        if order_id not in self.wrapped:
+            return False
+        self.wrapped.discard(order_id)
+        return True
+
 
 def shipping_participant(
     shipping: Callable[[HandlerContext], Shipping], *, setup: Setup | None = None
 ) -> Participant:
-    """The shipping participant: ``shipping.schedule`` and ``shipping.cancel``."""
+    """The shipping participant: ``shipping.schedule`` and ``shipping.cancel``,
+    ``shipping.wrap`` and ``shipping.unwrap`` (gift wrapping)."""
     participant = Participant("shipping", setup=setup)
 
     @participant.handler(schedule_shipment)
@@ -320,6 +348,14 @@ def shipping_participant(
     @participant.handler(cancel_shipment)
     async def cancel(command: OrderRef, ctx: HandlerContext) -> Undone:
         return Undone(undone=await shipping(ctx).cancel(command.order_id))
+
+    @participant.handler(wrap_gift)
+    async def wrap(command: OrderRef, ctx: HandlerContext) -> GiftWrapped:
+        return GiftWrapped(wrap_id=await shipping(ctx).wrap(command.order_id))
+
+    @participant.handler(unwrap_gift)
+    async def unwrap(command: OrderRef, ctx: HandlerContext) -> Undone:
+        return Undone(undone=await shipping(ctx).unwrap(command.order_id))
 
     return participant
 
@@ -346,6 +382,7 @@ class NewOrder(BaseModel):
     quantity: int = Field(ge=1, le=1000)
     amount: int = Field(ge=1, description="in cents")
     destination: str = Field(min_length=2, max_length=8)
+    gift_wrap: bool = False
 
 
 class Order(BaseModel):
@@ -362,9 +399,9 @@ class Order(BaseModel):
     created_at: float
 
     def same_request(self, new: NewOrder) -> bool:
-        return self.model_dump(include=set(NewOrder.model_fields) - {"order_id"}) == new.model_dump(
-            exclude={"order_id"}
-        )
+        # gift_wrap is a saga option, not a column of the order row
+        fields = set(NewOrder.model_fields) - {"order_id", "gift_wrap"}
+        return self.model_dump(include=fields) == new.model_dump(include=fields)
 
 
 class OrderConflict(Exception):
@@ -416,9 +453,16 @@ class MemoryOrders:
 
 
 async def place_order(
-    client: SagaClient | Coordinator, orders: Orders, new: NewOrder
+    client: SagaClient | Coordinator,
+    orders: Orders,
+    new: NewOrder,
+    *,
+    approval_threshold: int | None = None,
 ) -> tuple[Order, bool]:
     """Insert the order and start its create-order saga, atomically.
+
+    An order of ``approval_threshold`` cents or more waits for a manager's
+    approval (the signal ``approval``) after its payment is charged.
 
     With PostgreSQL, ``orders`` works on a connection inside the caller's
     transaction and the saga joins it: both commit or neither does, and the
@@ -433,7 +477,7 @@ async def place_order(
     """
     order_id = new.order_id or str(uuid.uuid4())
     order = Order(
-        **new.model_dump(exclude={"order_id"}),
+        **new.model_dump(exclude={"order_id", "gift_wrap"}),
         order_id=order_id,
         status=OrderStatus.PENDING,
         saga_id=f"order-{order_id}",
@@ -444,7 +488,13 @@ async def place_order(
         if not existing.same_request(new):
             raise OrderConflict(f"order {order_id!r} exists with different contents")
         return existing, False
-    data = OrderData.model_validate(order.model_dump(exclude={"status", "saga_id", "created_at"}))
+    data = OrderData.model_validate(
+        {
+            **order.model_dump(exclude={"status", "saga_id", "created_at"}),
+            "gift_wrap": new.gift_wrap,
+            "needs_approval": approval_threshold is not None and new.amount >= approval_threshold,
+        }
+    )
     await client.start_saga(create_order, data, saga_id=order.saga_id, connection=orders.connection)
     return order, True
 

@@ -6,6 +6,10 @@
     reserve   (inventory)  compensation: release  (inventory)
     charge    (payment)    compensation: refund   (payment)
     schedule  (shipping)   compensation: cancel   (shipping)
+    approval  (wait)       for orders above a threshold: the signal ``approval``
+                           from a manager; none within APPROVAL_TIMEOUT: compensate
+    gift-wrap (shipping)   only when asked; compensation: unwrap (shipping)
+    schedule  (shipping)   compensation: cancel   (shipping)
     approve   (order)      retriable: cannot fail once the rest succeeded
 
 The coordinator runs it: ``sagaflow coordinator sagaflow.examples.shop.saga:create_order``
@@ -20,9 +24,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from sagaflow import Action, RetryPolicy, Saga, Step
+from sagaflow import Action, RetryPolicy, Saga, Step, Wait
 from sagaflow.examples.shop.contracts import (
     ChargePayment,
+    GiftWrapped,
+    ManagerApproval,
     OrderId,
     OrderRef,
     PaymentCharged,
@@ -38,10 +44,13 @@ from sagaflow.examples.shop.contracts import (
     release_stock,
     reserve_stock,
     schedule_shipment,
+    unwrap_gift,
     validate_order,
+    wrap_gift,
 )
 
 __all__ = [
+    "APPROVAL_TIMEOUT",
     "CHAIN_SAGAS",
     "COMPENSATION_RETRY",
     "SAGAS",
@@ -64,6 +73,9 @@ STEP_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=2.0)
 COMPENSATION_RETRY = RetryPolicy(max_attempts=8, initial_backoff=0.5, max_backoff=10.0)
 """Compensations must succeed: about a minute of retries before an operator is needed."""
 
+APPROVAL_TIMEOUT = 24 * 3600.0
+"""Seconds a large order waits for a manager's approval before it is rolled back."""
+
 
 class OrderData(BaseModel):
     """The create-order saga's data: the order, plus what the participants answered."""
@@ -77,6 +89,10 @@ class OrderData(BaseModel):
     reservation_id: str | None = None
     payment_id: str | None = None
     shipment_id: str | None = None
+    needs_approval: bool = False  # set when the order is placed (its amount, a threshold)
+    approved_by: str | None = None
+    gift_wrap: bool = False
+    wrap_id: str | None = None
 
 
 def _order(d: OrderData) -> OrderRef:
@@ -105,6 +121,18 @@ def _charged(d: OrderData, reply: PaymentCharged) -> OrderData:
 
 def _scheduled(d: OrderData, reply: ShipmentScheduled) -> OrderData:
     return d.model_copy(update={"shipment_id": reply.shipment_id})
+
+
+def _wrapped(d: OrderData, reply: GiftWrapped) -> OrderData:
+    return d.model_copy(update={"wrap_id": reply.wrap_id})
+
+
+def _needs_approval(d: OrderData) -> bool:
+    return d.needs_approval
+
+
+def _wants_gift_wrap(d: OrderData) -> bool:
+    return d.gift_wrap
 
 
 create_order: Saga[OrderData] = Saga(
@@ -141,6 +169,23 @@ create_order: Saga[OrderData] = Saga(
             retry=STEP_RETRY,
             compensation_retry=COMPENSATION_RETRY,
             timeout=STEP_TIMEOUT,
+        ),
+        Wait(
+            "approval",
+            model=ManagerApproval,
+            timeout=APPROVAL_TIMEOUT,
+            when=_needs_approval,
+        ),
+        Step(
+            "gift-wrap",
+            wrap_gift,
+            _order,
+            compensation=unwrap_gift,
+            on_reply=_wrapped,
+            retry=STEP_RETRY,
+            compensation_retry=COMPENSATION_RETRY,
+            timeout=STEP_TIMEOUT,
+            when=_wants_gift_wrap,
         ),
         Step(
             "schedule",
