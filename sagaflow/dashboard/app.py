@@ -46,6 +46,7 @@ from sagaflow.dashboard.views import definition_of, saga_view
 from sagaflow.runtime.client import SagaClient
 from sagaflow.runtime.dead_letters import dead_letter_document, replay_dead_letters
 from sagaflow.runtime.writer import SagaRegistry
+from sagaflow.store.postgres import PostgresSagaStore
 
 __all__ = ["Dashboard", "create_app"]
 
@@ -110,7 +111,13 @@ class Dashboard:
         async with self._lock:
             if self._store is None:
                 await self.queries.start()
-                store = self.settings.saga_store()
+                # a reader and an occasional writer: a few connections, not a coordinator's ten
+                store = PostgresSagaStore(
+                    self.settings.database_url,
+                    schema=self.settings.db_schema,
+                    min_size=1,
+                    max_size=3,
+                )
                 await store.start()
                 self._store = store
             return self._store
