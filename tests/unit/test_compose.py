@@ -102,7 +102,8 @@ def test_app_services_run_the_repository_image(services: dict[str, Any]) -> None
 def test_dockerfile_installs_the_services_extra() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.MULTILINE)
-    assert "pip install --editable '.[services]'" in text
+    # the dashboard too: deploy/kubernetes runs `sagaflow dashboard` from this image
+    assert "pip install --editable '.[services,dashboard]'" in text
     for copied in ("sagaflow/", "services/"):
         assert re.search(rf"^COPY {copied} ", text, re.MULTILINE), copied
 
