@@ -9,6 +9,8 @@ nobody listens on.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import uuid
 
 import pytest
@@ -64,8 +66,22 @@ async def test_the_live_node_is_found_among_dead_ones(amqp_url: str) -> None:
             await transport.close()
 
 
-async def test_no_node_answering_fails_start_in_time(amqp_url: str) -> None:
+async def test_no_node_answering_fails_start_in_time(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     url = with_dead_nodes(amqp_url, dead=3).rsplit(",", 1)[0] + "/"
+    ports = [host.rsplit(":", 1)[1] for host in url.split("@")[1].rstrip("/").split(",")]
     transport = RabbitMQTransport(url, TOPOLOGY, start_timeout=2, reconnect_delay=(0.05, 0.2))
-    with pytest.raises(TransportError, match="cannot connect to RabbitMQ"):
+    with (
+        caplog.at_level(logging.WARNING, "sagaflow.transport.rabbitmq"),
+        pytest.raises(TransportError, match="cannot connect to RabbitMQ"),
+    ):
         await transport.start(["inventory"])
+    # every node was tried, each in turn
+    tried = [
+        r.getMessage().split("@127.0.0.1:")[1].split("/")[0]
+        for r in caplog.records
+        if "cannot connect to RabbitMQ at" in r.getMessage()
+    ]
+    assert set(tried) == set(ports)
+    assert all(a != b for a, b in itertools.pairwise(tried))
