@@ -308,6 +308,7 @@ class MemoryShipping:
     destinations: set[str] = field(default_factory=lambda: set(SEED_DESTINATIONS))
     shipments: dict[str, Shipment] = field(default_factory=dict)
     wrapped: set[str] = field(default_factory=set)
+    unwrapped: set[str] = field(default_factory=set)  # undone: a late wrap changes nothing
 
     async def schedule(self, order_id: str, destination: str) -> str:
         if destination not in self.destinations:
@@ -323,13 +324,15 @@ class MemoryShipping:
         return True
 
     async def wrap(self, order_id: str) -> str:
-        self.wrapped.add(order_id)
+        if order_id not in self.unwrapped:  # as the table's row keeps its status
+            self.wrapped.add(order_id)
         return wrap_id(order_id)
 
     async def unwrap(self, order_id: str) -> bool:
         if order_id not in self.wrapped:
             return False
         self.wrapped.discard(order_id)
+        self.unwrapped.add(order_id)
         return True
 
 
