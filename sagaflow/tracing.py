@@ -402,6 +402,10 @@ _TRANSITIONS: dict[LogEvent, tuple[str, bool]] = {
     LogEvent.RETRY_SCHEDULED: ("retry", True),
     LogEvent.TIMED_OUT: ("timeout", True),
     LogEvent.STEP_SKIPPED: ("skip", True),
+    LogEvent.WAITING: ("wait", True),
+    LogEvent.SIGNAL_RECEIVED: ("signal", True),
+    LogEvent.WAIT_TIMED_OUT: ("timeout", True),
+    LogEvent.DEADLINE_PASSED: ("deadline", False),
     LogEvent.COMPENSATION_STARTED: ("rollback", True),
     LogEvent.COMPENSATION_SENT: ("compensate", True),
     LogEvent.CANCEL_REQUESTED: ("cancel", False),
@@ -445,7 +449,7 @@ def _entry_attributes(entry: LogEntry) -> dict[str, Any]:
         attributes["saga.attempt"] = entry.attempt
     if entry.kind is not None:
         attributes["saga.kind"] = entry.kind.value
-    for key in ("reason", "cause", "delay", "timeout", "by", "type", "message_id"):
+    for key in ("reason", "cause", "delay", "timeout", "by", "type", "message_id", "signal"):
         value = entry.detail.get(key)
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             attributes[f"saga.{key}"] = value

@@ -463,3 +463,36 @@ def test_graph_format_json_exports_the_whole_definition() -> None:
     assert wait["model"]["required"] == ["approved_by"]
     bad = CliRunner().invoke(app, ["graph", SPEC, "--format", "yaml"])
     assert bad.exit_code == 2 and "--format must be mermaid or json" in bad.stderr
+
+
+async def test_the_trace_shows_the_wait_the_signal_and_the_deadline() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from sagaflow.tracing import TracingHooks
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    s = shop(timeout=None, deadline=100)
+    async with SagaTestEnvironment([s], participants(World()), hooks=TracingHooks(provider)) as env:
+        signalled = await env.start_saga(s, {"order_id": "t1"})
+        late = await env.start_saga(s, {"order_id": "t2"})
+        await env.drain(fail_fast=True)
+        await env.coordinator.client.signal_saga(
+            signalled.saga_id, "approve", {"approved_by": "ann"}, by="ann", reason="ok"
+        )
+        await env.drain(fail_fast=True)
+        await env.advance(101)
+        assert (await env.get(late.saga_id)).status is SagaStatus.COMPENSATED
+    provider.shutdown()
+    spans = exporter.get_finished_spans()
+    names = [span.name for span in spans]
+    assert names.count("saga wait approval/manager") == 2, names
+    assert names.count("saga signal approval/manager") == 1, names
+    assert names.count("saga deadline approval") == 1, names
+    (signal_span,) = [sp for sp in spans if sp.name == "saga signal approval/manager"]
+    assert signal_span.attributes is not None
+    assert signal_span.attributes["saga.signal"] == "approve"
+    assert signal_span.attributes["saga.by"] == "ann"
