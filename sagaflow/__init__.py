@@ -6,7 +6,7 @@ and ``sagaflow.store``, the test harness in ``sagaflow.testing``.
 
 from importlib import metadata as _metadata
 
-from sagaflow.core.definition import Action, RetryPolicy, Saga, Step, Wait
+from sagaflow.core.definition import Action, Group, RetryPolicy, Saga, Step, Wait
 from sagaflow.core.errors import (
     BusinessFailure,
     ConcurrencyConflict,
@@ -30,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "Coordinator",
     "DefinitionError",
+    "Group",
     "HandlerContext",
     "Hooks",
     "MessageRejected",

@@ -219,12 +219,21 @@ class _Phase:
             record = self.attempts[number]
             outcome = record["outcome"]
             if outcome is None:
-                waiting = (
-                    not state.status.terminal
-                    and state.awaiting
-                    and state.step_index == self.index
-                    and state.kind is self.kind
-                    and state.attempt == number
+                branch = state.branches.get(str(self.index))
+                waiting = not state.status.terminal and (
+                    (
+                        branch is not None
+                        and branch.awaiting
+                        and branch.kind is self.kind
+                        and branch.attempt == number
+                    )
+                    or (
+                        not state.branches
+                        and state.awaiting
+                        and state.step_index == self.index
+                        and state.kind is self.kind
+                        and state.attempt == number
+                    )
                 )
                 outcome = "pending" if waiting else "no_reply"
             attempts.append(

@@ -198,6 +198,25 @@ AnyStep = Step[Any] | Wait[Any]
 """A saga's step: one that sends a command, or one that waits for a signal."""
 
 
+@dataclass(frozen=True)
+class Group(Generic[D]):
+    """Steps whose commands are sent together; the saga goes on when all succeeded.
+
+    Only compensatable steps, before the pivot: when one fails for good, no
+    new branch starts, those in flight are abandoned (tombstoned), the
+    branches that took effect are compensated in parallel, then the earlier
+    steps in reverse order (docs/concepts.md, "Parallel groups"). Their
+    ``on_reply`` merges run one at a time, each on the data the previous
+    left, so branches never lose each other's data.
+
+    Example:
+        ``Group("reserve-and-pay", [reserve, charge])``
+    """
+
+    name: str
+    steps: Sequence[Step[D]]
+
+
 class Saga(Generic[D]):
     """A saga definition: a name, a version, a data model and ordered steps.
 
@@ -212,7 +231,7 @@ class Saga(Generic[D]):
         name: str,
         *,
         data: type[D],
-        steps: Sequence[Step[D] | Wait[D]],
+        steps: Sequence[Step[D] | Wait[D] | Group[D]],
         version: int = 1,
         deadline: float | None = None,
     ) -> None:
@@ -228,7 +247,22 @@ class Saga(Generic[D]):
         self.name = name
         self.version = version
         self.data_model: type[D] = data
-        self.steps: tuple[Step[D] | Wait[D], ...] = tuple(steps)
+        flat: list[Step[D] | Wait[D]] = []
+        self.groups: dict[int, tuple[int, ...]] = {}
+        """Each member's index -> the indexes of its group's members, in order."""
+        self.group_names: dict[int, str] = {}
+        """The first member's index -> the group's name."""
+        for item in steps:
+            if isinstance(item, Group):
+                _validate_group(name, item)
+                members = tuple(range(len(flat), len(flat) + len(item.steps)))
+                self.group_names[members[0]] = item.name
+                for index in members:
+                    self.groups[index] = members
+                flat.extend(item.steps)
+            else:
+                flat.append(item)
+        self.steps: tuple[Step[D] | Wait[D], ...] = tuple(flat)
         self.deadline = deadline
         """Seconds from its start within which a saga should finish: before the
         pivot it is then cancelled and compensates; after, it is marked overdue."""
@@ -244,7 +278,7 @@ class Saga(Generic[D]):
         for step in self.steps:
             where = f"saga {self.name!r} step {getattr(step, 'name', step)!r}"
             if not isinstance(step, Step | Wait):
-                raise DefinitionError(f"{where}: a step must be a Step or a Wait")
+                raise DefinitionError(f"{where}: a step must be a Step, a Wait or a Group")
             check_name("step", step.name)
             if step.name in seen:
                 raise DefinitionError(f"saga {self.name!r}: duplicate step name {step.name!r}")
@@ -321,6 +355,34 @@ class Saga(Generic[D]):
         return f"Saga({self.name!r}, version={self.version}, steps={[s.name for s in self.steps]})"
 
 
+def _validate_group(saga: str, group: Group[Any]) -> None:
+    where = f"saga {saga!r} group {getattr(group, 'name', group)!r}"
+    check_name("group", group.name)
+    members = list(group.steps)
+    if len(members) < 2:
+        raise DefinitionError(f"{where}: a group needs at least two steps")
+    for step in members:
+        if not isinstance(step, Step):
+            what = (
+                "a wait"
+                if isinstance(step, Wait)
+                else "a group"
+                if isinstance(step, Group)
+                else repr(step)
+            )
+            raise DefinitionError(f"{where}: holds {what}; a group holds steps only")
+        if step.kind is StepKind.PIVOT:
+            raise DefinitionError(
+                f"{where}: step {step.name!r} is the pivot; a group cannot contain it (the pivot's "
+                "outcome must be known on its own before anything after it runs)"
+            )
+        if step.kind is StepKind.RETRIABLE:
+            raise DefinitionError(
+                f"{where}: step {step.name!r} is retriable; a group runs before the pivot "
+                "and holds compensatable steps only"
+            )
+
+
 def _validate_wait(step: Wait[Any], where: str, past_pivot: str | None) -> None:
     if step.model is None:
         raise DefinitionError(
@@ -369,6 +431,11 @@ def to_mermaid(saga: Saga[Any]) -> str:
         previous = node
     lines.append('    done(["COMPLETED"])')
     lines.append(f"    {previous} --> done")
+    for first, name in saga.group_names.items():  # a group's steps run side by side
+        members = saga.groups[first]
+        lines.append(f'    subgraph g{first}["{name} (in parallel)"]')
+        lines.extend(f"        s{i}" for i in members)
+        lines.append("    end")
     for index, step in enumerate(saga.steps):
         if step.when is not None:  # a condition that is false goes straight on
             came = "start" if index == 0 else f"s{index - 1}"

@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from sagaflow.core.definition import Saga, StepKind, Wait
+from sagaflow.core.groups import on_group_reply, on_group_timer, resume_group
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.schema import DEFAULT_STRICT, validate_payload
 from sagaflow.core.signals import SignalReceived, deadline_passed, on_signal, wait_timed_out
@@ -185,6 +186,8 @@ def _on_reply(
         )
     if state.status.terminal:
         return Decision(state, ignored=f"saga is {state.status.value}")
+    if state.branches:  # a parallel group (or its compensations) in flight
+        return on_group_reply(saga, state, env, now)
     expected = (
         MessageKind.COMMAND if state.status is SagaStatus.RUNNING else MessageKind.COMPENSATION
     )
@@ -234,6 +237,8 @@ def _on_timer(saga: Saga[Any], state: SagaState, now: float) -> Decision:
         and state.deadline_at <= now
     ):
         return deadline_passed(saga, state, now)
+    if state.branches and not state.status.terminal:
+        return on_group_timer(saga, state, now)
     timer = state.timer
     if state.status.terminal or timer is None:
         return Decision(state, ignored="no timer pending")
@@ -300,6 +305,8 @@ def _on_retry_requested(
     resumed = changed(
         state, status=status, generation=state.generation + int(refused), failure=failure
     )
+    if state.branches:  # a group's compensations: each branch left, sent again
+        return resume_group(saga, resumed, now, log)
     if isinstance(saga.steps[state.step_index], Wait):  # its condition or merge raised
         return enter(saga, resumed, state.step_index, now, log)
     return dispatch(

@@ -29,6 +29,10 @@ def definition_document(saga: Saga[Any], *, strict: bool = DEFAULT_STRICT) -> di
         "point_of_no_return": saga.point_of_no_return,
         "data": payload_schema(saga.data_model, strict=False),
         "steps": [_step(index, step, strict) for index, step in enumerate(saga.steps)],
+        "groups": [
+            {"name": name, "steps": [saga.steps[i].name for i in saga.groups[first]]}
+            for first, name in saga.group_names.items()
+        ],
     }
 
 

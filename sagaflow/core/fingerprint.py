@@ -36,11 +36,18 @@ def shape(saga: Saga[Any]) -> dict[str, Any]:
     return {
         "saga": saga.name,
         "version": saga.version,
-        "steps": [_step_shape(step) for step in saga.steps],
+        "steps": [
+            _step_shape(step, _group_name(saga, index)) for index, step in enumerate(saga.steps)
+        ],
     }
 
 
-def _step_shape(step: Step[Any] | Wait[Any]) -> dict[str, Any]:
+def _group_name(saga: Saga[Any], index: int) -> str | None:
+    members = saga.groups.get(index)
+    return None if members is None else saga.group_names[members[0]]
+
+
+def _step_shape(step: Step[Any] | Wait[Any], group: str | None = None) -> dict[str, Any]:
     # features a step does not use are left out, so that a definition's
     # fingerprint does not change when sagaflow learns a new one
     from sagaflow.core.definition import Wait
@@ -65,6 +72,8 @@ def _step_shape(step: Step[Any] | Wait[Any]) -> dict[str, Any]:
     }
     if step.when is not None:
         out["conditional"] = True
+    if group is not None:
+        out["group"] = group
     return out
 
 

@@ -42,6 +42,19 @@ class Timer(BaseModel):
     due_at: float
 
 
+class Branch(BaseModel):
+    """One step of a parallel group in progress: its message, attempt and timer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: MessageKind
+    attempt: int
+    round_start: int
+    awaiting: bool
+    timer: Timer | None = None
+    uncertain: bool = False
+
+
 class Failure(BaseModel):
     """Why a saga left the happy path."""
 
@@ -73,7 +86,9 @@ class SagaState(BaseModel):
     ``signals`` keeps signals that arrived before the saga reached their wait
     (validated data by signal name); ``signalled`` names the signals a wait has
     taken, with how (``signal`` or ``timeout``), so that a second one is ignored.
-    ``waiting_for`` names the signal the saga waits for at its current step.
+    ``branches`` holds the steps of a parallel group in progress, by index (the
+    saga's own ``step_index`` is then the group's first step, its ``timer``
+    unused). ``waiting_for`` names the signal the saga waits for at its current step.
     ``deadline_at`` is when the saga should be finished; ``overdue`` says the
     deadline passed (after the pivot: recorded, nothing undone).
     ``trace`` is the W3C context of the saga's start span; ``step_traces`` keeps,
@@ -110,6 +125,7 @@ class SagaState(BaseModel):
     signals: dict[str, dict[str, Any]] = Field(default_factory=dict)
     signalled: dict[str, str] = Field(default_factory=dict)
     waiting_for: str | None = None
+    branches: dict[str, Branch] = Field(default_factory=dict)
     deadline_at: float | None = None
     overdue: bool = False
 
@@ -120,6 +136,9 @@ class SagaState(BaseModel):
         if self.status.terminal:
             return None
         due = None if self.timer is None else self.timer.due_at
+        for branch in self.branches.values():
+            if branch.timer is not None and (due is None or branch.timer.due_at < due):
+                due = branch.timer.due_at
         if self.deadline_at is not None and not self.overdue:
             due = self.deadline_at if due is None else min(due, self.deadline_at)
         return due

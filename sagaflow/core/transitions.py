@@ -78,6 +78,10 @@ def enter(
     """Reach step ``index``: skip it (and the next) while its condition is false, send
     the first one whose condition holds, or complete the saga past the last."""
     while index < len(saga.steps):
+        if saga.groups.get(index, (None,))[0] == index:  # the first step of a parallel group
+            from sagaflow.core.groups import enter_group
+
+            return enter_group(saga, state, index, now, log)
         step = saga.steps[index]
         holds = True
         if step.when is not None:
@@ -285,6 +289,10 @@ def begin_compensation(
     *,
     abandon_current: bool,
 ) -> Decision:
+    if state.branches and state.status is SagaStatus.RUNNING:  # a parallel group in flight
+        from sagaflow.core.groups import group_failure
+
+        return group_failure(saga, state, failure, now, log, refused=None)
     undo = list(state.completed)
     current = saga.steps[state.step_index]
     if abandon_current and current.compensation is not None and state.step_index not in undo:
@@ -318,6 +326,11 @@ def next_compensation(
     saga: Saga[Any], state: SagaState, now: float, log: list[LogEntry]
 ) -> Decision:
     if state.to_compensate:
+        from sagaflow.core.groups import compensate_group_batch
+
+        batch = compensate_group_batch(saga, state, now, log)
+        if batch is not None:  # a group's steps: undone together
+            return batch
         index = state.to_compensate[0]
         return dispatch(saga, state, index, MessageKind.COMPENSATION, 1, now, log, new_round=True)
     status = SagaStatus.CANCELLED if state.cancelled else SagaStatus.COMPENSATED
@@ -374,7 +387,7 @@ def dispatch(
         "uncertain": False if new_round else state.uncertain,
     }
     try:
-        action, payload = build(saga, step, kind, state.data)
+        envelope = envelope_for(saga, state, index, kind, attempt)
     except Exception as exc:  # user code building a command: fail the step, never crash
         moved = changed(state, **position)
         reason = f"building the {kind.value} raised {exc!r}"
@@ -387,10 +400,41 @@ def dispatch(
         if step.kind is StepKind.RETRIABLE:
             return fail(saga, moved, failure, now, log)
         return begin_compensation(saga, moved, failure, now, log, abandon_current=False)
+    timer = Timer(
+        purpose="timeout",
+        step_index=index,
+        kind=kind,
+        attempt=attempt,
+        due_at=now + step.timeout,
+    )
+    sent = changed(state, **position, awaiting=True, timer=timer, updated_at=now)
+    event = LogEvent.COMMAND_SENT if kind is MessageKind.COMMAND else LogEvent.COMPENSATION_SENT
+    log.append(
+        log_entry(
+            saga,
+            sent,
+            now,
+            event,
+            detail={"type": envelope.type, "message_id": envelope.message_id},
+        )
+    )
+    return Decision(sent, messages=(envelope,), log=tuple(log))
+
+
+def envelope_for(
+    saga: Saga[Any], state: SagaState, index: int, kind: MessageKind, attempt: int
+) -> Envelope:
+    """Attempt ``attempt`` of step ``index``'s command or compensation.
+
+    Raises:
+        Exception: whatever the user's builder raised, or a validation error.
+    """
+    step = step_at(saga, index)
+    action, payload = build(saga, step, kind, state.data)
     cid = command_id(state.saga_id, step.name, kind)
     if kind is MessageKind.COMMAND and state.generation:
         cid = f"{cid}:g{state.generation}"
-    envelope = Envelope(
+    return Envelope(
         message_id=f"{cid}:{attempt}",
         command_id=cid,
         saga_id=state.saga_id,
@@ -404,21 +448,6 @@ def dispatch(
         payload=payload,
         trace=trace_for(state, index, kind),
     )
-    timer = Timer(
-        purpose="timeout",
-        step_index=index,
-        kind=kind,
-        attempt=attempt,
-        due_at=now + step.timeout,
-    )
-    sent = changed(state, **position, awaiting=True, timer=timer, updated_at=now)
-    event = LogEvent.COMMAND_SENT if kind is MessageKind.COMMAND else LogEvent.COMPENSATION_SENT
-    log.append(
-        log_entry(
-            saga, sent, now, event, detail={"type": action, "message_id": envelope.message_id}
-        )
-    )
-    return Decision(sent, messages=(envelope,), log=tuple(log))
 
 
 def build(

@@ -20,6 +20,7 @@ EXPECTED = [
     "ConfigurationError",
     "Coordinator",
     "DefinitionError",
+    "Group",
     "HandlerContext",
     "Hooks",
     "MessageRejected",

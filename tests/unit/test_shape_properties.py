@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from sagaflow import Saga, SagaStatus, Step, Wait
 from sagaflow.core import engine, signals, transitions
+from sagaflow.core.definition import Group
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.state import LogEvent, SagaState
 from tests.sample import COMP, FAST, Cmd, Ok, approve, cancel, charge, confirm, refund, release
@@ -75,24 +76,29 @@ def shaped(deadline: float | None) -> Saga[Flags]:
                 when=_flag("reserve"),
             ),
             Wait("approval", model=Approval, timeout=30, when=_flag("approval")),
-            Step(
-                "charge",
-                charge,
-                _cmd,
-                refund,
-                retry=FAST,
-                compensation_retry=COMP,
-                timeout=5,
-                when=_flag("charge"),
-            ),
-            Step(
-                "schedule",
-                schedule_action,
-                _cmd,
-                cancel,
-                retry=FAST,
-                compensation_retry=COMP,
-                timeout=5,
+            Group(
+                "pay-and-ship",
+                [
+                    Step(
+                        "charge",
+                        charge,
+                        _cmd,
+                        refund,
+                        retry=FAST,
+                        compensation_retry=COMP,
+                        timeout=5,
+                        when=_flag("charge"),
+                    ),
+                    Step(
+                        "schedule",
+                        schedule_action,
+                        _cmd,
+                        cancel,
+                        retry=FAST,
+                        compensation_retry=COMP,
+                        timeout=7,
+                    ),
+                ],
             ),
             Step("confirm", confirm, _cmd, retry=FAST, timeout=5),
             Wait("ack", model=Ack, timeout=20, on_timeout=Ack(acked="auto")),
@@ -172,6 +178,22 @@ def check(history: tuple[dict[str, bool], float | None, list[tuple[str, Outcome,
         if decision.changed:
             accepted.setdefault(name, []).append(data)
 
+    def in_flight() -> list[Envelope]:
+        """The messages the saga waits on: its branches', or its one message."""
+        if state.branches:
+            return [
+                next(
+                    m
+                    for m in reversed(sent)
+                    if (m.step_index, m.kind, m.attempt) == (int(k), b.kind, b.attempt)
+                )
+                for k, b in sorted(state.branches.items())
+                if b.awaiting
+            ]
+        if state.awaiting and state.waiting_for is None and sent:
+            return [sent[-1]]
+        return []
+
     def wake() -> None:
         nonlocal now
         assert state.wake_at is not None, "a saga that waits on nothing must be terminal"
@@ -181,8 +203,9 @@ def check(history: tuple[dict[str, bool], float | None, list[tuple[str, Outcome,
     for action, choice, pick in script:
         if state.status.terminal:
             break
-        if action == "reply" and sent and state.awaiting and state.waiting_for is None:
-            deliver(sent[-1], choice)
+        if action == "reply" and in_flight():
+            waiting = in_flight()
+            deliver(waiting[pick % len(waiting)], choice)
         elif action == "duplicate" and sent:
             deliver(sent[pick % len(sent)], choice)
         elif action == "timer" and state.wake_at is not None:
@@ -201,8 +224,8 @@ def check(history: tuple[dict[str, bool], float | None, list[tuple[str, Outcome,
             break
         if state.waiting_for is not None:
             signal(state.waiting_for, SIGNALS[state.waiting_for][0])
-        elif state.awaiting:
-            deliver(sent[-1], Outcome.SUCCESS)
+        elif in_flight():
+            deliver(in_flight()[0], Outcome.SUCCESS)
         else:
             wake()
     assert state.status.terminal
@@ -212,16 +235,27 @@ def check(history: tuple[dict[str, bool], float | None, list[tuple[str, Outcome,
     action_steps = [i for i, s in enumerate(saga.steps) if isinstance(s, Step)]
     compensatable = {i for i in action_steps if saga.steps[i].compensation is not None}
     applied = [i for i in sim.effects if i in compensatable]
+
+    def unit(index: int) -> int:  # a group's steps are one unit: the group's first
+        return saga.groups.get(index, (index,))[0]
+
+    def in_reverse(order: list[int]) -> bool:
+        units = [unit(i) for i in order]
+        return units == sorted(units, reverse=True)
+
     if state.status is SagaStatus.COMPLETED:
-        assert sim.effects == [i for i in action_steps if i not in skipped]
+        assert sorted(sim.effects) == [i for i in action_steps if i not in skipped]
+        assert [unit(i) for i in sim.effects] == sorted(unit(i) for i in sim.effects)
         assert sim.undone == []
     elif state.status in (SagaStatus.COMPENSATED, SagaStatus.CANCELLED):
-        assert sim.undone == sorted(applied, reverse=True)
+        assert sorted(sim.undone) == sorted(applied), "not every step that took effect was undone"
+        assert len(sim.undone) == len(set(sim.undone)), "a step was undone twice"
+        assert in_reverse(sim.undone), f"undone out of order: {sim.undone}"
     else:
-        assert sim.undone == sorted(sim.undone, reverse=True)
+        assert in_reverse(sim.undone), f"undone out of order: {sim.undone}"
     comp_order = [m.step_index for m in sent if m.kind is MessageKind.COMPENSATION]
     firsts = list(dict.fromkeys(comp_order))
-    assert firsts == sorted(firsts, reverse=True)
+    assert in_reverse(firsts), f"compensations sent out of order: {firsts}"
     assert not skipped & set(comp_order), "a skipped step was compensated"
     if PIVOT in sim.effects:
         assert sim.undone == [], "the pivot was undone"

@@ -271,7 +271,7 @@ def test_a_deadline_in_the_past_is_refused() -> None:
             [Step("p", confirm, _cmd), Wait("w", model=Approval, timeout=5)],
             "comes after the point of no return ('p'), so its timeout cannot compensate",
         ),
-        (["not a step"], "a step must be a Step or a Wait"),
+        (["not a step"], "a step must be a Step, a Wait or a Group"),
     ],
 )
 def test_wait_definition_errors(steps: list[object], message: str) -> None:
