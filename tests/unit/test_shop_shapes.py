@@ -92,3 +92,42 @@ async def test_the_demo_shows_each_outcome() -> None:
     assert outcomes["demo-unapproved"].status is SagaStatus.COMPENSATED
     assert outcomes["demo-unapproved"].undone == ("charge", "reserve", "validate")
     assert outcomes["demo-gift-refused"].undone == ("gift-wrap", "charge", "reserve", "validate")
+    assert outcomes["demo-parallel"].status is SagaStatus.COMPLETED
+    # out of stock while the charge ran alongside: the charge is refunded, the
+    # refused reservation is not undone, then the order is rejected
+    assert outcomes["demo-parallel-refused"].undone == ("charge", "validate")
+
+
+async def test_the_parallel_saga_sends_reserve_and_charge_together() -> None:
+    from sagaflow.examples.shop.saga import create_order_parallel
+    from sagaflow.testing import SagaTestEnvironment
+    from services.inventory.app import MemoryInventory
+    from services.inventory.app import build as inventory
+    from services.order.app import MemoryOrders, NewOrder
+    from services.order.app import build as order
+    from services.payment.app import MemoryPayments
+    from services.payment.app import build as payment
+    from services.shipping.app import MemoryShipping
+    from services.shipping.app import build as shipping
+
+    orders = MemoryOrders()
+    participants = [
+        order(orders),
+        inventory(MemoryInventory()),
+        payment(MemoryPayments()),
+        shipping(MemoryShipping()),
+    ]
+    async with SagaTestEnvironment([create_order_parallel], participants) as env:
+        new = NewOrder(
+            customer_id="cust-1", sku="sku-widget", quantity=1, amount=700, destination="DE"
+        )
+        placed, _ = await place_order(env.coordinator, orders, new, saga=create_order_parallel)
+        await env.drain(fail_fast=True)
+        log = await env.log(placed.saga_id)
+        state = await env.get(placed.saga_id)
+    sent = [(e.step, e.at) for e in log if e.event == "command_sent"]
+    (reserve_at,) = [at for step, at in sent if step == "reserve"]
+    (charge_at,) = [at for step, at in sent if step == "charge"]
+    assert reserve_at == charge_at  # one decision sent both
+    assert state.status is SagaStatus.COMPLETED
+    assert state.data["reservation_id"] and state.data["payment_id"]  # both merges kept

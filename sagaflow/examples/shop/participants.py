@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
-from sagaflow import BusinessFailure, Coordinator, HandlerContext, Participant, SagaClient
+from sagaflow import BusinessFailure, Coordinator, HandlerContext, Participant, Saga, SagaClient
 from sagaflow.examples.shop.contracts import (
     ChargePayment,
     GiftWrapped,
@@ -461,6 +461,7 @@ async def place_order(
     new: NewOrder,
     *,
     approval_threshold: int | None = None,
+    saga: Saga[OrderData] = create_order,
 ) -> tuple[Order, bool]:
     """Insert the order and start its create-order saga, atomically.
 
@@ -498,7 +499,7 @@ async def place_order(
             "needs_approval": approval_threshold is not None and new.amount >= approval_threshold,
         }
     )
-    await client.start_saga(create_order, data, saga_id=order.saga_id, connection=orders.connection)
+    await client.start_saga(saga, data, saga_id=order.saga_id, connection=orders.connection)
     return order, True
 
 

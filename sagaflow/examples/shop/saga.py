@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from sagaflow import Action, RetryPolicy, Saga, Step, Wait
+from sagaflow import Action, Group, RetryPolicy, Saga, Step, Wait
 from sagaflow.examples.shop.contracts import (
     ChargePayment,
     GiftWrapped,
@@ -62,6 +62,7 @@ __all__ = [
     "chain_12",
     "chain_saga",
     "create_order",
+    "create_order_parallel",
 ]
 
 STEP_TIMEOUT = 10.0
@@ -204,6 +205,20 @@ create_order: Saga[OrderData] = Saga(
         ),
     ],
 )
+
+create_order_parallel: Saga[OrderData] = Saga(
+    "create-order-parallel",
+    data=OrderData,
+    steps=[
+        create_order.steps[0],
+        # reserving stock and charging the card do not depend on each other: sent
+        # together, and undone together when either (or a later step) fails
+        Group("reserve-and-charge", [create_order.steps[1], create_order.steps[2]]),  # type: ignore[list-item]
+        *create_order.steps[3:],
+    ],
+)
+"""``create_order`` with its reservation and payment in one parallel group (the
+demo shows it; the order service keeps the sequential saga)."""
 
 SAGAS: list[Saga[OrderData]] = [create_order]
 """What the order service starts (its ``SagaClient`` registers these)."""

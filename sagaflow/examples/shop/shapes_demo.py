@@ -29,7 +29,12 @@ from sagaflow.examples.shop.participants import (
     place_order,
     shipping_participant,
 )
-from sagaflow.examples.shop.saga import APPROVAL_TIMEOUT, SAGAS, create_order
+from sagaflow.examples.shop.saga import (
+    APPROVAL_TIMEOUT,
+    SAGAS,
+    create_order,
+    create_order_parallel,
+)
 from sagaflow.testing import SagaTestEnvironment
 
 __all__ = ["APPROVAL_THRESHOLD", "ShapeOutcome", "print_shapes", "run_shapes"]
@@ -69,12 +74,13 @@ async def run_shapes() -> list[ShapeOutcome]:
     ]
     names = [step.name for step in create_order.steps]
     outcomes: list[ShapeOutcome] = []
-    async with SagaTestEnvironment(SAGAS, participants) as env:
+    async with SagaTestEnvironment([*SAGAS, create_order_parallel], participants) as env:
 
-        async def place(order_id: str, **changes: object) -> str:
+        async def place(order_id: str, **changes: Any) -> str:
+            saga = create_order_parallel if changes.pop("parallel", False) else create_order
             new = _BASE.model_copy(update={"order_id": order_id, **changes})
             placed, _ = await place_order(
-                env.coordinator, orders, new, approval_threshold=APPROVAL_THRESHOLD
+                env.coordinator, orders, new, approval_threshold=APPROVAL_THRESHOLD, saga=saga
             )
             await env.drain()
             return placed.saga_id
@@ -95,8 +101,20 @@ async def run_shapes() -> list[ShapeOutcome]:
                 {"gift_wrap": True, "destination": "AQ"},
                 SagaStatus.COMPENSATED,
             ),
+            (
+                "parallel",
+                "reserve and charge in parallel",
+                {"parallel": True},
+                SagaStatus.COMPLETED,
+            ),
+            (
+                "parallel-refused",
+                "in parallel, out of stock: the charge is refunded",
+                {"parallel": True, "sku": "sku-sold-out"},
+                SagaStatus.COMPENSATED,
+            ),
         ]
-        sagas = {name: await place(f"demo-{name}", **changes) for name, _, changes, _ in plan}
+        sagas = {name: await place(f"demo-{name}", **dict(changes)) for name, _, changes, _ in plan}
         await env.coordinator.client.signal_saga(
             sagas["approved"],
             "approval",
