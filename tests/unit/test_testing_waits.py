@@ -1,20 +1,22 @@
-"""The harness through waits for signals and saga deadlines: ``advance()`` stops
-at them, ``env.signal()`` sends one, and a saga stuck at a wait is reported as
-waiting for its signal."""
+"""The harness through issue 12's shapes: ``advance()`` stops at a wait's timeout
+and at a deadline, ``env.signal()`` sends a signal, a saga stuck at a wait is
+reported as waiting for its signal, and faults reach a branch of a parallel group."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import BaseModel
 
-from sagaflow import Saga, SagaStatus, Step, Wait
+from sagaflow import Group, Saga, SagaStatus, Step, Wait
 from sagaflow.testing import HarnessTimeout, SagaTestEnvironment
 from tests.unit.test_testing_harness import (
     Book,
     Cancel,
     Trip,
     World,
+    book_flight,
     book_hotel,
+    cancel_flight,
     cancel_hotel,
     flight,
     hotel,
@@ -112,3 +114,62 @@ async def test_advance_through_a_deadline_cancels_and_compensates() -> None:
         await env.assert_saga(handle, compensations=["hotel"], events=["deadline_passed"])
         assert env.clock.now() - state.created_at == 600  # it stopped at the deadline
     assert world.rooms == {}
+
+
+def book_both(*, flight_timeout: float = 10) -> Saga[Trip]:
+    return Saga(
+        "parallel-trip",
+        data=Trip,
+        steps=[
+            Group(
+                "book",
+                [
+                    Step(
+                        "hotel",
+                        book_hotel,
+                        command=lambda t: Book(trip_id=t.trip_id, city=t.city),
+                        compensation=cancel_hotel,
+                        compensation_command=lambda t: Cancel(trip_id=t.trip_id),
+                        timeout=10,
+                    ),
+                    Step(
+                        "flight",
+                        book_flight,
+                        command=lambda t: Book(trip_id=t.trip_id, city=t.city),
+                        compensation=cancel_flight,
+                        compensation_command=lambda t: Cancel(trip_id=t.trip_id),
+                        timeout=flight_timeout,
+                    ),
+                ],
+            ),
+            Step("ticket", ticket, command=lambda t: Book(trip_id=t.trip_id)),
+        ],
+    )
+
+
+PARALLEL = book_both()
+
+
+async def test_faults_and_time_travel_reach_a_branch_of_a_parallel_group() -> None:
+    """A branch's lost reply times out on the branch's own timer and its retry is
+    answered from the inbox; a branch's refusal undoes the other branch."""
+    world = World()
+    async with SagaTestEnvironment([PARALLEL], [hotel(world), flight(world)]) as env:
+        env.faults.lose_reply("flight")
+        env.faults.duplicate("hotel")
+        handle = await env.start_saga(PARALLEL, Trip(trip_id="t1"))
+        await env.drain()
+        assert (await env.get(handle)).status is SagaStatus.RUNNING
+
+        await env.advance(10)
+
+        await env.assert_saga(handle, status=SagaStatus.COMPLETED, events=["timed_out"])
+        assert set((await env.history(handle)).steps) == {"hotel", "flight", "ticket"}
+
+        refused = await env.start_saga(PARALLEL, Trip(trip_id="t2", city="Atlantis"))
+        await env.drain()
+        await env.assert_saga(
+            refused, status=SagaStatus.COMPENSATED, reason="no_flights", compensations=["hotel"]
+        )
+    assert world.calls["hotel.book"] == 2 and world.calls["flight.book"] == 2
+    assert world.rooms == {"t1": "Oslo"} and world.seats == {"t1": "Oslo"}
