@@ -406,10 +406,13 @@ def group_failure(
         timer=None,
         updated_at=now,
     )
+    failing = state.step_index
+    if failure.step is not None and failure.step in {saga.steps[i].name for i in members}:
+        failing = saga.step_index(failure.step)  # the log names the branch that failed
     log.append(
         log_entry(
             saga,
-            nxt,
+            changed(nxt, step_index=failing),
             now,
             LogEvent.COMPENSATION_STARTED,
             detail={
