@@ -164,7 +164,10 @@ async def test_a_broker_certificate_from_another_ca_is_refused_at_once(
 
 async def test_the_broker_refuses_a_client_without_certificate(tls_broker: TlsBroker) -> None:
     transport = RabbitMQTransport(tls_broker.url(client_cert=False), TOPOLOGY, start_timeout=3)
-    with pytest.raises(TransportError, match=r"(?i)certificate"):
+    # TLS 1.3 checks the client's certificate after the client's side of the
+    # handshake is done: the broker's "certificate required" alert and its close
+    # of the socket race, so the client reads one or the other (seen under load)
+    with pytest.raises(TransportError, match=r"(?i)certificate|reset by peer"):
         await transport.start([])
 
 
