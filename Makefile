@@ -114,6 +114,7 @@ check: deps lint types test  ## deps + lint + types + test: what CI runs
 
 bench: venv services  ## the benchmark harness (bench/), against the real servers
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.parallel  # a parallel group against the same steps in sequence
 
 fmt: venv  ## format and fix what ruff can fix
 	$(BIN)/ruff format .
