@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,7 +40,6 @@ from aiormq.exceptions import ChannelAccessRefused
 from pamqp.commands import Basic
 from yarl import URL
 
-from sagaflow.config import broker_urls, redact_url
 from sagaflow.core.errors import ConfigurationError, MessageRejected, TransportError
 from sagaflow.core.messages import CONTENT_TYPE, DEFAULT_MAX_MESSAGE_BYTES, Envelope, encode
 from sagaflow.core.ports import DeadLetter, Delivery, DeliveryCallback, Topology
@@ -56,6 +54,7 @@ from sagaflow.transport.amqp import (
     waves,
 )
 from sagaflow.transport.rabbitmq_dlq import dead_letter_copy, peek, replay
+from sagaflow.transport.rabbitmq_nodes import Nodes
 from sagaflow.transport.rabbitmq_topology import (
     DEAD_LETTER_MAX_BYTES,
     DEAD_LETTER_MAX_MESSAGES,
@@ -98,10 +97,8 @@ class RabbitMQTransport:
     Args:
         url: ``amqp://user:password@host:port/vhost`` (query parameters such as
             ``heartbeat`` are passed to aio-pika). A cluster's nodes go in the
-            host part, comma-separated (``host1:5672,host2:5672``): the
-            transport connects to one of them (chosen at random, to spread
-            connections) and, when it is lost, to the next, declaring the
-            topology again on each.
+            host part, comma-separated: :mod:`.rabbitmq_nodes` says which is
+            tried when; the topology is declared again on each.
         topology: names of the broker objects and the delivery limit.
         max_message_bytes: publishing a larger body raises ``MessageRejected``
             (``too_large``): no retry can send it.
@@ -147,14 +144,7 @@ class RabbitMQTransport:
         dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
         quorum_initial_group_size: int | None = None,
     ) -> None:
-        self._urls = broker_urls(url)
-        for node_url in self._urls:
-            try:
-                URL(node_url)
-            except ValueError as exc:  # a port that is no number, say: it would never connect
-                raise ConfigurationError(f"invalid AMQP URL {redact_url(node_url)}: {exc}") from exc
-        # each process starts at a node of its own choosing: connections spread out
-        self._node = random.randrange(len(self._urls))
+        self._nodes = Nodes(url, reconnect_delay)
         if dead_letter_max_messages < 0 or dead_letter_max_bytes < 0:
             raise ValueError("dead-letter limits must be 0 (none) or more")
         self.topology = topology
@@ -190,14 +180,9 @@ class RabbitMQTransport:
         """How many times a connection was established (reconnects = this - 1)."""
 
     @property
-    def _url(self) -> str:
-        """The node connected to, or tried next."""
-        return self._urls[self._node]
-
-    @property
     def nodes(self) -> list[str]:
         """The broker nodes it may connect to, passwords masked."""
-        return [redact_url(url) for url in self._urls]
+        return self._nodes.redacted
 
     @property
     def is_connected(self) -> bool:
@@ -265,7 +250,7 @@ class RabbitMQTransport:
         await self._stop_supervisor()
 
     def _refusal(self) -> str:
-        url = URL(self._url)
+        url = URL(self._nodes.url)
         vhost = "/" if url.path in ("", "/") else url.path[1:]  # as aiormq reads it
         error = self._last_error or TransportError("refused")
         return refusal(error, where=self.safe_url, vhost=vhost)
@@ -273,7 +258,7 @@ class RabbitMQTransport:
     @property
     def safe_url(self) -> str:
         """The broker URL with the password masked, for logs and errors."""
-        url = URL(self._url)
+        url = URL(self._nodes.url)
         return str(url.with_password("******")) if url.password else str(url)
 
     # ----------------------------------------------------------------- publishing
@@ -645,41 +630,32 @@ class RabbitMQTransport:
         the next node at once; the pause grows only after a whole round of them
         failed.
         """
-        delay = self.reconnect_delay[0]
-        failures = 0  # in a row, across the nodes
+        nodes = self._nodes
         while not self._closing:
             try:
                 await self._session()
-                delay, failures = self.reconnect_delay[0], 0
+                nodes.connected()
             except Exception as exc:
                 self._last_error = exc
-                failures += 1
+                nodes.failed()
                 if self.connections == 0 and refused_for_good(exc):
                     self._refused.set()  # start() raises it: no retry to announce
                     log.debug("RabbitMQ at %s refused the connection: %r", self.safe_url, exc)
-                    self._next_node()
-                    await asyncio.sleep(delay)
+                    nodes.skip()
+                    await asyncio.sleep(nodes.backoff)
                     continue
                 log.warning(
                     "cannot connect to RabbitMQ at %s: %r; retrying in %.1fs",
                     self.safe_url,
                     exc,
-                    delay if failures % len(self._urls) == 0 else self.reconnect_delay[0],
+                    nodes.pause,
                 )
-            self._next_node()
-            if failures and failures % len(self._urls) == 0:  # every node failed: back off
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.reconnect_delay[1])
-            else:
-                await asyncio.sleep(self.reconnect_delay[0])
-
-    def _next_node(self) -> None:
-        self._node = (self._node + 1) % len(self._urls)
+            await asyncio.sleep(nodes.next())
 
     async def _session(self) -> None:
         """One connection's life: declare everything, serve, return when it is lost."""
         connection = await aio_pika.connect(
-            self._url,
+            self._nodes.url,
             timeout=self.connect_timeout,
             client_properties={"connection_name": self._connection_name},
         )
