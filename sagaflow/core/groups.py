@@ -30,11 +30,13 @@ from sagaflow.core.transitions import (
     TRACEPARENT,
     Decision,
     changed,
+    compensation_type,
     enter,
     envelope_for,
     fail,
     log_entry,
     next_compensation,
+    seed,
     step_at,
 )
 
@@ -302,10 +304,8 @@ def _retry_command(
     if used < step.retry.max_attempts:
         if timed_out:
             return _resend(saga, state, index, branch, branch.attempt + 1, now, log)
-        seed = f"{state.saga_id}:{index}:{branch.kind.value}:{branch.attempt}"
-        return _schedule(
-            saga, state, index, branch, step.retry.backoff(used, seed), now, log, reason
-        )
+        delay = step.retry.backoff(used, seed(_view(state, index, branch)))
+        return _schedule(saga, state, index, branch, delay, now, log, reason)
     cause = "timeout" if timed_out else "retries_exhausted"
     failure = Failure(step=step.name, reason=f"{reason} (after {used} attempts)", cause=cause)
     return group_failure(saga, state, failure, now, log, refused=None)
@@ -328,12 +328,11 @@ def _retry_compensation(
     if used < policy.max_attempts:
         if immediate:
             return _resend(saga, state, index, branch, branch.attempt + 1, now, log)
-        seed = f"{state.saga_id}:{index}:{branch.kind.value}:{branch.attempt}"
-        return _schedule(saga, state, index, branch, policy.backoff(used, seed), now, log, reason)
-    compensation = step.compensation.type if step.compensation is not None else "<none>"
+        delay = policy.backoff(used, seed(_view(state, index, branch)))
+        return _schedule(saga, state, index, branch, delay, now, log, reason)
     failure = Failure(
         step=step.name,
-        reason=f"compensation {compensation} failed after {used} attempts: {reason}",
+        reason=f"compensation {compensation_type(step)} failed after {used} attempts: {reason}",
         cause="compensation",
         original=state.failure,
     )
