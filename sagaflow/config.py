@@ -34,6 +34,7 @@ from sagaflow.core.messages import DEFAULT_MAX_MESSAGE_BYTES
 from sagaflow.core.ports import Topology
 from sagaflow.core.schema import DEFAULT_STRICT
 from sagaflow.core.signing import Keys
+from sagaflow.runtime.siblings import DEFAULT_LINGER
 
 if TYPE_CHECKING:
     from sagaflow.runtime.retention import Retention
@@ -254,6 +255,9 @@ class Settings(BaseSettings):
             (AMQP's limit: 65535).
         coordinator_concurrency: Reply batches a coordinator handles at once.
         coordinator_timer_interval: Seconds between scans for due timers.
+        coordinator_group_linger: Seconds a parallel group member's success
+            reply waits, at most, for its siblings' replies so that the group
+            commits in one transaction (0: each reply on arrival).
         worker_prefetch: Unacknowledged commands a worker holds at most (AMQP's
             limit: 65535).
         worker_concurrency: A worker's lanes: handlers running at once, each lane
@@ -311,6 +315,7 @@ class Settings(BaseSettings):
     coordinator_prefetch: int = Field(default=400, ge=1, le=MAX_PREFETCH)
     coordinator_concurrency: int = Field(default=2, ge=1)
     coordinator_timer_interval: float = Field(default=0.25, gt=0, allow_inf_nan=False)
+    coordinator_group_linger: float = Field(default=DEFAULT_LINGER, ge=0, le=1, allow_inf_nan=False)
 
     worker_prefetch: int = Field(default=200, ge=1, le=MAX_PREFETCH)
     # a worker prefetches at least one command per lane

@@ -148,6 +148,7 @@ def run_coordinator(
             prefetch=settings.coordinator_prefetch,
             concurrency=settings.coordinator_concurrency,
             timer_interval=settings.coordinator_timer_interval,
+            group_linger=settings.coordinator_group_linger,
             max_message_bytes=settings.max_message_bytes,
             strict_payloads=settings.strict_payloads,
             retention=settings.retention_policy(),

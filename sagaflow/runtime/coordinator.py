@@ -46,6 +46,7 @@ from sagaflow.runtime.client import SagaClient, SagaHandle
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.relay import OutboxRelay
 from sagaflow.runtime.retention import Retention, prune_sagas, repeat
+from sagaflow.runtime.siblings import DEFAULT_LINGER, Siblings
 from sagaflow.runtime.writer import Decided, SagaRegistry
 
 log = logging.getLogger("sagaflow.coordinator")
@@ -72,6 +73,9 @@ class Coordinator:
             they answer.
         retention: Finished sagas past it are deleted with their log every
             ``retention.interval`` seconds; ``None`` keeps them all.
+        group_linger: Seconds a parallel group member's success reply waits, at
+            most, for its siblings' so the group's replies commit together (see
+            :mod:`sagaflow.runtime.siblings`); 0 decides each reply on arrival.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Coordinator:
         strict_payloads: bool = DEFAULT_STRICT,
         start_timeout: float | None = None,
         retention: Retention | None = None,
+        group_linger: float = DEFAULT_LINGER,
     ) -> None:
         self.client = SagaClient(sagas, store=store, clock=clock, ids=ids, hooks=hooks)
         self.registry = self.client.registry
@@ -116,6 +121,7 @@ class Coordinator:
             concurrency=concurrency,
             name="coordinator",
         )
+        self._siblings = Siblings(self.registry, linger=group_linger, release=self._batcher.put)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
@@ -238,6 +244,7 @@ class Coordinator:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._batcher.stop()
+        self._siblings.close()
         await self.relay.drain()
         await self.transport.close()
         await self.store.close()
@@ -257,8 +264,8 @@ class Coordinator:
 
     @property
     def idle(self) -> bool:
-        """No reply is waiting or being handled (the outbox may still hold rows)."""
-        return self._batcher.idle
+        """No reply is waiting, held or being handled (the outbox may still hold rows)."""
+        return self._batcher.idle and not self._siblings.holding
 
     async def relay_once(self) -> int:
         """Publish one batch of outbox rows; returns how many (tests drive it)."""
@@ -274,6 +281,7 @@ class Coordinator:
                 events.append((delivery, self._parse(delivery)))
             except MessageRejected as exc:
                 rejects.append((delivery, exc.reason))
+        events = self._siblings.gather(events)
         verdicts: dict[int, str] = {}  # index in events -> why it is dead-lettered
         if events:
             saga_ids = sorted({envelope.saga_id for _, envelope in events})

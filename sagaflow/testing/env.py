@@ -97,7 +97,10 @@ class SagaTestEnvironment:
         clock: The fake clock (a new one by default).
         timeout: Wall-clock seconds any one wait of the harness may take.
         hooks: Given to the coordinator; ``worker_hooks`` to every worker.
-        coordinator_options: Passed on to :class:`~sagaflow.Coordinator`.
+        coordinator_options: Passed on to :class:`~sagaflow.Coordinator`. Its
+            ``group_linger`` is 0 here: each reply is decided on arrival, so a
+            test sees the same batches run after run (holding a group's replies
+            for their siblings changes when they commit, never what they decide).
     """
 
     def __init__(
@@ -126,7 +129,7 @@ class SagaTestEnvironment:
             transport=self.transport,
             clock=self.clock,
             hooks=hooks,
-            **coordinator_options,
+            **{"group_linger": 0.0, **coordinator_options},
         )
         self.database_url: str | None = (
             None if database is None else str(getattr(database, "url", database))
