@@ -32,7 +32,7 @@ from sagaflow.runtime.writer import SagaRegistry
 Event = tuple[Delivery, Envelope]
 """A parsed reply and the delivery it came in."""
 
-DEFAULT_LINGER = 0.005
+DEFAULT_LINGER = 0.01
 """Seconds a group member's reply waits for its siblings' at most."""
 
 REMEMBERED = 10_000
@@ -76,8 +76,10 @@ class Siblings:
     def gather(self, events: Sequence[Event]) -> list[Event]:
         """The replies to decide now, in order: those given and the held ones of
         their sagas, less those that go on waiting for a sibling."""
-        if self._linger <= 0 and not self._held:
-            return list(events)
+        if not self._held and (
+            self._linger <= 0 or not any(self._member(envelope) for _, envelope in events)
+        ):
+            return list(events)  # nothing to hold: a straight line's batches pass through
         by_saga: dict[str, list[Event]] = {}
         for event in events:
             by_saga.setdefault(event[1].saga_id, []).append(event)
