@@ -3,7 +3,7 @@
 ``Stack`` migrates the coordinator's tables (``sagaflow db migrate``), then starts
 one process each::
 
-    coordinator   python -m sagaflow coordinator services.order.saga:create_order
+    coordinator   python -m sagaflow coordinator services.order.saga:SAGAS
     inventory     python -m sagaflow worker services.inventory.app:participant
     payment       python -m sagaflow worker services.payment.app:participant
     shipping      python -m sagaflow worker services.shipping.app:participant
@@ -117,7 +117,8 @@ class Stack:
             of one's own that builds them with :func:`sagaflow.cli.run.run_worker`
             and :func:`~sagaflow.cli.run.run_coordinator`, say.
         log_dir: Where ``<name>.log`` files go; a new temporary directory by default.
-        sagas: ``module:attr`` specs the coordinators run.
+        sagas: ``module:attr`` specs the coordinators run (by default both
+            versions of create-order).
         coordinators: How many coordinator processes (``coordinator``,
             ``coordinator-2``, ...).
         participants: The services whose workers start with ``sagaflow worker``.
@@ -143,7 +144,7 @@ class Stack:
         process_env: Mapping[str, Mapping[str, str]] | None = None,
         launchers: Mapping[str, Sequence[str]] | None = None,
         log_dir: str | Path | None = None,
-        sagas: Sequence[str] = ("services.order.saga:create_order",),
+        sagas: Sequence[str] = ("services.order.saga:SAGAS",),
         coordinators: int = 1,
         participants: Sequence[str] = PARTICIPANTS,
         worker_replicas: int = 1,

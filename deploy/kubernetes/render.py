@@ -28,7 +28,8 @@ IMAGE = "sagaflow-example:latest"  # built from deploy/Dockerfile
 METRICS_PORT = 9464
 ORDER_PORT = 8000
 DASHBOARD_PORT = 8089
-SAGAS = "services.order.saga:create_order"
+SAGAS = "services.order.saga:SAGAS"
+"""Every version of create-order: sagas started on v1 finish on v1, new ones start v2."""
 PARTICIPANTS = ("inventory", "payment", "shipping")
 SECRET = "sagaflow-secrets"
 GRACE_SECONDS = 45

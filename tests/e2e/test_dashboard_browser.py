@@ -55,7 +55,7 @@ CHROMIUM_FLAGS = [
 ]
 TOKEN = "browser-test-token-0123456789"
 SAGA_SPECS = (
-    "services.order.saga:create_order",
+    "services.order.saga:SAGAS",
     "tests.faults.sagas:quick",
     "tests.faults.sagas:patient",
 )

@@ -247,13 +247,18 @@ async def test_completed_and_compensated_sagas_are_one_trace_each(
     )
     rollback = t.one(f"saga rollback {SAGA}/schedule")
     assert t.parent(rollback) is start
-    assert rollback.attr("saga.undo") == ("charge", "reserve", "validate")
+    # reserve and charge ran in one parallel group (either may have answered
+    # first): undone together, then validate
+    undo = rollback.attr("saga.undo")
+    assert set(undo[:2]) == {"charge", "reserve"} and undo[2:] == ("validate",), undo
     compensations = sorted(
         (s for s in t.spans if s.name.startswith(f"saga compensate {SAGA}/")),
         key=lambda s: s.start_ns,
     )
-    # after the failure, in exact reverse order of the steps that completed
-    assert [s.attr("saga.step") for s in compensations] == ["charge", "reserve", "validate"]
+    # after the failure, in reverse order of the steps that completed: the
+    # group's two compensations are sent by one decision, then validate's
+    steps = [s.attr("saga.step") for s in compensations]
+    assert set(steps[:2]) == {"charge", "reserve"} and steps[2:] == ["validate"], steps
     assert failure.start_ns <= rollback.start_ns <= compensations[0].start_ns
     for span in compensations:
         step = span.attr("saga.step")

@@ -19,6 +19,7 @@ import orjson
 
 from sagaflow.core.ports import Topology
 from sagaflow.core.signing import SIGNATURE_HEADER, Keys
+from services.order.saga import create_order
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,15 @@ class Hostile:
 def reply(
     saga_id: str, step: str, index: int, *, attempt: int = 1, **changes: Any
 ) -> dict[str, Any]:
-    """A well-formed reply of create-order (v1 unless ``saga_version`` says otherwise)."""
+    """A well-formed reply of create-order (the version the order API starts, v2,
+    unless ``saga_version`` says otherwise)."""
     body: dict[str, Any] = {
         "schema": 1,
         "message_id": f"{saga_id}:{step}:command:{attempt}:reply:{uuid.uuid4().hex[:6]}",
         "command_id": f"{saga_id}:{step}:command",
         "saga_id": saga_id,
         "saga_name": "create-order",
-        "saga_version": 1,
+        "saga_version": create_order.version,
         "step": step,
         "step_index": index,
         "kind": "reply",
@@ -85,7 +87,7 @@ def command(service: str, action: str, payload: dict[str, Any], **changes: Any) 
 
 
 def first_wave(topology: Topology, finished_saga: str, max_bytes: int) -> list[Hostile]:
-    """What the coordinator (``create-order`` v1 only) and the workers receive mid-run.
+    """What the coordinator (``create-order`` v1 and v2 only) and the workers receive mid-run.
 
     Args:
         topology: The queue names.

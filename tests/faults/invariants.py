@@ -33,20 +33,22 @@ import orjson
 
 from sagaflow import SagaState, SagaStatus
 from services.inventory.app import SEED_STOCK
-from services.order.saga import create_order, create_order_parallel
+from services.order.saga import create_order, create_order_v1
 from services.payment.app import SEED_BALANCES
 
 STEPS = [step.name for step in create_order.steps]
-"""Every create-order variant of the suite has these steps, in this order."""
+"""Every create-order version and variant of the suite has these steps, in this order."""
 COMPENSATABLE = {i for i, step in enumerate(create_order.steps) if step.compensation is not None}
 WAITS = {i for i, step in enumerate(create_order.steps) if step.kind.value == "wait"}
 GROUPS: dict[int, tuple[int, ...]] = {}
-"""The parallel groups of the saga being checked (set per saga: create-order has
-none, create-order-parallel groups reserve and charge, at the same indexes)."""
-_GROUPS_OF = {
-    create_order.name: create_order.groups,
-    create_order_parallel.name: create_order_parallel.groups,
-}
+"""The parallel groups of the saga being checked (set per saga: create-order v1
+has none; v2, and the suite's variants built from it, group reserve and charge)."""
+
+
+def _groups_of(state: SagaState) -> dict[int, tuple[int, ...]]:
+    if state.saga_name != create_order.name or state.saga_version == create_order_v1.version:
+        return {}
+    return create_order.groups
 
 
 def unit(index: int) -> int:
@@ -291,7 +293,7 @@ def _in_force(row: asyncpg.Record | None, live: str) -> bool:
 
 def _check_log(v: Verdict, state: SagaState, entries: Sequence[dict[str, Any]]) -> None:
     GROUPS.clear()
-    GROUPS.update(_GROUPS_OF.get(state.saga_name, {}))
+    GROUPS.update(_groups_of(state))
     sid = state.saga_id
     events = [e["event"] for e in entries]
     v.expect(events[:1] == ["saga_started"], f"saga {sid}: log does not start with saga_started")

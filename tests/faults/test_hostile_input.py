@@ -12,9 +12,10 @@ finishes as if nothing happened.
 
 Then a valid message dead-lettered for a cause an operator can fix: sagas of
 ``create-order`` v3 (``tests.faults.sagas:patient``, ten-minute timeouts)
-started while the coordinator only knows v1, so their first replies are
-dead-lettered as ``unknown_saga``. The coordinator is restarted with v3, and
-``sagaflow dlq replay`` sends the replies again: the sagas complete.
+started while the coordinator only knows v1 and v2 (the shop's own), so
+their first replies are dead-lettered as ``unknown_saga``. The coordinator is
+restarted with v3, and ``sagaflow dlq replay`` sends the replies again: the
+sagas complete.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from tests.faults.workload import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(scenario_timeout())]
 
-V1 = "services.order.saga:create_order"
-V1_AND_V3 = f"{V1},tests.faults.sagas:patient"
+SHOP = "services.order.saga:SAGAS"  # create-order v1 and v2
+WITH_V3 = f"{SHOP},tests.faults.sagas:patient"
 WORKERS = ("inventory", "payment", "shipping")
 DEAD = "sagaflow_messages_dead_lettered_total"
 IGNORED = "sagaflow_replies_ignored_total"
@@ -64,7 +65,7 @@ async def test_hostile_input_is_dead_lettered_or_ignored(
         account.notes.append(f"seed={seed}")
         ports = {name: free_port() for name in ("coordinator", *WORKERS)}
         env = {name: {"SAGAFLOW_METRICS_PORT": str(port)} for name, port in ports.items()}
-        env["coordinator"]["SAGAFLOW_SAGAS"] = V1
+        env["coordinator"]["SAGAFLOW_SAGAS"] = SHOP
         stack = await make_stack(sagas=(), process_env=env)
         topology = stack.settings.topology()
         store = PostgresSagaStore(pg_url)
@@ -74,7 +75,7 @@ async def test_hostile_input_is_dead_lettered_or_ignored(
             # sagas the coordinator cannot run yet: their first replies are dead-lettered
             patient_orders = [o for o in plan(40, seed=seed, tag="v3-") if o.kind == "success"]
             patient_ids = await place_all(patient_orders[:PATIENT_ORDERS], patient, seconds=0.0)
-            orders = plan(workload_size(), seed=seed, tag="v1-")
+            orders = plan(workload_size(), seed=seed, tag="v2-")
             account.sagas = len(orders) + len(patient_ids)
             placing = asyncio.create_task(
                 place_all(orders, http_placer(stack), seconds=pace(len(orders)))
@@ -120,7 +121,7 @@ async def test_hostile_input_is_dead_lettered_or_ignored(
 
             # ------------------------------------------------ fix the cause, second wave
             await stack.restart(
-                "coordinator", env={**env["coordinator"], "SAGAFLOW_SAGAS": V1_AND_V3}
+                "coordinator", env={**env["coordinator"], "SAGAFLOW_SAGAS": WITH_V3}
             )
             account.fault("coordinator redeployed with create-order v3")
             waiting = saga_ids(patient_ids)[0]

@@ -7,8 +7,8 @@
 - Scenario W2: the coordinator is SIGKILLed at random moments while sagas run
   and wait; half of them are approved (while it is down, too), the other half
   time out waiting and are rolled back.
-- Scenario W4: the coordinator SIGKILLed while sagas run create-order-parallel
-  (reservation and payment in one parallel group).
+- Scenario W4: the coordinator SIGKILLed while sagas run the shop's
+  create-order (v2: reservation and payment in one parallel group).
 - Scenario W3: sagas with a 4-second deadline while RabbitMQ restarts: those
   that had not passed their pivot compensate, those that had complete
   overdue, nothing is half-undone. It restarts the machine's shared broker:
@@ -31,7 +31,7 @@ import pytest
 
 from sagaflow import SagaClient, SagaStatus
 from sagaflow.examples.shop.contracts import ManagerApproval
-from services.order.saga import create_order, create_order_parallel
+from services.order.saga import create_order
 from tests.faults.conftest import StackFactory
 from tests.faults.harness import (
     at_random_moments,
@@ -275,32 +275,27 @@ async def test_deadline_expiry_while_rabbitmq_restarts(
 async def test_coordinator_killed_in_the_middle_of_parallel_groups(
     make_stack: StackFactory, pg_url: str
 ) -> None:
-    """W4: create-order-parallel (reserve and charge in one group) while the
-    coordinator is SIGKILLed: replies of one branch land while the other is in
-    flight, commands of a group are half published, refusals abandon siblings."""
-    async with scenario("W4 coordinator SIGKILL mid-group") as account:
+    """W4: the shop's create-order (reserve and charge in one group), placed
+    through the order API, while the coordinator is SIGKILLed: replies of one
+    branch land while the other is in flight, commands of a group are half
+    published, refusals abandon siblings."""
+    async with scenario("W4 create-order's group, coordinator SIGKILL mid-group") as account:
         rng, seed = rng_for("groups-crash")
         account.notes.append(f"seed={seed}")
-        parallel = "sagaflow.examples.shop.saga:create_order_parallel"
-        stack = await make_stack(sagas=(parallel,))
-        client = SagaClient([create_order_parallel], store=stack.store)
-        placer = DirectPlacer(pg_url, client, create_order_parallel)
+        stack = await make_stack()
         orders = plan(workload_size(), seed=seed)
         account.sagas = len(orders)
         seconds = pace(len(orders))
-        try:
-            placing = asyncio.create_task(place_all(orders, placer, seconds=seconds))
+        placing = asyncio.create_task(place_all(orders, http_placer(stack), seconds=seconds))
 
-            async def kill(_: int) -> None:
-                await account.strike(stack, "coordinator SIGKILL")
-                await stack.kill("coordinator")
-                await asyncio.sleep(rng.uniform(0.0, 1.0))
-                await stack.restart("coordinator")
+        async def kill(_: int) -> None:
+            await account.strike(stack, "coordinator SIGKILL")
+            await stack.kill("coordinator")
+            await asyncio.sleep(rng.uniform(0.0, 1.0))
+            await stack.restart("coordinator")
 
-            await at_random_moments(6, seconds, kill, rng=rng)
-            placed = await placing
-        finally:
-            await placer.close()
+        await at_random_moments(6, seconds, kill, rng=rng)
+        placed = await placing
         await settle(stack, placed)
         account.verdict = verdict = await check(pg_url, placed=placed)
         parallel_undo = 0

@@ -82,7 +82,7 @@ async def test_an_order_that_succeeds_reserves_charges_ships_and_is_approved(sho
     assert await shop.compensations(placed.saga_id) == []
 
 
-async def test_out_of_stock_rejects_the_order_with_the_reason(shop: Shop) -> None:
+async def test_out_of_stock_rejects_the_order_and_refunds_the_charge(shop: Shop) -> None:
     placed = await shop.place(sku="sku-sold-out")
 
     state = await shop.env.get(placed.saga_id)
@@ -91,11 +91,14 @@ async def test_out_of_stock_rejects_the_order_with_the_reason(shop: Shop) -> Non
     assert (state.failure.step, state.failure.reason) == ("reserve", "out_of_stock")
     assert shop.orders.orders[placed.order_id].status is OrderStatus.REJECTED
     assert shop.inventory.reservations == {}
-    assert shop.payments.charges == {}
-    assert await shop.compensations(placed.saga_id) == ["validate"]
+    # the charge ran alongside the refused reservation (one parallel group): refunded
+    assert shop.payments.charges[placed.order_id].status == "refunded"
+    assert shop.payments.balances == SEED_BALANCES
+    assert await shop.compensations(placed.saga_id) == ["charge", "validate"]
 
 
 async def test_insufficient_funds_releases_the_stock(shop: Shop) -> None:
+    # reserved alongside the refused charge (one parallel group): released
     placed = await shop.place(customer_id="cust-broke")
 
     state = await shop.env.get(placed.saga_id)
@@ -121,6 +124,8 @@ async def test_unsupported_destination_refunds_and_releases_in_reverse_order(sho
     assert shop.inventory.stock == SEED_STOCK
     assert shop.shipping.shipments == {}
     assert shop.orders.orders[placed.order_id].status is OrderStatus.REJECTED
+    # the group's two branches are undone together (their compensations sent in
+    # one decision), then validate
     assert await shop.compensations(placed.saga_id) == ["charge", "reserve", "validate"]
 
 

@@ -1,9 +1,11 @@
 """The embedded demo: place a stream of orders and watch sagas complete or compensate.
 
 Orders are drawn by a seeded RNG: most succeed; some ask for a sold-out sku
-(rejected at ``reserve``), come from a customer with no money (``charge`` fails:
-the stock is released), or ship to a country nobody serves (``schedule`` fails:
-refund, release, reject, in that order).
+(``reserve`` is refused: the charge made alongside it is refunded), come from
+a customer with no money (``charge`` is refused: the stock reserved alongside
+is released), or ship to a country nobody serves (``schedule`` fails: refund
+and release together, then reject). Reserve and charge run in one parallel
+group; the undo order is the group's branches together, then ``validate``.
 
 ``sagaflow demo`` calls :func:`main`: the coordinator and the four participants
 run in this process, over the in-memory transport and stores. The repository's

@@ -466,7 +466,8 @@ async def place_order(
     """Insert the order and start its create-order saga, atomically.
 
     An order of ``approval_threshold`` cents or more waits for a manager's
-    approval (the signal ``approval``) after its payment is charged.
+    approval (the signal ``approval``) after its payment is charged. ``saga``
+    is the definition started: the latest, ``create_order`` (v2), by default.
 
     With PostgreSQL, ``orders`` works on a connection inside the caller's
     transaction and the saga joins it: both commit or neither does, and the

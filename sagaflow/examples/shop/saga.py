@@ -3,17 +3,20 @@
 ::
 
     validate  (order)      compensation: reject   (order)
-    reserve   (inventory)  compensation: release  (inventory)
-    charge    (payment)    compensation: refund   (payment)
-    schedule  (shipping)   compensation: cancel   (shipping)
+    in parallel (the group reserve-and-charge):
+      reserve (inventory)  compensation: release  (inventory)
+      charge  (payment)    compensation: refund   (payment)
     approval  (wait)       for orders above a threshold: the signal ``approval``
                            from a manager; none within APPROVAL_TIMEOUT: compensate
     gift-wrap (shipping)   only when asked; compensation: unwrap (shipping)
     schedule  (shipping)   compensation: cancel   (shipping)
     approve   (order)      retriable: cannot fail once the rest succeeded
 
-The coordinator runs it: ``sagaflow coordinator sagaflow.examples.shop.saga:create_order``
-(or ``services.order.saga:create_order``, the same objects).
+That is ``create_order``, version 2. Version 1 (``create_order_v1``) reserved,
+then charged, one after the other; it stays declared, unchanged, so that
+sagas started on it finish on it. The coordinator loads both:
+``sagaflow coordinator sagaflow.examples.shop.saga:SAGAS`` (or
+``services.order.saga:SAGAS``, the same objects).
 ``chain_saga(n)`` builds longer sagas from the same actions for the benchmark.
 """
 
@@ -62,7 +65,7 @@ __all__ = [
     "chain_12",
     "chain_saga",
     "create_order",
-    "create_order_parallel",
+    "create_order_v1",
 ]
 
 STEP_TIMEOUT = 10.0
@@ -136,92 +139,99 @@ def _wants_gift_wrap(d: OrderData) -> bool:
     return d.gift_wrap
 
 
+_validate_step: Step[OrderData] = Step(
+    "validate",
+    validate_order,
+    _order,
+    compensation=reject_order,
+    retry=STEP_RETRY,
+    compensation_retry=COMPENSATION_RETRY,
+    timeout=STEP_TIMEOUT,
+)
+_reserve_step: Step[OrderData] = Step(
+    "reserve",
+    reserve_stock,
+    _reserve,
+    compensation=release_stock,
+    compensation_command=_order,
+    on_reply=_reserved,
+    retry=STEP_RETRY,
+    compensation_retry=COMPENSATION_RETRY,
+    timeout=STEP_TIMEOUT,
+)
+_charge_step: Step[OrderData] = Step(
+    "charge",
+    charge_payment,
+    _charge,
+    compensation=refund_payment,
+    compensation_command=_order,
+    on_reply=_charged,
+    retry=STEP_RETRY,
+    compensation_retry=COMPENSATION_RETRY,
+    timeout=STEP_TIMEOUT,
+)
+# everything after the payment, the same in both versions
+_after_payment: list[Step[OrderData] | Wait[OrderData]] = [
+    Wait(
+        "approval",
+        model=ManagerApproval,
+        timeout=APPROVAL_TIMEOUT,
+        when=_needs_approval,
+    ),
+    Step(
+        "gift-wrap",
+        wrap_gift,
+        _order,
+        compensation=unwrap_gift,
+        on_reply=_wrapped,
+        retry=STEP_RETRY,
+        compensation_retry=COMPENSATION_RETRY,
+        timeout=STEP_TIMEOUT,
+        when=_wants_gift_wrap,
+    ),
+    Step(
+        "schedule",
+        schedule_shipment,
+        _schedule,
+        compensation=cancel_shipment,
+        compensation_command=_order,
+        on_reply=_scheduled,
+        retry=STEP_RETRY,
+        compensation_retry=COMPENSATION_RETRY,
+        timeout=STEP_TIMEOUT,
+    ),
+    # after the last compensatable step: approving cannot be refused, only retried
+    Step("approve", approve_order, _order, retriable=True, retry=STEP_RETRY, timeout=STEP_TIMEOUT),
+]
+
 create_order: Saga[OrderData] = Saga(
     "create-order",
+    version=2,
     data=OrderData,
     steps=[
-        Step(
-            "validate",
-            validate_order,
-            _order,
-            compensation=reject_order,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        Step(
-            "reserve",
-            reserve_stock,
-            _reserve,
-            compensation=release_stock,
-            compensation_command=_order,
-            on_reply=_reserved,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        Step(
-            "charge",
-            charge_payment,
-            _charge,
-            compensation=refund_payment,
-            compensation_command=_order,
-            on_reply=_charged,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        Wait(
-            "approval",
-            model=ManagerApproval,
-            timeout=APPROVAL_TIMEOUT,
-            when=_needs_approval,
-        ),
-        Step(
-            "gift-wrap",
-            wrap_gift,
-            _order,
-            compensation=unwrap_gift,
-            on_reply=_wrapped,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-            when=_wants_gift_wrap,
-        ),
-        Step(
-            "schedule",
-            schedule_shipment,
-            _schedule,
-            compensation=cancel_shipment,
-            compensation_command=_order,
-            on_reply=_scheduled,
-            retry=STEP_RETRY,
-            compensation_retry=COMPENSATION_RETRY,
-            timeout=STEP_TIMEOUT,
-        ),
-        # after the last compensatable step: approving cannot be refused, only retried
-        Step(
-            "approve", approve_order, _order, retriable=True, retry=STEP_RETRY, timeout=STEP_TIMEOUT
-        ),
-    ],
-)
-
-create_order_parallel: Saga[OrderData] = Saga(
-    "create-order-parallel",
-    data=OrderData,
-    steps=[
-        create_order.steps[0],
+        _validate_step,
         # reserving stock and charging the card do not depend on each other: sent
         # together, and undone together when either (or a later step) fails
-        Group("reserve-and-charge", [create_order.steps[1], create_order.steps[2]]),  # type: ignore[list-item]
-        *create_order.steps[3:],
+        Group("reserve-and-charge", [_reserve_step, _charge_step]),
+        *_after_payment,
     ],
 )
-"""``create_order`` with its reservation and payment in one parallel group (the
-demo shows it; the order service keeps the sequential saga)."""
+"""The saga new orders start: version 2, its reservation and payment in one group."""
 
-SAGAS: list[Saga[OrderData]] = [create_order]
-"""What the order service starts (its ``SagaClient`` registers these)."""
+create_order_v1: Saga[OrderData] = Saga(
+    "create-order",
+    version=1,
+    data=OrderData,
+    steps=[_validate_step, _reserve_step, _charge_step, *_after_payment],
+)
+"""The first version, reservation then payment, left as it was: a coordinator
+loads it next to version 2 so that sagas started on it finish on it (a
+definition never changes under a recorded fingerprint; docs/concepts.md)."""
+
+SAGAS: list[Saga[OrderData]] = [create_order, create_order_v1]
+"""Every version of create-order: what the coordinator loads
+(``sagaflow coordinator services.order.saga:SAGAS``) and the order service's
+``SagaClient`` registers; new orders start the latest, ``create_order``."""
 
 
 def chain_saga(n: int) -> Saga[OrderData]:

@@ -1,6 +1,7 @@
-"""The demo's second part: the create-order saga's conditional steps and its wait
-for a manager's approval, one order each, on a fake clock (so that a day
-without an approval passes in a moment).
+"""The demo's second part: the create-order saga's shapes, one order each, on a
+fake clock (so that a day without an approval passes in a moment): its
+reservation and payment in one parallel group (every order), its wait for a
+manager's approval and its conditional gift wrapping, and what each undoes.
 
 ``sagaflow demo`` runs it after the stream of orders (:func:`run_shapes`).
 """
@@ -29,12 +30,7 @@ from sagaflow.examples.shop.participants import (
     place_order,
     shipping_participant,
 )
-from sagaflow.examples.shop.saga import (
-    APPROVAL_TIMEOUT,
-    SAGAS,
-    create_order,
-    create_order_parallel,
-)
+from sagaflow.examples.shop.saga import APPROVAL_TIMEOUT, SAGAS, create_order
 from sagaflow.testing import SagaTestEnvironment
 
 __all__ = ["APPROVAL_THRESHOLD", "ShapeOutcome", "print_shapes", "run_shapes"]
@@ -74,13 +70,12 @@ async def run_shapes() -> list[ShapeOutcome]:
     ]
     names = [step.name for step in create_order.steps]
     outcomes: list[ShapeOutcome] = []
-    async with SagaTestEnvironment([*SAGAS, create_order_parallel], participants) as env:
+    async with SagaTestEnvironment(SAGAS, participants) as env:
 
         async def place(order_id: str, **changes: Any) -> str:
-            saga = create_order_parallel if changes.pop("parallel", False) else create_order
             new = _BASE.model_copy(update={"order_id": order_id, **changes})
             placed, _ = await place_order(
-                env.coordinator, orders, new, approval_threshold=APPROVAL_THRESHOLD, saga=saga
+                env.coordinator, orders, new, approval_threshold=APPROVAL_THRESHOLD
             )
             await env.drain()
             return placed.saga_id
@@ -102,15 +97,15 @@ async def run_shapes() -> list[ShapeOutcome]:
                 SagaStatus.COMPENSATED,
             ),
             (
-                "parallel",
-                "reserve and charge in parallel",
-                {"parallel": True},
-                SagaStatus.COMPLETED,
+                "out-of-stock",
+                "out of stock: the charge made alongside is refunded",
+                {"sku": "sku-sold-out"},
+                SagaStatus.COMPENSATED,
             ),
             (
-                "parallel-refused",
-                "in parallel, out of stock: the charge is refunded",
-                {"parallel": True, "sku": "sku-sold-out"},
+                "payment-refused",
+                "payment refused: the reservation made alongside is released",
+                {"customer_id": "cust-broke"},
                 SagaStatus.COMPENSATED,
             ),
         ]
@@ -144,8 +139,8 @@ async def run_shapes() -> list[ShapeOutcome]:
 
 def print_shapes(outcomes: Sequence[ShapeOutcome], console: Console) -> None:
     """A table: each order, what it shows, how it ended, what it skipped and undid."""
-    table = Table(title="conditional steps and the manager's approval (fake clock)")
-    for column in ("order", "shows", "status", "skipped", "undone, in order"):
+    table = Table(title="one parallel group, a manager's approval, conditional steps (fake clock)")
+    for column in ("order", "shows", "status", "skipped", "undone, in order (+: together)"):
         table.add_column(column, no_wrap=column in ("order", "status"))
     for o in outcomes:
         color = "green" if o.status is SagaStatus.COMPLETED else "yellow"
@@ -156,6 +151,18 @@ def print_shapes(outcomes: Sequence[ShapeOutcome], console: Console) -> None:
             o.story,
             f"[{color}]{o.status.value}[/]",
             ", ".join(o.skipped),
-            ", ".join(o.undone),
+            _in_order(o.undone),
         )
     console.print(table)
+
+
+def _in_order(undone: Sequence[str]) -> str:
+    """``charge + reserve, validate``: the group's branches, undone together, joined."""
+    group = {create_order.steps[i].name for i in create_order.groups}
+    units: list[list[str]] = []
+    for name in undone:
+        if units and name in group and units[-1][-1] in group:
+            units[-1].append(name)
+        else:
+            units.append([name])
+    return ", ".join(" + ".join(unit) for unit in units)
