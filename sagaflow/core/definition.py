@@ -408,12 +408,28 @@ def _validate_wait(step: Wait[Any], where: str, past_pivot: str | None) -> None:
 
 
 def to_mermaid(saga: Saga[Any]) -> str:
-    """Render a saga definition as a Mermaid flowchart."""
+    """Render a saga definition as a Mermaid flowchart.
+
+    A parallel group's steps are drawn side by side in a subgraph: the step
+    before it leads to each of them, each leads to the step after it, and
+    their compensations likewise run side by side. A group member that fails
+    goes to its siblings' compensations (they ran alongside).
+    """
     title = f"{saga.name} v{saga.version}"
     if saga.deadline is not None:
         title += f"<br/><i>deadline {saga.deadline:g}s</i>"
     lines = ["flowchart TD", f'    start(["{title}"])']
-    previous = "start"
+    # units: a step alone, or a parallel group's steps together, in order
+    units: list[tuple[int, ...]] = []
+    for index in range(len(saga.steps)):
+        unit = saga.groups.get(index, (index,))
+        if unit[0] == index:
+            units.append(unit)
+    place = {index: n for n, unit in enumerate(units) for index in unit}
+
+    def nodes(n: int, end: str) -> list[str]:  # the nodes of unit n, or the start/end
+        return [f"s{i}" for i in units[n]] if 0 <= n < len(units) else [end]
+
     for index, step in enumerate(saga.steps):
         node = f"s{index}"
         kind = step.kind.value if step.when is None else f"{step.kind.value}, when"
@@ -425,37 +441,53 @@ def to_mermaid(saga: Saga[Any]) -> str:
         else:
             label = f"{step.name}<br/>{step.action.type}<br/><i>{kind}</i>"
             lines.append(f'    {node}["{label}"]')
-        lines.append(f"    {previous} --> {node}")
+        lines.extend(f"    {came} --> {node}" for came in nodes(place[index] - 1, "start"))
         if step.compensation is not None:
             lines.append(f'    c{index}["{step.compensation.type}"]')
-        previous = node
     lines.append('    done(["COMPLETED"])')
-    lines.append(f"    {previous} --> done")
+    lines.extend(f"    {came} --> done" for came in nodes(len(units) - 1, "start"))
     for first, name in saga.group_names.items():  # a group's steps run side by side
         members = saga.groups[first]
         lines.append(f'    subgraph g{first}["{name} (in parallel)"]')
         lines.extend(f"        s{i}" for i in members)
         lines.append("    end")
     for index, step in enumerate(saga.steps):
-        if step.when is not None:  # a condition that is false goes straight on
-            came = "start" if index == 0 else f"s{index - 1}"
-            goes = "done" if index == len(saga.steps) - 1 else f"s{index + 1}"
-            lines.append(f"    {came} -. skipped .-> {goes}")
-    comps = [i for i, s in enumerate(saga.steps) if s.compensation is not None]
-    if comps:
+        if step.when is not None and index not in saga.groups:
+            # a condition that is false goes straight on (a group member's
+            # siblings still run: its label says "when")
+            n = place[index]
+            for came in nodes(n - 1, "start"):
+                lines.extend(f"    {came} -. skipped .-> {goes}" for goes in nodes(n + 1, "done"))
+    # undo units: the compensations of a unit run together, the units in reverse
+    undo = [
+        tuple(i for i in unit if saga.steps[i].compensation is not None)
+        for unit in units
+        if any(saga.steps[i].compensation is not None for i in unit)
+    ]
+    if undo:
         lines.append('    compensated(["COMPENSATED"])')
         for index, step in enumerate(saga.steps):
-            # a failing step undoes the compensatable steps completed before it
-            before = [i for i in comps if i < index]
             if step.kind is StepKind.RETRIABLE:
                 continue
-            target = f"c{before[-1]}" if before else "compensated"
+            # a failing step undoes what completed before it; a group member,
+            # also its siblings, which ran alongside
+            siblings = [i for i in saga.groups.get(index, ()) if i != index]
+            first = units[place[index]][0]
+            before = [u for u in undo if u[0] < first]
+            targets = (
+                [f"c{i}" for i in siblings]
+                if siblings
+                else [f"c{i}" for i in before[-1]]
+                if before
+                else ["compensated"]
+            )
             if isinstance(step, Wait):
                 if step.timeout is not None and step.on_timeout is None:
-                    lines.append(f"    s{index} -. times out .-> {target}")
+                    lines.extend(f"    s{index} -. times out .-> {t}" for t in targets)
                 continue
-            lines.append(f"    s{index} -. fails .-> {target}")
-        order = list(reversed(comps))
-        for i, nxt in zip(order, [*order[1:], None], strict=True):
-            lines.append(f"    c{i} -.-> {'compensated' if nxt is None else f'c{nxt}'}")
+            lines.extend(f"    s{index} -. fails .-> {t}" for t in targets)
+        order = list(reversed(undo))
+        for unit, nxt in zip(order, [*order[1:], None], strict=True):
+            goes = ["compensated"] if nxt is None else [f"c{i}" for i in nxt]
+            lines.extend(f"    c{i} -.-> {g}" for i in unit for g in goes)
     return "\n".join(lines) + "\n"

@@ -210,6 +210,16 @@ def test_graph_json_and_fingerprint_know_the_group() -> None:
     s = grouped()
     text = to_mermaid(s)
     assert 'subgraph g1["pay-and-ship (in parallel)"]' in text
+    edges = set(text.splitlines())
+    # side by side: from the step before to each, from each to the step after
+    assert {f"    s0 --> s{i}" for i in (1, 2)} | {f"    s{i} --> s3" for i in (1, 2)} <= edges
+    assert "    s1 --> s2" not in edges
+    # a branch that fails undoes its sibling (it ran alongside), then reserve; a
+    # later step undoes both branches together, then reserve
+    assert {"    s1 -. fails .-> c2", "    s2 -. fails .-> c1"} <= edges
+    assert {"    s3 -. fails .-> c1", "    s3 -. fails .-> c2"} <= edges
+    assert {"    c1 -.-> c0", "    c2 -.-> c0"} <= edges
+    assert "    c2 -.-> c1" not in edges
     doc = definition_document(s)
     assert doc["groups"] == [{"name": "pay-and-ship", "steps": ["charge", "schedule"]}]
     flat = Saga("grouped", data=Both, steps=list(s.steps))
