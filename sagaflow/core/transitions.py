@@ -306,19 +306,20 @@ def begin_compensation(
         waiting_for=None,
         timer=None,
     )
-    log.append(
-        log_entry(
-            saga,
-            nxt,
-            now,
-            LogEvent.COMPENSATION_STARTED,
-            detail={
-                "cause": failure.cause,
-                "reason": failure.reason,
-                "undo": [saga.steps[i].name for i in nxt.to_compensate],
-            },
-        )
-    )
+    detail: dict[str, Any] = {
+        "cause": failure.cause,
+        "reason": failure.reason,
+        "undo": [saga.steps[i].name for i in nxt.to_compensate],
+    }
+    # a group's steps to undo (two or more of one group) are undone together
+    together = [
+        saga.steps[i].name
+        for i in nxt.to_compensate
+        if len(set(saga.groups.get(i, ())) & set(nxt.to_compensate)) > 1
+    ]
+    if together:
+        detail["parallel"] = together
+    log.append(log_entry(saga, nxt, now, LogEvent.COMPENSATION_STARTED, detail=detail))
     return next_compensation(saga, changed(nxt, updated_at=now), now, log)
 
 

@@ -128,6 +128,9 @@ def test_a_later_failure_undoes_the_group_in_parallel() -> None:
     d = engine.decide(s, d.state, reply(b), T0)
     d = engine.decide(s, d.state, reply(d.messages[0], Outcome.FAILURE), T0)  # confirm refuses
     assert sorted(m.type for m in d.messages) == ["payment.refund", "shipping.cancel"]
+    started = next(e for e in d.log if e.event is LogEvent.COMPENSATION_STARTED)
+    assert sorted(started.detail["parallel"]) == ["charge", "schedule"]  # as the log says
+    assert started.detail["undo"][2:] == ["reserve"]
     first, second = d.messages
     d = engine.decide(s, d.state, reply(second), T0)
     assert d.messages == ()  # release waits for the whole group's undo

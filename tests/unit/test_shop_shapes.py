@@ -172,3 +172,13 @@ async def test_a_saga_started_on_version_1_finishes_on_version_1() -> None:
     events = [(e.event, e.step) for e in log if e.event in ("command_sent", "reply_received")]
     at = events.index(("command_sent", "charge"))
     assert ("reply_received", "reserve") in events[:at]
+
+
+def test_the_demo_joins_steps_undone_together() -> None:
+    from sagaflow.examples.shop.demo import undo_order
+
+    group = {"charge", "reserve"}
+    assert undo_order(["schedule", "charge", "reserve", "validate"], group) == (
+        "schedule, charge + reserve, validate"
+    )
+    assert undo_order(["charge", "validate"], group) == "charge, validate"

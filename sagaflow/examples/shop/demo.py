@@ -21,7 +21,7 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ __all__ = [
     "run_embedded",
     "run_orders",
     "timeline",
+    "undo_order",
 ]
 
 SUCCESS = "success"
@@ -360,12 +361,26 @@ def print_result(result: DemoResult, console: Console) -> None:
 
 def _detail(detail: dict[str, Any]) -> str:
     if "undo" in detail:  # compensation started: what will be undone, in order
-        return "undo " + ", ".join(detail["undo"]) if detail["undo"] else "nothing to undo"
+        if not detail["undo"]:
+            return "nothing to undo"
+        return "undo " + undo_order(detail["undo"], detail.get("parallel", ()))
     if "outcome" in detail:
         return str(detail["outcome"]) + (f": {detail['reason']}" if detail.get("reason") else "")
     if "type" in detail:
         return str(detail["type"])
     return ", ".join(f"{k}={v}" for k, v in detail.items() if k != "data" and v is not None)
+
+
+def undo_order(steps: Sequence[str], together: Collection[str]) -> str:
+    """``charge + reserve, validate``: steps in the order undone, those of
+    ``together`` (a parallel group's, undone at once) joined by ``+``."""
+    units: list[list[str]] = []
+    for step in steps:
+        if units and step in together and units[-1][-1] in together:
+            units[-1].append(step)
+        else:
+            units.append([step])
+    return ", ".join(" + ".join(unit) for unit in units)
 
 
 def quiet_logs() -> None:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sagaflow import SagaStatus
 from sagaflow.examples.shop.contracts import ManagerApproval
+from sagaflow.examples.shop.demo import undo_order
 from sagaflow.examples.shop.participants import (
     MemoryInventory,
     MemoryOrders,
@@ -151,18 +152,6 @@ def print_shapes(outcomes: Sequence[ShapeOutcome], console: Console) -> None:
             o.story,
             f"[{color}]{o.status.value}[/]",
             ", ".join(o.skipped),
-            _in_order(o.undone),
+            undo_order(o.undone, {create_order.steps[i].name for i in create_order.groups}),
         )
     console.print(table)
-
-
-def _in_order(undone: Sequence[str]) -> str:
-    """``charge + reserve, validate``: the group's branches, undone together, joined."""
-    group = {create_order.steps[i].name for i in create_order.groups}
-    units: list[list[str]] = []
-    for name in undone:
-        if units and name in group and units[-1][-1] in group:
-            units[-1].append(name)
-        else:
-            units.append([name])
-    return ", ".join(" + ".join(unit) for unit in units)
