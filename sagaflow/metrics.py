@@ -47,6 +47,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from sagaflow import __version__
+from sagaflow.core.definition import Step
 from sagaflow.core.errors import ConfigurationError
 from sagaflow.core.messages import Envelope, Outcome
 from sagaflow.core.ports import Clock, SagaStore
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
     from sagaflow.core.definition import Saga
     from sagaflow.core.engine import Decision
-    from sagaflow.core.state import SagaState
+    from sagaflow.core.state import LogEntry, SagaState
 
 __all__ = [
     "MetricsHooks",
@@ -196,16 +197,17 @@ class MetricsHooks(Hooks):
             if event is LogEvent.STARTED:
                 self.sagas["started"].add(1, name)
             elif event is LogEvent.REPLY_RECEIVED or event is LogEvent.TIMED_OUT:
-                # ``before`` is the state that sent the message: its last change was the send
-                if before is not None and before.awaiting and entry.step is not None:
+                sent_at = None if before is None else _sent_at(saga, before, entry)
+                if sent_at is not None and entry.step is not None and entry.kind is not None:
                     outcome = (
                         "timeout"
                         if event is LogEvent.TIMED_OUT
                         else str(entry.detail.get("outcome") or "unknown")
                     )
+                    kind = entry.kind.value
                     self.step_duration.record(
-                        max(0.0, entry.at - before.updated_at),
-                        {**name, "step": entry.step, "kind": before.kind.value, "outcome": outcome},
+                        max(0.0, entry.at - sent_at),
+                        {**name, "step": entry.step, "kind": kind, "outcome": outcome},
                     )
                 if event is LogEvent.TIMED_OUT:
                     self.timeouts.add(1, _step_labels(saga, entry.step, entry.kind))
@@ -233,6 +235,24 @@ class MetricsHooks(Hooks):
 
     def rerun(self, envelope: Envelope, why: str) -> None:
         self.handler_reruns.add(1, {"type": envelope.type, "why": why})
+
+
+def _sent_at(saga: Saga[Any], before: SagaState, entry: LogEntry) -> float | None:
+    """When the message ``entry`` answers (or timed out) was sent, if known.
+
+    ``before`` is the state that was waiting for it. Waiting on one step, its
+    last change was the send. A parallel group's branches are answered one at
+    a time, so the state changed since: a branch's send is its timeout timer's
+    start.
+    """
+    branch = before.branches.get(str(entry.step_index))
+    if branch is None:
+        return before.updated_at if before.awaiting else None
+    timer = branch.timer
+    if not branch.awaiting or timer is None or timer.purpose != "timeout":
+        return None
+    step = saga.steps[timer.step_index]
+    return timer.due_at - step.timeout if isinstance(step, Step) else None
 
 
 def _step_labels(saga: Saga[Any], step: str | None, kind: Any) -> dict[str, str]:

@@ -193,3 +193,42 @@ def test_metrics_are_configured_by_a_port_or_otlp() -> None:
     assert not metrics_configured(
         None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318", "OTEL_METRICS_EXPORTER": "none"}
     )
+
+
+def test_a_groups_branches_are_timed_from_their_own_send_and_by_their_kind(
+    provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """Branches answer one at a time: the second is timed from its send, not from
+    its sibling's reply, and the group's compensations count as compensations."""
+    from sagaflow.core import engine
+    from sagaflow.core.messages import Outcome
+    from tests.unit.test_groups import T0, at_group, grouped, reply
+
+    hooks = MetricsHooks(provider)
+    s = grouped()
+
+    def decide(before: engine.Decision, event: engine.ReplyReceived, now: float) -> engine.Decision:
+        after = engine.decide(s, before.state, event, now)
+        hooks.decided(s, before.state, after)
+        return after
+
+    d = at_group(s)  # charge and schedule sent at T0
+    charge, schedule = d.messages
+    d = decide(d, reply(charge), T0 + 1)
+    d = decide(d, reply(schedule), T0 + 3)
+    d = decide(d, reply(d.messages[0], Outcome.FAILURE), T0 + 4)  # confirm refuses
+    cancel, refund = d.messages
+    assert (cancel.type, refund.type) == ("shipping.cancel", "payment.refund")
+    d = decide(d, reply(cancel), T0 + 6)
+    d = decide(d, reply(refund), T0 + 9)
+    took = {
+        (dict(k)["step"], dict(k)["kind"]): p.sum  # type: ignore[attr-defined]
+        for k, p in points(reader, "sagaflow.step.duration").items()
+    }
+    assert took == {
+        ("charge", "command"): 1,
+        ("schedule", "command"): 3,
+        ("confirm", "command"): 1,
+        ("schedule", "compensation"): 2,
+        ("charge", "compensation"): 5,
+    }
