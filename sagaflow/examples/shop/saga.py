@@ -170,7 +170,10 @@ _charge_step: Step[OrderData] = Step(
     compensation_retry=COMPENSATION_RETRY,
     timeout=STEP_TIMEOUT,
 )
-# everything after the payment, the same in both versions
+# everything after the payment, the same in both versions. Shared steps: a change
+# of shape here (an action, a kind, a condition) would change version 1 too, and a
+# coordinator would refuse it (tests/unit/test_shop_shapes.py pins v1's fingerprint);
+# declare such a change as version 3 instead
 _after_payment: list[Step[OrderData] | Wait[OrderData]] = [
     Wait(
         "approval",
