@@ -9,7 +9,9 @@ one parallel group), one of each in turn so that both see the same load,
 ``--repeat`` times. Prints one JSON line per run and one comparison:
 ``p50_ratio`` is the parallel saga's p50 over the sequential one's (issue 12's
 target: at most 0.7; the ideal is 1/2, one round trip instead of two, plus
-the start and the last commit they share).
+the start and the last commit they share). ``--group-linger 0`` turns off
+the coordinator's hold of a group's early reply (see
+:mod:`sagaflow.runtime.siblings`), to see what it saves.
 """
 
 from __future__ import annotations
