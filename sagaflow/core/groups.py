@@ -36,6 +36,7 @@ from sagaflow.core.transitions import (
     fail,
     log_entry,
     next_compensation,
+    retry_scheduled,
     seed,
     step_at,
 )
@@ -362,15 +363,7 @@ def _schedule(
     )
     waiting = branch.model_copy(update={"attempt": attempt, "awaiting": False, "timer": timer})
     state = changed(state, branches={**state.branches, str(index): waiting}, updated_at=now)
-    log.append(
-        log_entry(
-            saga,
-            _view(state, index, waiting),
-            now,
-            LogEvent.RETRY_SCHEDULED,
-            detail={"delay": round(delay, 3), "reason": reason},
-        )
-    )
+    log.append(retry_scheduled(saga, _view(state, index, waiting), now, delay, reason))
     return Decision(state, log=tuple(log))
 
 

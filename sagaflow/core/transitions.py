@@ -268,16 +268,21 @@ def schedule_retry(
         due_at=now + delay,
     )
     nxt = changed(state, attempt=attempt, awaiting=False, timer=timer, updated_at=now)
-    log.append(
-        log_entry(
-            saga,
-            nxt,
-            now,
-            LogEvent.RETRY_SCHEDULED,
-            detail={"delay": round(delay, 3), "reason": reason},
-        )
-    )
+    log.append(retry_scheduled(saga, nxt, now, delay, reason))
     return Decision(nxt, log=tuple(log))
+
+
+def retry_scheduled(
+    saga: Saga[Any], state: SagaState, now: float, delay: float, reason: str
+) -> LogEntry:
+    """The log entry of a retry ``delay`` seconds away (``state`` names the step)."""
+    return log_entry(
+        saga,
+        state,
+        now,
+        LogEvent.RETRY_SCHEDULED,
+        detail={"delay": round(delay, 3), "reason": reason},
+    )
 
 
 def begin_compensation(
