@@ -522,6 +522,7 @@ class Worker:
                         elif cid not in first:  # (a copy in the same lane waits for it)
                             first[cid] = one
                             tried.append(one)
+                            await self._store_undone(tx, one, first)
                             await self._attempt(tx, one)
                     await tx.complete([one.reply for one in tried if one.store and one.reply])
         except BaseException as exc:
@@ -543,6 +544,23 @@ class Worker:
                 self.hooks.handled(one.envelope, one.reply, one.seconds)
             else:
                 self.hooks.rolled_back(one.envelope)  # its savepoint was undone
+
+    @staticmethod
+    async def _store_undone(
+        tx: ParticipantTransaction, one: _Command, first: dict[str, _Command]
+    ) -> None:
+        """Before a compensation, store the reply of its command if this lane ran it
+        in the same transaction (a command sorts before its compensation): the
+        compensation then finds it done and undoes it, where a tombstone on the
+        still pending command would say "nothing to undo" and make storing the
+        command's reply fail on every retry."""
+        envelope = one.envelope
+        if envelope.kind is not MessageKind.COMPENSATION:
+            return
+        forward = first.get(command_id(envelope.saga_id, envelope.step, MessageKind.COMMAND))
+        if forward is not None and forward.store and forward.reply is not None:
+            await tx.complete([forward.reply])
+            forward.store = False  # stored: not again at the end
 
     async def _attempt(self, tx: ParticipantTransaction, one: _Command) -> None:
         """One claimed command in its own savepoint, inside its CONSUMER span."""

@@ -184,6 +184,55 @@ async def test_a_compensation_cannot_refuse() -> None:
     assert undo.outcome is Outcome.ERROR and undo.reason == "compensation refused: no"
 
 
+async def test_a_command_and_its_compensation_in_one_lane_batch_are_both_answered() -> None:
+    """A parallel group's abandoned branch: its compensation comes right after the
+    command, and one lane takes both into one transaction. The command took
+    effect there, so the compensation undoes it (before, the compensation's
+    tombstone made storing the command's reply fail on every retry: the lane
+    never moved again)."""
+    bank = Participant("bank")
+    balance: dict[int, int] = {}
+
+    @bank.handler(charge)
+    async def pay(cmd: Charge, ctx: HandlerContext) -> Charged:
+        balance[cmd.n] = balance.get(cmd.n, 0) + 1
+        return Charged(n=cmd.n)
+
+    @bank.handler(refund)
+    async def give_back(cmd: Charge, ctx: HandlerContext) -> Charged:
+        balance[cmd.n] -= 1
+        return Charged(n=cmd.n)
+
+    transport = InMemoryTransport()
+    worker = Worker(bank, transport=transport, store=InMemoryParticipantStore(), concurrency=1)
+    gate = asyncio.Event()
+    batches: list[int] = []
+    transact = worker._transact
+
+    async def gated(commands: Any) -> None:
+        await gate.wait()  # the first batch waits until both messages are in
+        batches.append(len(commands))
+        await transact(commands)
+
+    worker._transact = gated  # type: ignore[method-assign]
+    async with running(worker) as bench:
+        await transport.publish([command(1)])
+        await asyncio.sleep(0.05)  # the lane took the command and waits at the gate
+        await transport.publish([command(2), command(2, kind=MessageKind.COMPENSATION)])
+        await asyncio.sleep(0.05)
+        gate.set()
+        replies = [await asyncio.wait_for(bench.replies.get(), 5) for _ in range(3)]
+    assert 2 in batches, f"the command and its compensation shared a batch: {batches}"
+    assert sorted((r.saga_id, r.for_kind, r.outcome) for r in replies) == [
+        ("saga-1", MessageKind.COMMAND, Outcome.SUCCESS),
+        ("saga-2", MessageKind.COMMAND, Outcome.SUCCESS),
+        ("saga-2", MessageKind.COMPENSATION, Outcome.SUCCESS),
+    ]
+    compensation = next(r for r in replies if r.for_kind is MessageKind.COMPENSATION)
+    assert compensation.reason is None, "undone, not 'nothing to undo'"
+    assert balance == {1: 1, 2: 0}
+
+
 class FlakyStore(InMemoryParticipantStore):
     """Fails the commit of its first ``failures`` transactions, as a restart would."""
 
