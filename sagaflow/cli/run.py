@@ -48,7 +48,7 @@ async def serve(
     stop: Callable[[], Awaitable[None]],
     *,
     abort: Callable[[], Awaitable[None]],
-    ready: Callable[[], None],
+    ready: Callable[[], Awaitable[None]],
 ) -> None:
     """Run a component until SIGTERM/SIGINT.
 
@@ -57,8 +57,12 @@ async def serve(
         start: Connects and starts the component (retrying what heals for
             ``SAGAFLOW_CONNECT_TIMEOUT`` at most).
         stop: The graceful stop.
-        abort: Releases what a cancelled ``start`` may have opened.
-        ready: Called once ``start`` returned (logs the "started" line).
+        abort: Releases what a cancelled ``start`` may have opened. A start
+            cancelled part way leaves no task running (only connections).
+        ready: Awaited once ``start`` returned, with the component running (logs
+            the "started" line, gives advice): a signal meanwhile, or a failure,
+            stops it gracefully. Work after the start belongs here, not in
+            ``start``, where a cancel would leave a started component to ``abort``.
     """
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
@@ -84,7 +88,12 @@ async def serve(
             waiting.cancel()
             await abort()
             starting.result()  # raises the start failure
-        ready()
+        try:
+            await ready()
+        except BaseException:
+            waiting.cancel()
+            await stop()
+            raise
         await waiting
         log.info("%s stopping", name)
         signalled.clear()
@@ -156,8 +165,13 @@ def run_coordinator(
         )
         redacted = settings.redacted()
 
-        def ready() -> None:
+        async def ready() -> None:
             telemetry.watch_outbox(saga_store, clock=runner.clock)
+            from sagaflow.store.postgres import PostgresSagaStore
+
+            if isinstance(saga_store, PostgresSagaStore):
+                # said once, where it matters: the process that writes the tables all day
+                await saga_store.warn_if_unvacuumed()
             log.info(
                 "coordinator started",
                 extra={
@@ -170,14 +184,6 @@ def run_coordinator(
                 },
             )
 
-        async def start() -> None:
-            await runner.start()
-            from sagaflow.store.postgres import PostgresSagaStore
-
-            if isinstance(saga_store, PostgresSagaStore):
-                # said once, where it matters: the process that writes the tables all day
-                await saga_store.warn_if_unvacuumed()
-
         async def abort() -> None:
             # start() failed or was stopped before anything was consumed: nothing to
             # drain (stop() would try, and wait on a store that never opened)
@@ -185,7 +191,7 @@ def run_coordinator(
             await saga_store.close()
 
         try:
-            await serve("coordinator", start, runner.stop, abort=abort, ready=ready)
+            await serve("coordinator", runner.start, runner.stop, abort=abort, ready=ready)
         finally:
             await telemetry.aclose()  # flush the last spans and metrics
         log.info("coordinator exited")
@@ -241,7 +247,7 @@ def run_worker(
             await broker.close()
             await inbox.close()
 
-        def ready() -> None:
+        async def ready() -> None:
             log.info(
                 "worker started",
                 extra={

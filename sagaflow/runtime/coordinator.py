@@ -209,10 +209,12 @@ class Coordinator:
             sleep=self.clock.sleep,
             deadline=deadline,
         )
-        self._batcher.start()
         await self.transport.consume(
             self.transport.topology.replies_queue, self._batcher.put, prefetch=self.prefetch
         )
+        # no await from here on: a start cancelled earlier (a SIGTERM while
+        # connecting) leaves no task behind to use the store its caller then closes
+        self._batcher.start()
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="outbox-relay"),
             asyncio.create_task(self._timer_loop(), name="timers"),

@@ -306,12 +306,13 @@ class Worker:
             what="transport start",
             deadline=deadline,
         )
+        await self.transport.consume(self._queue, self._waiting.put_nowait, prefetch=self.prefetch)
+        # no await from here on: a start cancelled earlier leaves no lane behind
         self._stopping = False
         self._loops = [
             asyncio.create_task(self._loop(), name=f"{self.participant.service}-{i}")
             for i in range(self.concurrency)
         ]
-        await self.transport.consume(self._queue, self._waiting.put_nowait, prefetch=self.prefetch)
         if self.retention is not None and self.retention.inbox is not None:
             # with the lanes: stop() cancels it (it is never busy) and waits for it
             self._loops.append(asyncio.create_task(self._prune_loop(), name="retention"))

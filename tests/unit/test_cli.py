@@ -655,12 +655,60 @@ async def test_serve_stops_gracefully_on_sigterm() -> None:
     async def abort() -> None:
         calls.append("abort")
 
-    def ready() -> None:
+    async def ready() -> None:
         calls.append("ready")
         asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGTERM)
 
     await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=ready), 10)
     assert calls == ["start", "ready", "stop"]
+
+
+async def test_serve_stops_gracefully_on_a_signal_while_ready_runs() -> None:
+    """The coordinator's autovacuum advice reads the database after the start: a
+    SIGTERM then is a graceful stop of a running component, not an abort that
+    closes its store under its timers (scenario 9 once hung on exactly that)."""
+    calls: list[str] = []
+
+    async def start() -> None:
+        calls.append("start")
+
+    async def stop() -> None:
+        calls.append("stop")
+
+    async def abort() -> None:
+        calls.append("abort")
+
+    async def ready() -> None:
+        signal.raise_signal(signal.SIGTERM)
+        await asyncio.sleep(0.05)  # the signal is handled while ready still works
+        calls.append("ready")
+
+    await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=ready), 10)
+    assert calls == ["start", "ready", "stop"]
+
+
+async def test_serve_stops_a_component_whose_ready_fails() -> None:
+    calls: list[str] = []
+
+    async def start() -> None:
+        calls.append("start")
+
+    async def stop() -> None:
+        calls.append("stop")
+
+    async def abort() -> None:
+        calls.append("abort")
+
+    async def ready() -> None:
+        raise StoreError("advice failed")
+
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=ready), 10)
+    assert calls == ["start", "stop"]
+
+
+async def _nothing() -> None:
+    pass
 
 
 async def test_serve_abandons_a_start_that_is_still_connecting() -> None:
@@ -676,7 +724,7 @@ async def test_serve_abandons_a_start_that_is_still_connecting() -> None:
     async def abort() -> None:
         calls.append("abort")
 
-    await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=lambda: None), 10)
+    await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=_nothing), 10)
     assert calls == ["abort"]
 
 
@@ -690,7 +738,7 @@ async def test_serve_reports_a_failed_start() -> None:
         calls.append("abort")
 
     with pytest.raises(StoreError):
-        await serve("test", start, abort, abort=abort, ready=lambda: None)
+        await serve("test", start, abort, abort=abort, ready=_nothing)
     assert calls == ["abort"]
 
 
