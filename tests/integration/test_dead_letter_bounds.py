@@ -81,6 +81,26 @@ async def publish_raw(amqp_url: str, bodies: list[bytes]) -> None:
         await connection.close()
 
 
+async def until_the_limit_holds(amqp_url: str, queue: str) -> None:
+    """RabbitMQ applies a policy to a queue asynchronously (for a quorum queue, a
+    command to its leader after the policy is stored): fill ``queue`` until it
+    refuses a message, then empty it. CI once published before the limit held."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while True:
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b"probe"), queue)
+            except aio_pika.exceptions.DeliveryError:
+                break  # refused: the limit holds
+            assert asyncio.get_running_loop().time() < deadline, "the policy never applied"
+            await asyncio.sleep(0.05)
+        await (await channel.get_queue(queue, ensure=False)).purge()
+    finally:
+        await connection.close()
+
+
 @asynccontextmanager
 async def started(amqp_url: str, **options: Any) -> AsyncIterator[RabbitMQTransport]:
     transport = RabbitMQTransport(amqp_url, TOPOLOGY, reconnect_delay=(0.1, 1.0), **options)
@@ -218,6 +238,7 @@ async def test_an_existing_unbounded_dead_letter_queue_is_kept_and_a_policy_boun
     policy = json.dumps({"max-length": 2, "overflow": "reject-publish"})
     await rabbitmqctl("set_policy", "-p", vhost_of(amqp_url), "--apply-to", "queues",
                       "sagaflow-dlq", f"^{TOPOLOGY.dead_letter_queue}$", policy)  # fmt: skip
+    await until_the_limit_holds(amqp_url, TOPOLOGY.dead_letter_queue)
 
     with caplog.at_level(logging.WARNING, logger="sagaflow.transport.rabbitmq"):
         async with started(amqp_url) as transport:
