@@ -16,7 +16,7 @@ import sys
 import textwrap
 import types
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -643,103 +643,84 @@ def test_the_product_has_no_fault_switches() -> None:
     assert not (package / "faults.py").exists()
 
 
+class Component:
+    """``serve``'s callbacks, recording what was called; ``ready`` runs ``on_ready``."""
+
+    def __init__(self, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.calls: list[str] = []
+        self.on_ready = on_ready
+
+    async def start(self) -> None:
+        self.calls.append("start")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+
+    async def abort(self) -> None:
+        self.calls.append("abort")
+
+    async def ready(self) -> None:
+        if self.on_ready is not None:
+            await self.on_ready()
+        self.calls.append("ready")
+
+    async def serve(self, start: Callable[[], Awaitable[None]] | None = None) -> None:
+        await asyncio.wait_for(
+            serve("test", start or self.start, self.stop, abort=self.abort, ready=self.ready), 10
+        )
+
+
 async def test_serve_stops_gracefully_on_sigterm() -> None:
-    calls: list[str] = []
-
-    async def start() -> None:
-        calls.append("start")
-
-    async def stop() -> None:
-        calls.append("stop")
-
-    async def abort() -> None:
-        calls.append("abort")
-
-    async def ready() -> None:
-        calls.append("ready")
+    async def signal_soon() -> None:
         asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGTERM)
 
-    await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=ready), 10)
-    assert calls == ["start", "ready", "stop"]
+    component = Component(signal_soon)
+    await component.serve()
+    assert component.calls == ["start", "ready", "stop"]
 
 
 async def test_serve_stops_gracefully_on_a_signal_while_ready_runs() -> None:
     """The coordinator's autovacuum advice reads the database after the start: a
     SIGTERM then is a graceful stop of a running component, not an abort that
     closes its store under its timers (scenario 9 once hung on exactly that)."""
-    calls: list[str] = []
 
-    async def start() -> None:
-        calls.append("start")
-
-    async def stop() -> None:
-        calls.append("stop")
-
-    async def abort() -> None:
-        calls.append("abort")
-
-    async def ready() -> None:
+    async def signal_while_working() -> None:
         signal.raise_signal(signal.SIGTERM)
         await asyncio.sleep(0.05)  # the signal is handled while ready still works
-        calls.append("ready")
 
-    await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=ready), 10)
-    assert calls == ["start", "ready", "stop"]
+    component = Component(signal_while_working)
+    await component.serve()
+    assert component.calls == ["start", "ready", "stop"]
 
 
 async def test_serve_stops_a_component_whose_ready_fails() -> None:
-    calls: list[str] = []
-
-    async def start() -> None:
-        calls.append("start")
-
-    async def stop() -> None:
-        calls.append("stop")
-
-    async def abort() -> None:
-        calls.append("abort")
-
-    async def ready() -> None:
+    async def fail() -> None:
         raise StoreError("advice failed")
 
+    component = Component(fail)
     with pytest.raises(StoreError):
-        await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=ready), 10)
-    assert calls == ["start", "stop"]
-
-
-async def _nothing() -> None:
-    pass
+        await component.serve()
+    assert component.calls == ["start", "stop"]
 
 
 async def test_serve_abandons_a_start_that_is_still_connecting() -> None:
-    calls: list[str] = []
-
-    async def start() -> None:
+    async def connecting() -> None:
         asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGINT)
         await asyncio.sleep(3600)  # e.g. retrying a database that is down
 
-    async def stop() -> None:
-        calls.append("stop")
-
-    async def abort() -> None:
-        calls.append("abort")
-
-    await asyncio.wait_for(serve("test", start, stop, abort=abort, ready=_nothing), 10)
-    assert calls == ["abort"]
+    component = Component()
+    await component.serve(connecting)
+    assert component.calls == ["abort"]
 
 
 async def test_serve_reports_a_failed_start() -> None:
-    calls: list[str] = []
-
-    async def start() -> None:
+    async def failing() -> None:
         raise StoreError("no database")
 
-    async def abort() -> None:
-        calls.append("abort")
-
+    component = Component()
     with pytest.raises(StoreError):
-        await serve("test", start, abort, abort=abort, ready=_nothing)
-    assert calls == ["abort"]
+        await component.serve(failing)
+    assert component.calls == ["abort"]
 
 
 def test_coordinator_without_definitions_is_a_usage_error(runner: CliRunner) -> None:
