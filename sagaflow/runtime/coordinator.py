@@ -46,7 +46,7 @@ from sagaflow.runtime.client import SagaClient, SagaHandle
 from sagaflow.runtime.hooks import Hooks
 from sagaflow.runtime.relay import OutboxRelay
 from sagaflow.runtime.retention import Retention, prune_sagas, repeat
-from sagaflow.runtime.siblings import DEFAULT_LINGER, Siblings
+from sagaflow.runtime.siblings import DEFAULT_LINGER, Event, Siblings
 from sagaflow.runtime.writer import Decided, SagaRegistry
 
 log = logging.getLogger("sagaflow.coordinator")
@@ -121,7 +121,12 @@ class Coordinator:
             concurrency=concurrency,
             name="coordinator",
         )
-        self._siblings = Siblings(self.registry, linger=group_linger, release=self._batcher.put)
+        self._siblings = Siblings(
+            self.registry,
+            linger=group_linger,
+            release=self._batcher.put,
+            together=self._decide_held,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
@@ -246,6 +251,7 @@ class Coordinator:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._batcher.stop()
+        await self._siblings.settle()
         self._siblings.close()
         await self.relay.drain()
         await self.transport.close()
@@ -287,14 +293,59 @@ class Coordinator:
         verdicts: dict[int, str] = {}  # index in events -> why it is dead-lettered
         if events:
             saga_ids = sorted({envelope.saga_id for _, envelope in events})
+            try:
+                decided = await retry_healing(
+                    lambda: self.writer.commit(
+                        lambda states: self._decide(events, states, verdicts), lock=saga_ids
+                    ),
+                    what="reply transaction",
+                    sleep=self.clock.sleep,
+                )
+            except Exception as exc:
+                # the batcher hands back this batch's deliveries; held ones that
+                # joined it came in earlier batches: give those back here
+                mine = {id(delivery) for delivery in deliveries}
+                for delivery, _ in events:
+                    if id(delivery) not in mine:
+                        await self._give_back(delivery, exc)
+                raise
+            self._log_ignored(decided)
+        await self._settle(events, verdicts, rejects)
+
+    async def _decide_held(self, events: list[Event], arrived: asyncio.Event) -> None:
+        """A group's held replies, in a transaction opened when the first arrived:
+        the saga is locked while its siblings are on their way, and ``events``
+        is decided once they are in it (or ``linger`` passed)."""
+        saga_id = events[0][1].saga_id
+        verdicts: dict[int, str] = {}
+        try:
             decided = await retry_healing(
                 lambda: self.writer.commit(
-                    lambda states: self._decide(events, states, verdicts), lock=saga_ids
+                    lambda states: self._decide(events, states, verdicts),
+                    lock=[saga_id],
+                    wait=arrived.wait,
                 ),
                 what="reply transaction",
                 sleep=self.clock.sleep,
             )
-            self._log_ignored(decided)
+        except Exception as exc:  # what the batcher does for a batch that raised
+            log.exception("saga %s: its group's replies could not be decided", saga_id)
+            for delivery, _ in events:
+                await self._give_back(delivery, exc)
+            return
+        self._log_ignored(decided)
+        try:
+            await self._settle(events, verdicts, [])
+        except Exception as exc:  # the channel is gone: the broker delivers them again
+            log.warning("saga %s: settling its group's replies failed: %r", saga_id, exc)
+
+    async def _settle(
+        self,
+        events: Sequence[Event],
+        verdicts: Mapping[int, str],
+        rejects: list[tuple[Delivery, str]],
+    ) -> None:
+        """Acknowledge the decided replies, dead-letter the rejected ones."""
         for index, (delivery, _) in enumerate(events):
             if index in verdicts:
                 rejects.append((delivery, verdicts[index]))

@@ -16,14 +16,23 @@ that dies holding one loses nothing: the broker delivers it again. A reply is
 held once; when ``linger`` passes it goes back to the batcher and is decided
 alone. What a sibling cannot be seen to have answered (it went to another
 coordinator, or its condition skipped it) costs at most ``linger``.
+
+The first held reply of a saga also opens its transaction at once when the
+coordinator has none open for held replies yet (``together``): the saga is
+locked while the siblings are on their way, and their replies join that
+transaction, so after the last one only the decisions, the write and the
+commit are left to do (no ``BEGIN``, no lock). One such transaction at a time
+(``OPEN_HOLDS``): each keeps a pooled connection and its saga's row lock for
+``linger`` at most; the other held replies wait unlocked, as above.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sagaflow.core.messages import Envelope, MessageKind, Outcome
 from sagaflow.core.ports import Delivery
@@ -35,17 +44,26 @@ Event = tuple[Delivery, Envelope]
 DEFAULT_LINGER = 0.01
 """Seconds a group member's reply waits for its siblings' at most."""
 
+OPEN_HOLDS = 1
+"""Transactions a coordinator keeps open at once for held replies."""
+
+Together = Callable[[list[Event], asyncio.Event], Coroutine[Any, Any, None]]
+"""Decides a held saga's replies in one transaction: locks the saga at once,
+waits for the event, then decides the list as it is then (siblings that
+arrived meanwhile are in it) and settles every delivery in it."""
+
 REMEMBERED = 10_000
 """Sagas whose group replies a coordinator remembers (to not wait for one
 already decided)."""
 
-__all__ = ["DEFAULT_LINGER", "Event", "Siblings"]
+__all__ = ["DEFAULT_LINGER", "OPEN_HOLDS", "Event", "Siblings", "Together"]
 
 
 @dataclass
 class _Held:
     events: list[Event]
     timer: asyncio.TimerHandle
+    decide: asyncio.Event | None = None  # set: the open transaction decides ``events``
 
 
 class Siblings:
@@ -55,27 +73,45 @@ class Siblings:
         registry: The definitions, which say which steps form a group.
         linger: Seconds a reply is held at most; 0 holds none.
         release: Takes a reply back when its time is up (the batcher's ``put``).
+        together: Opens the transaction of a saga's held replies; without it
+            none is opened before the siblings arrive.
+        open_holds: How many such transactions at most at a time.
     """
 
     def __init__(
-        self, registry: SagaRegistry, *, linger: float, release: Callable[[Delivery], None]
+        self,
+        registry: SagaRegistry,
+        *,
+        linger: float,
+        release: Callable[[Delivery], None],
+        together: Together | None = None,
+        open_holds: int = OPEN_HOLDS,
     ) -> None:
         self._registry = registry
         self._linger = linger
         self._release_to = release
+        self._together = together
+        self._open_holds = open_holds
+        self._open: dict[asyncio.Task[None], _Held] = {}
         self._held: dict[str, _Held] = {}
+        # id() of the deliveries held or in an open transaction: a batch run again
+        # after a failure brings them back, and they must not be decided twice
+        self._taken: set[int] = set()
         self._released: set[int] = set()  # id() of deliveries given back: not held again
         # saga id -> indexes of group members whose success reply was decided here
         self._answered: OrderedDict[str, set[int]] = OrderedDict()
 
     @property
     def holding(self) -> int:
-        """Replies held now."""
-        return sum(len(held.events) for held in self._held.values())
+        """Replies held now, or being decided in a transaction opened for them."""
+        held = {id(one): one for one in (*self._held.values(), *self._open.values())}
+        return sum(len(one.events) for one in held.values())
 
     def gather(self, events: Sequence[Event]) -> list[Event]:
         """The replies to decide now, in order: those given and the held ones of
         their sagas, less those that go on waiting for a sibling."""
+        if self._taken:
+            events = [event for event in events if id(event[0]) not in self._taken]
         if not self._held and (
             self._linger <= 0 or not any(self._member(envelope) for _, envelope in events)
         ):
@@ -89,29 +125,67 @@ class Siblings:
             together = arrived if held is None else [*held.events, *arrived]
             if self._waits(saga_id, together):
                 if held is None:
-                    timer = asyncio.get_running_loop().call_later(
-                        self._linger, self._give_back, saga_id
-                    )
-                    self._held[saga_id] = _Held(together, timer)
+                    self._hold(saga_id, together)
                 else:
-                    held.events = together
+                    held.events.extend(arrived)
+                self._taken.update(id(delivery) for delivery, _ in arrived)
                 continue
             if held is not None:
                 held.timer.cancel()
                 del self._held[saga_id]
+                held.events.extend(arrived)
             for delivery, envelope in together:
                 self._released.discard(id(delivery))
                 if self._member(envelope) is not None:
                     self._remember(saga_id, envelope.step_index)
+            if held is not None and held.decide is not None:
+                self._taken.update(id(delivery) for delivery, _ in arrived)
+                held.decide.set()  # they join the transaction already open for them
+                continue
+            if held is not None:
+                self._taken.difference_update(id(delivery) for delivery, _ in together)
             now.extend(together)
         return now
 
+    async def settle(self) -> None:
+        """Let the open transactions decide what they hold now, and wait for them
+        (a graceful stop)."""
+        for saga_id, held in list(self._held.items()):
+            if held.decide is not None:
+                self._give_back(saga_id)
+        await asyncio.gather(*self._open, return_exceptions=True)
+
     def close(self) -> None:
-        """Forget the held replies, unacknowledged: the broker delivers them again."""
+        """Forget the held replies, unacknowledged: the broker delivers them again
+        (an open transaction still deciding some is cancelled: it rolls back)."""
         for held in self._held.values():
             held.timer.cancel()
+        for task in self._open:
+            task.cancel()
         self._held.clear()
+        self._taken.clear()
         self._released.clear()
+
+    def _hold(self, saga_id: str, events: list[Event]) -> None:
+        timer = asyncio.get_running_loop().call_later(self._linger, self._give_back, saga_id)
+        held = self._held[saga_id] = _Held(list(events), timer)
+        if self._together is not None and len(self._open) < self._open_holds:
+            held.decide = asyncio.Event()
+            task = asyncio.create_task(self._run_open(saga_id, held), name=f"replies-{saga_id}")
+            self._open[task] = held
+            task.add_done_callback(self._open.pop)
+
+    async def _run_open(self, saga_id: str, held: _Held) -> None:
+        assert self._together is not None and held.decide is not None
+        try:
+            await self._together(held.events, held.decide)
+        finally:
+            # it failed before its siblings came (it gave back what it held): what
+            # comes next for the saga is decided as if nothing were held
+            if self._held.get(saga_id) is held:
+                held.timer.cancel()
+                del self._held[saga_id]
+            self._taken.difference_update(id(delivery) for delivery, _ in held.events)
 
     def _waits(self, saga_id: str, events: Sequence[Event]) -> bool:
         """Whether these replies, all of one saga, wait for a sibling's."""
@@ -154,7 +228,12 @@ class Siblings:
         held = self._held.pop(saga_id, None)
         if held is None:
             return
+        held.timer.cancel()
         for delivery, envelope in held.events:
-            self._released.add(id(delivery))
             self._remember(saga_id, envelope.step_index)
-            self._release_to(delivery)
+            if held.decide is None:
+                self._taken.discard(id(delivery))
+                self._released.add(id(delivery))
+                self._release_to(delivery)
+        if held.decide is not None:
+            held.decide.set()  # its open transaction decides them alone

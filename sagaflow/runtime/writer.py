@@ -14,7 +14,7 @@ out to the broker.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,7 @@ class SagaWriter:
         lock: Sequence[str] = (),
         due: tuple[float, int, Sequence[tuple[str, int]]] | None = None,
         connection: Any = None,
+        wait: Callable[[], Awaitable[object]] | None = None,
     ) -> Sequence[Decided]:
         """Lock, decide, write and commit in one transaction; then tell the hooks
         (of every decision but a rejected one).
@@ -104,6 +105,11 @@ class SagaWriter:
                 another transaction holds.
             connection: The caller's connection, inside its open transaction: the
                 work commits with it.
+            wait: Awaited once the sagas are locked, before ``decide``: a group's
+                first reply waits here, in its transaction, for its siblings'
+                (:mod:`sagaflow.runtime.siblings`), which then pay no lock or
+                ``BEGIN`` of their own. A retried transaction awaits it again
+                (an ``asyncio.Event``'s ``wait`` then returns at once).
 
         Returns:
             Every decision ``decide`` returned, changed or not.
@@ -117,6 +123,8 @@ class SagaWriter:
                 states = {state.saga_id: state for state in await tx.lock_due(*due)}
             else:
                 states = await tx.lock(lock) if lock else {}
+            if wait is not None:
+                await wait()
             decided = decide(states)
             unit = _unit(decided)
             if unit:

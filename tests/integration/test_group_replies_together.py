@@ -3,9 +3,10 @@
 The two log entries of a group's replies are written by the same PostgreSQL
 transaction when the coordinator held the first for its sibling: they share
 one ``xmin``. With holding off and one branch slower than the other, they do
-not (the check can fail). A held reply is unacknowledged: a coordinator that
-stops while holding one leaves it to the broker, and the next coordinator
-decides it once.
+not (the check can fail). The first held reply waits in a transaction opened
+for it (the saga is locked meanwhile) and a graceful stop decides it there;
+another held at the same time waits unacknowledged and unlocked, and a stop
+leaves it to the broker. The next coordinator decides each reply once.
 """
 
 from __future__ import annotations
@@ -101,6 +102,20 @@ class Stack:
             self.amqp_url, TOPOLOGY, connection_name=f"{name}-{uuid.uuid4().hex[:8]}"
         )
 
+    async def locked(self, saga_id: str) -> bool:
+        """Whether another transaction holds the saga's row lock."""
+        conn = await asyncpg.connect(self.pg_url)
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT 1 FROM sagaflow.sagas WHERE saga_id = $1 FOR UPDATE NOWAIT", saga_id
+                )
+        except asyncpg.LockNotAvailableError:
+            return True
+        finally:
+            await conn.close()
+        return False
+
     async def transactions_of_replies(self, saga_id: str) -> list[int]:
         """The ``xmin`` of each reply's log entry, in log order."""
         conn = await asyncpg.connect(self.pg_url)
@@ -168,33 +183,42 @@ async def test_a_sibling_skipped_by_its_condition_costs_the_linger_then_goes_on(
         assert len(replies) == 1
 
 
-async def test_a_reply_held_when_its_coordinator_stops_is_decided_by_the_next(
+async def test_a_held_reply_waits_in_an_open_transaction_or_is_left_to_the_broker(
     stack: Stack,
 ) -> None:
+    """Two sagas whose hotel replied and whose flight cannot (its worker is not
+    running). The first saga's reply waits in a transaction opened for it: the
+    saga is locked meanwhile, and a graceful stop decides the reply in it. The
+    second's waits unlocked (one open transaction at a time): the stop leaves
+    it unacknowledged. The next coordinator decides each reply once."""
     first = stack.coordinator(linger=60.0)
     hotel_worker = stack.worker(hotel)
     await hotel_worker.start()
     await first.start()
     try:
-        handle = await first.start_saga(trip, Trip(ref="held"))
-        for _ in range(400):  # the hotel answers; the flight worker is not running
-            if first._siblings.holding:
+        handles = [await first.start_saga(trip, Trip(ref=f"held-{n}")) for n in range(2)]
+        for _ in range(400):
+            if first._siblings.holding == 2:
                 break
             await asyncio.sleep(0.025)
-        assert first._siblings.holding == 1
+        assert first._siblings.holding == 2
+        locked = {h.saga_id: await stack.locked(h.saga_id) for h in handles}
+        assert sorted(locked.values()) == [False, True]
     finally:
-        await first.stop()  # holding the hotel's reply, unacknowledged
-    assert await stack.transactions_of_replies(handle.saga_id) == []
+        await first.stop()
+    decided = {h.saga_id: len(await stack.transactions_of_replies(h.saga_id)) for h in handles}
+    assert decided == {saga_id: int(lock) for saga_id, lock in locked.items()}
 
     second = stack.coordinator(linger=0.0)
     flight_worker = stack.worker(flight)
     await flight_worker.start()
     await second.start()
     try:
-        state = await second.wait_for(handle.saga_id, timeout=60)
+        states = [await second.wait_for(h.saga_id, timeout=60) for h in handles]
     finally:
         await second.stop()
         await flight_worker.stop()
         await hotel_worker.stop()
-    assert state.status is SagaStatus.COMPLETED
-    assert len(await stack.transactions_of_replies(handle.saga_id)) == 2
+    assert [state.status for state in states] == [SagaStatus.COMPLETED] * 2
+    for handle in handles:
+        assert len(await stack.transactions_of_replies(handle.saga_id)) == 2
