@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -294,13 +294,7 @@ class Coordinator:
         if events:
             saga_ids = sorted({envelope.saga_id for _, envelope in events})
             try:
-                decided = await retry_healing(
-                    lambda: self.writer.commit(
-                        lambda states: self._decide(events, states, verdicts), lock=saga_ids
-                    ),
-                    what="reply transaction",
-                    sleep=self.clock.sleep,
-                )
+                await self._commit_replies(events, verdicts, saga_ids)
             except Exception as exc:
                 # the batcher hands back this batch's deliveries; held ones that
                 # joined it came in earlier batches: give those back here
@@ -309,8 +303,25 @@ class Coordinator:
                     if id(delivery) not in mine:
                         await self._give_back(delivery, exc)
                 raise
-            self._log_ignored(decided)
         await self._settle(events, verdicts, rejects)
+
+    async def _commit_replies(
+        self,
+        events: Sequence[Event],
+        verdicts: dict[int, str],
+        saga_ids: Sequence[str],
+        wait: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """Decide ``events`` on their locked sagas in one transaction, retrying what
+        heals; ``verdicts`` gets the index of each reply to dead-letter."""
+        decided = await retry_healing(
+            lambda: self.writer.commit(
+                lambda states: self._decide(events, states, verdicts), lock=saga_ids, wait=wait
+            ),
+            what="reply transaction",
+            sleep=self.clock.sleep,
+        )
+        self._log_ignored(decided)
 
     async def _decide_held(self, events: list[Event], arrived: asyncio.Event) -> None:
         """A group's held replies, in a transaction opened when the first arrived:
@@ -319,21 +330,12 @@ class Coordinator:
         saga_id = events[0][1].saga_id
         verdicts: dict[int, str] = {}
         try:
-            decided = await retry_healing(
-                lambda: self.writer.commit(
-                    lambda states: self._decide(events, states, verdicts),
-                    lock=[saga_id],
-                    wait=arrived.wait,
-                ),
-                what="reply transaction",
-                sleep=self.clock.sleep,
-            )
+            await self._commit_replies(events, verdicts, [saga_id], wait=arrived.wait)
         except Exception as exc:  # what the batcher does for a batch that raised
             log.exception("saga %s: its group's replies could not be decided", saga_id)
             for delivery, _ in events:
                 await self._give_back(delivery, exc)
             return
-        self._log_ignored(decided)
         try:
             await self._settle(events, verdicts, [])
         except Exception as exc:  # the channel is gone: the broker delivers them again

@@ -130,20 +130,18 @@ class Siblings:
                     held.events.extend(arrived)
                 self._taken.update(id(delivery) for delivery, _ in arrived)
                 continue
-            if held is not None:
-                held.timer.cancel()
-                del self._held[saga_id]
-                held.events.extend(arrived)
             for delivery, envelope in together:
                 self._released.discard(id(delivery))
                 if self._member(envelope) is not None:
                     self._remember(saga_id, envelope.step_index)
-            if held is not None and held.decide is not None:
-                self._taken.update(id(delivery) for delivery, _ in arrived)
-                held.decide.set()  # they join the transaction already open for them
-                continue
             if held is not None:
-                self._taken.difference_update(id(delivery) for delivery, _ in together)
+                self._drop(saga_id)
+                if held.decide is not None:  # they join the transaction open for them
+                    held.events.extend(arrived)
+                    self._taken.update(id(delivery) for delivery, _ in arrived)
+                    held.decide.set()
+                    continue
+                self._taken.difference_update(id(delivery) for delivery, _ in held.events)
             now.extend(together)
         return now
 
@@ -152,7 +150,7 @@ class Siblings:
         (a graceful stop)."""
         for saga_id, held in list(self._held.items()):
             if held.decide is not None:
-                self._give_back(saga_id)
+                self._let_go(saga_id)
         await asyncio.gather(*self._open, return_exceptions=True)
 
     def close(self) -> None:
@@ -167,7 +165,7 @@ class Siblings:
         self._released.clear()
 
     def _hold(self, saga_id: str, events: list[Event]) -> None:
-        timer = asyncio.get_running_loop().call_later(self._linger, self._give_back, saga_id)
+        timer = asyncio.get_running_loop().call_later(self._linger, self._let_go, saga_id)
         held = self._held[saga_id] = _Held(list(events), timer)
         if self._together is not None and len(self._open) < self._open_holds:
             held.decide = asyncio.Event()
@@ -183,8 +181,7 @@ class Siblings:
             # it failed before its siblings came (it gave back what it held): what
             # comes next for the saga is decided as if nothing were held
             if self._held.get(saga_id) is held:
-                held.timer.cancel()
-                del self._held[saga_id]
+                self._drop(saga_id)
             self._taken.difference_update(id(delivery) for delivery, _ in held.events)
 
     def _waits(self, saga_id: str, events: Sequence[Event]) -> bool:
@@ -224,11 +221,19 @@ class Siblings:
             self._answered.move_to_end(saga_id)
         answered.add(index)
 
-    def _give_back(self, saga_id: str) -> None:
+    def _drop(self, saga_id: str) -> _Held | None:
+        """Stop holding a saga's replies (and its timer); returns what was held."""
         held = self._held.pop(saga_id, None)
+        if held is not None:
+            held.timer.cancel()
+        return held
+
+    def _let_go(self, saga_id: str) -> None:
+        """Its linger passed, or the coordinator stops: a plain hold's replies go
+        back to the batcher, an open transaction decides its replies alone."""
+        held = self._drop(saga_id)
         if held is None:
             return
-        held.timer.cancel()
         for delivery, envelope in held.events:
             self._remember(saga_id, envelope.step_index)
             if held.decide is None:
